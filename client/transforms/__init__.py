@@ -1,0 +1,36 @@
+"""Client-side image encryption: block-wise SHF/NP/FFX (paper 001) and per-image keys (paper 003).
+
+numpy only (plus pyffx for FFX tables); the torch training path in `models.encryption` reuses
+the index maths exposed by `BlockKey` and `PerImageKey`.
+"""
+
+from client.transforms.block import (
+    block_shuffle,
+    decrypt_blocks,
+    encrypt_blocks,
+    ffx_decrypt,
+    ffx_encrypt,
+    negative_positive,
+)
+from client.transforms.errors import TransformError
+from client.transforms.geometry import CHANNELS
+from client.transforms.keys import METHODS, PER_IMAGE, BlockKey, input_scale, reference_permutation
+from client.transforms.per_image import PerImageKey, encrypt_per_image
+
+__all__ = [
+    "BlockKey",
+    "CHANNELS",
+    "METHODS",
+    "PER_IMAGE",
+    "PerImageKey",
+    "TransformError",
+    "block_shuffle",
+    "decrypt_blocks",
+    "encrypt_blocks",
+    "encrypt_per_image",
+    "ffx_decrypt",
+    "ffx_encrypt",
+    "input_scale",
+    "negative_positive",
+    "reference_permutation",
+]

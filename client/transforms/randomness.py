@@ -1,0 +1,79 @@
+"""Uniform random permutations from the operating system's CSPRNG (never a seeded generator)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+from functools import lru_cache
+from typing import Callable
+
+import numpy as np
+
+RandBytes = Callable[[int], bytes]
+
+_MAX_LENGTH = 2**20  # longest permutation (M = 591); beyond it 64-bit words lack random bits
+_TABLE_LENGTH = 6  # up to 6! = 720 permutations: pick one from a table instead of sorting
+
+
+def random_permutations(count: int, n: int, randbytes: RandBytes = os.urandom) -> np.ndarray:
+    """int64[count, n]: `count` independent, exactly uniform permutations of range(n)."""
+    if count < 0 or not 1 <= n <= _MAX_LENGTH:
+        raise ValueError(f"need count >= 0 and 1 <= n <= {_MAX_LENGTH}, got count={count}, n={n}")
+    if n <= _TABLE_LENGTH:
+        return _all_permutations(n)[_uniform_below(count, math.factorial(n), randbytes)]
+    return _sorted_permutations(count, n, randbytes)
+
+
+def _sorted_permutations(count: int, n: int, randbytes: RandBytes) -> np.ndarray:
+    """Sort words `random << shift | position` per row; the low bits then read as the permutation.
+
+    The position makes the words unique; rows whose random parts collide are drawn again, so
+    every permutation stays exactly equally likely.
+    """
+    shift = max(1, (n - 1).bit_length())
+    # Random bits so that a row collides with probability at most 1/16 (n^2/2 pairs).
+    need = math.ceil(math.log2(8 * n * n))
+    word = np.dtype(np.uint32) if 32 - shift >= need else np.dtype(np.uint64)
+    source = next(np.dtype(t) for t in (np.uint16, np.uint32, np.uint64) if 8 * np.dtype(t).itemsize >= need)
+    positions = np.arange(n, dtype=word)
+
+    def draw(rows: int) -> np.ndarray:
+        words = _random_array(rows * n, source, randbytes).astype(word).reshape(rows, n)
+        words <<= word.type(shift)  # bits pushed out of the word are dropped: the rest stay uniform
+        words |= positions
+        words.sort(axis=1)
+        return words
+
+    words = draw(count)
+    while True:
+        high = words >> word.type(shift)
+        collided = np.flatnonzero((high[:, 1:] == high[:, :-1]).any(axis=1))
+        if collided.size == 0:
+            return (words & word.type((1 << shift) - 1)).astype(np.int64)
+        words[collided] = draw(collided.size)
+
+
+def _uniform_below(count: int, bound: int, randbytes: RandBytes) -> np.ndarray:
+    """int64[count] uniform in [0, bound) for bound <= 2**16, by rejection (no modulo bias)."""
+    limit = (2**16 // bound) * bound
+    values = _random_array(count, np.dtype(np.uint16), randbytes).astype(np.int64)
+    rejected = np.flatnonzero(values >= limit)
+    while rejected.size:
+        values[rejected] = _random_array(rejected.size, np.dtype(np.uint16), randbytes)
+        rejected = rejected[values[rejected] >= limit]
+    return values % bound
+
+
+@lru_cache(maxsize=None)
+def _all_permutations(n: int) -> np.ndarray:
+    table = np.array(list(itertools.permutations(range(n))), dtype=np.int64).reshape(-1, n)
+    table.flags.writeable = False
+    return table
+
+
+def _random_array(count: int, dtype: np.dtype, randbytes: RandBytes) -> np.ndarray:
+    raw = randbytes(count * dtype.itemsize)
+    if len(raw) != count * dtype.itemsize:
+        raise ValueError("the random source returned the wrong number of bytes")
+    return np.frombuffer(raw, dtype=dtype)
