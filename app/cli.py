@@ -14,7 +14,11 @@ from typing import Sequence
 
 # Command groups, in the order `seglock --help` lists them.
 COMMAND_MODULES = (
+    "app.commands.serve",
     "app.commands.demo",
+    "app.commands.data",
+    "app.commands.tokens",
+    "app.commands.keystore",
 )
 
 

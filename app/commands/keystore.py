@@ -1,0 +1,157 @@
+"""`seglock keystore init|status|change-master-key|audit`: the encrypted keystore of a home folder."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Callable
+
+from app.cli import CLIError
+from keystore import Keystore, KeystoreError
+from keystore.master import NEW_ENV_PREFIX, master_key_from_env
+
+CLI_ACTOR = "cli"
+DEFAULT_HOME = "seglock-home"  # as `seglock serve`
+
+
+def add_home_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--home", metavar="DIR",
+        help=f"home folder holding keystore.json (default: $SEGLOCK_HOME, else ./{DEFAULT_HOME})",
+    )
+
+
+def home_of(args: argparse.Namespace) -> Path:
+    return Path(args.home or os.environ.get("SEGLOCK_HOME") or DEFAULT_HOME)
+
+
+def keystore_call(fn: Callable[[], Any]) -> Any:
+    """Run `fn`; a keystore error the user can fix becomes a CLIError (exit 2), others exit 1."""
+    try:
+        return fn()
+    except KeystoreError as exc:
+        if exc.user_error:
+            raise CLIError(str(exc)) from None
+        raise
+
+
+def open_keystore(args: argparse.Namespace) -> Keystore:
+    return keystore_call(lambda: Keystore.open(home_of(args)))
+
+
+def format_time(epoch: float | None) -> str:
+    if epoch is None:
+        return "-"
+    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "keystore",
+        help="make and inspect the encrypted keystore",
+        description=(
+            "The keystore (HOME/keystore.json) holds model keys, hashed API tokens and the audit log, "
+            "encrypted under a master key from SEGLOCK_MASTER_KEY(_FILE), SEGLOCK_MASTER_PASSPHRASE(_FILE), "
+            "or HOME/master.key (made on a developer's first start)."
+        ),
+    )
+    actions = parser.add_subparsers(dest="keystore_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+    init = actions.add_parser("init", help="make a new keystore", description="Make HOME/keystore.json (0600).")
+    add_home_argument(init)
+    init.set_defaults(handler=_init)
+
+    status = actions.add_parser(
+        "status", help="check that the keystore opens and summarise it",
+        description="Open the keystore (checking the master key and the file) and print a summary without secrets.",
+    )
+    add_home_argument(status)
+    status.add_argument("--json", action="store_true", help="print the summary as JSON")
+    status.set_defaults(handler=_status)
+
+    change = actions.add_parser(
+        "change-master-key", help="re-encrypt the keystore under a new master key",
+        description=(
+            "Re-encrypt the keystore atomically. The current key comes from the usual sources; the new one from "
+            "SEGLOCK_NEW_MASTER_KEY(_FILE) or SEGLOCK_NEW_MASTER_PASSPHRASE(_FILE). A keystore opened with "
+            "HOME/master.key and no new key given gets a fresh random key in HOME/master.key."
+        ),
+    )
+    add_home_argument(change)
+    change.set_defaults(handler=_change_master_key)
+
+    audit = actions.add_parser("audit", help="print the audit log", description="Print the audit log, oldest first.")
+    add_home_argument(audit)
+    audit.add_argument("--limit", type=int, metavar="N", help="only the last N entries")
+    audit.add_argument("--json", action="store_true", help="print JSON lines")
+    audit.set_defaults(handler=_audit)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def _init(args: argparse.Namespace) -> int:
+    store = keystore_call(lambda: Keystore.init(home_of(args)))
+    with store:
+        if store.master_key_file is not None:
+            print(
+                f"made {store.path} under the development master key {store.master_key_file}; in production "
+                "pass the master key in from outside (SEGLOCK_MASTER_KEY(_FILE) or SEGLOCK_MASTER_PASSPHRASE(_FILE))",
+                file=sys.stderr,
+            )
+        else:
+            print(f"made {store.path} (master key from {store.master_key_origin})", file=sys.stderr)
+    return 0
+
+
+def _status(args: argparse.Namespace) -> int:
+    with open_keystore(args) as store:
+        summary = keystore_call(store.status)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return 0
+    tokens = summary["tokens"]
+    lines = [
+        f"keystore       {summary['path']} (mode {summary['file_mode'][2:]}, {summary['file_bytes']} bytes)",
+        f"format         version {summary['format_version']}, {summary['cipher']}, kdf {summary['kdf']['name']}",
+        f"master key     from {summary['master_key_source']}",
+        f"generation     {summary['generation']} (created {format_time(summary['created_at'])})",
+        f"tokens         {tokens['active']} active, {tokens['revoked']} revoked, {tokens['expired']} expired",
+        f"audit entries  {summary['audit_entries']}",
+    ]
+    for model, versions in summary["models"].items():
+        states = ", ".join(f"v{v['version']} {v['kind']} {v['state']}" for v in versions)
+        lines.append(f"model key      {model}: {states}")
+    print("\n".join(lines))
+    return 0
+
+
+def _change_master_key(args: argparse.Namespace) -> int:
+    new = keystore_call(lambda: master_key_from_env(os.environ, NEW_ENV_PREFIX))
+    with open_keystore(args) as store:
+        now = keystore_call(lambda: store.change_master_key(new, actor=CLI_ACTOR))
+        print(f"re-encrypted {store.path} under the master key from {now.origin}", file=sys.stderr)
+    return 0
+
+
+def _audit(args: argparse.Namespace) -> int:
+    if args.limit is not None and args.limit < 1:
+        raise CLIError("--limit must be a positive integer")
+    with open_keystore(args) as store:
+        entries = keystore_call(lambda: store.audit_log(limit=args.limit))
+    for entry in entries:
+        if args.json:
+            print(json.dumps(entry.to_json()))
+        else:
+            print(
+                f"{format_time(entry.time)}  {entry.actor or '-'}  {entry.action}  {entry.target or '-'}  "
+                f"{entry.outcome}{'  ' + entry.detail if entry.detail else ''}"
+            )
+    return 0

@@ -1,0 +1,92 @@
+"""One error type for the service, rendered as DESIGN's JSON error body.
+
+Every failure a request can cause becomes an `APIError` with its status and a stable code;
+the handlers in `install_error_handlers` make sure nothing else reaches the client.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger("seglock.app")
+
+
+class APIError(Exception):
+    """An error answered to the client as `{"error": {"code", "message"}}`."""
+
+    def __init__(self, status: int, code: str, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.headers = headers or {}
+
+
+def bad_request(message: str) -> APIError:
+    return APIError(400, "bad_request", message)
+
+
+def unauthorized(message: str = "missing or invalid API token") -> APIError:
+    return APIError(401, "unauthorized", message, {"WWW-Authenticate": "Bearer"})
+
+
+def forbidden(message: str) -> APIError:
+    return APIError(403, "forbidden", message)
+
+
+def not_found(message: str) -> APIError:
+    return APIError(404, "not_found", message)
+
+
+def conflict(message: str) -> APIError:
+    return APIError(409, "conflict", message)
+
+
+def too_large(message: str) -> APIError:
+    return APIError(413, "too_large", message)
+
+
+def unsupported_media(message: str) -> APIError:
+    return APIError(415, "unsupported_media_type", message)
+
+
+def unprocessable(message: str) -> APIError:
+    return APIError(422, "unprocessable", message)
+
+
+def overloaded(message: str, retry_after_s: int = 1) -> APIError:
+    return APIError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})
+
+
+_STATUS_CODES = {
+    400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+    405: "method_not_allowed", 406: "not_acceptable", 409: "conflict", 413: "too_large",
+    415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limited", 503: "overloaded",
+}
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return error_response(exc.status, exc.code, exc.message, exc.headers)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _STATUS_CODES.get(exc.status_code, "error")
+        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
+        return error_response(422, "unprocessable", message)

@@ -1,0 +1,99 @@
+"""The FastAPI application: `create_app(settings)` wires keystore, registry, engine and routes.
+
+`seglock serve` runs it under uvicorn; `--workers N` imports `app.main:create_app` as a factory
+in each worker, with the settings passed through `SEGLOCK_*` variables.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
+
+from app import __version__
+from app.bootstrap import first_start
+from app.engine import resolve_device
+from app.errors import error_response, install_error_handlers
+from app.middleware import RequestMiddleware
+from app.observability import Metrics
+from app.registry import Registry, RegistryError
+from app.routes import admin, health, segment
+from app.settings import Settings
+from keystore import Keystore
+from keystore.errors import KeystoreError
+
+log = logging.getLogger("seglock.app")
+
+_REGISTRY_CODES = {400: "bad_request", 404: "not_found", 409: "conflict", 503: "unavailable"}
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    metrics = Metrics()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await asyncio.to_thread(start, app, settings, metrics)
+        try:
+            yield
+        finally:
+            app.state.ready = False
+            await asyncio.to_thread(app.state.registry.close)
+
+    app = FastAPI(title="seglock", version=__version__, lifespan=lifespan,
+                  description="Segmentation models that answer only to granted tokens.")
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.state.ready = False
+    install_error_handlers(app)
+
+    @app.exception_handler(RegistryError)
+    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
+        return error_response(exc.status, _REGISTRY_CODES.get(exc.status, "error"), str(exc))
+
+    @app.exception_handler(KeystoreError)
+    async def _keystore_error(_: Request, exc: KeystoreError) -> JSONResponse:
+        if exc.user_error:  # the caller's to fix; keystore messages never hold a secret
+            return error_response(400, "bad_request", str(exc))
+        log.error("keystore error: %s", exc)
+        return error_response(503, "keystore_unavailable", "the keystore cannot be used right now",
+                              {"Retry-After": "5"})
+
+    app.include_router(health.router)
+    app.include_router(segment.router)
+    app.include_router(admin.router)
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    return app
+
+
+def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
+    """Open (or make) the keystore, set up a new home, load and warm up every model."""
+    home = Path(settings.home)
+    home.mkdir(parents=True, exist_ok=True)
+    keystore = Keystore.open(home, create=True)
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
+    if tokens_path is not None:
+        log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
+    registry = Registry(settings, keystore, metrics, resolve_device(settings.device))
+    registry.load_all()
+    app.state.keystore = keystore
+    app.state.registry = registry
+    app.state.audit = _auditor(keystore)
+    if settings.warmup:
+        registry.warm_up()
+    app.state.ready = True
+    log.info("ready: %d models on %s", len(registry.names()), registry.device)
+
+
+def _auditor(keystore: Keystore):
+    def audit(principal, action: str, target: str, outcome: str) -> None:
+        try:
+            keystore.audit(action, target, outcome, actor=principal.token_id)
+        except KeystoreError as exc:
+            log.error("audit entry not written: %s", exc)
+
+    return audit

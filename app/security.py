@@ -1,0 +1,54 @@
+"""Authentication as a FastAPI dependency: `Authorization: Bearer slk_...` checked in the keystore.
+
+The keystore is re-read when its file changes (a cheap stat per request), so a token made or
+revoked by the CLI in another process counts from the next request on.
+"""
+
+from __future__ import annotations
+
+from fastapi import Request
+
+from app.errors import forbidden, unauthorized
+from keystore.tokens import Grant
+
+Principal = Grant
+
+_REASONS_401 = {
+    "malformed": "the API token is malformed",
+    "unknown": "the API token is not valid",
+    "bad_secret": "the API token is not valid",
+    "revoked": "the API token was revoked",
+    "expired": "the API token has expired",
+}
+
+
+def bearer_token(request: Request) -> str:
+    header = request.headers.get("authorization")
+    if not header:
+        raise unauthorized("missing Authorization: Bearer <token> header")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise unauthorized("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+def authenticate(request: Request, scope: str) -> Principal:
+    """The grant of the request's token for `scope`; 401 or 403 otherwise."""
+    keystore = request.app.state.keystore
+    check = keystore.check_token(bearer_token(request), scope=scope)
+    if check.ok:
+        request.state.token_id = check.grant.token_id
+        return check.grant
+    if check.status == 403:
+        raise forbidden(f"this token lacks the '{scope}' scope")
+    raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))
+
+
+def require_scope(scope: str):
+    """A dependency that admits tokens holding `scope`."""
+
+    def dependency(request: Request) -> Principal:
+        return authenticate(request, scope)
+
+    dependency.__name__ = f"require_{scope}"
+    return dependency

@@ -1,0 +1,726 @@
+"""The keystore: one encrypted file, read into memory, changed only through `transaction()`.
+
+Writes: file lock -> reload if another process changed the file -> mutate a copy -> seal ->
+temp file, fsync, rename, fsync the directory. A crash at any point leaves the old file or the
+new one, and two processes never lose each other's changes. Reads are served from memory after
+a stat-based `refresh()`, so a change made elsewhere is seen on the next call.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import logging
+import os
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import filelock
+
+from keystore import envelope, fsio
+from keystore.audit import AuditEntry, make_entry
+from keystore.errors import (
+    InvalidRecord,
+    KeyStateError,
+    KeystoreCorrupt,
+    KeystoreError,
+    KeystoreExists,
+    KeystoreLocked,
+    KeystoreNotFound,
+    MasterKeyError,
+    ModelKeyNotFound,
+    TokenNotFound,
+    WrongMasterKey,
+)
+from keystore.master import (
+    MASTER_KEY_FILENAME,
+    MasterKey,
+    ScryptParams,
+    read_master_key_file,
+    resolve_master_key,
+)
+from keystore.model_keys import KeyVersion, checked_material, new_key_id
+from keystore.tokens import (
+    describe_token_id,
+    SCOPES,
+    TokenCheck,
+    TokenRecord,
+    Grant,
+    check_token,
+    checked_models,
+    checked_name,
+    checked_scopes,
+    format_token,
+    hash_secret,
+    new_token_parts,
+    parse_token,
+)
+
+log = logging.getLogger("seglock.keystore")
+
+KEYSTORE_FILENAME = "keystore.json"
+LOCK_FILENAME = "keystore.json.lock"
+PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet in force
+STATE_SCHEMA = 1
+DEFAULT_LOCK_TIMEOUT = 30.0
+
+Clock = Callable[[], float]
+_compact = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
+_Stamp = tuple[int, int, int, int, int]
+
+
+def _stamp(st: os.stat_result) -> _Stamp:
+    # The inode is pinned by an open fd, so a replacement can never reuse it; size and times
+    # catch an in-place rewrite (a restore from backup with `cp`).
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+@dataclass
+class _State:
+    created_at: float
+    generation: int
+    tokens: dict[str, TokenRecord]
+    models: dict[str, tuple[KeyVersion, ...]]
+    audit: list[AuditEntry]
+
+    def copy(self) -> "_State":
+        # Records are immutable, so copying the containers is a full copy.
+        return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit))
+
+    def to_bytes(self) -> bytes:
+        # Joined from each record's cached JSON: a write costs a join, not a full re-encode.
+        tokens = ",".join(f'"{token_id}":{record.json_text}' for token_id, record in self.tokens.items())
+        models = ",".join(
+            f"{_compact(m)}:[{','.join(v.json_text for v in versions)}]" for m, versions in self.models.items()
+        )
+        audit = ",".join(entry.json_text for entry in self.audit)
+        head = f'{{"schema":{STATE_SCHEMA},"created_at":{_compact(self.created_at)},"generation":{self.generation}'
+        return f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]}}'.encode("utf-8")
+
+    @classmethod
+    def from_bytes(cls, data: bytes, path: Path) -> "_State":
+        try:
+            doc = json.loads(data)
+            if doc["schema"] != STATE_SCHEMA:
+                raise ValueError("schema")
+            return cls(
+                created_at=doc["created_at"],
+                generation=doc["generation"],
+                tokens={tid: TokenRecord.from_json(tid, rec) for tid, rec in doc["tokens"].items()},
+                models={
+                    m: tuple(KeyVersion.from_json(m, v) for v in versions) for m, versions in doc["models"].items()
+                },
+                audit=[AuditEntry.from_json(e) for e in doc["audit"]],
+            )
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise KeystoreCorrupt(
+                f"{path} decrypts but its contents are not a seglock keystore of schema {STATE_SCHEMA}; "
+                "the file was left as it is",
+                path=path,
+            ) from None
+
+
+def _material_copy(version: KeyVersion) -> KeyVersion:
+    """`version` with a private copy of its material, so callers cannot change the store's."""
+    return replace(version, material=copy.deepcopy(version.material))
+
+
+def _without_material(version: KeyVersion) -> KeyVersion:
+    return replace(version, material=None)
+
+
+def _timestamp(value: float | datetime | None, what: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, datetime):
+        if value.tzinfo is None:
+            raise InvalidRecord(f"{what} must be a timezone-aware datetime")
+        return value.timestamp()
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InvalidRecord(f"{what} must be epoch seconds or a datetime")
+    return float(value)
+
+
+class Keystore:
+    """An open keystore. Make one with `Keystore.open` (or `Keystore.init`); see `keystore`."""
+
+    def __init__(
+        self,
+        home: Path,
+        master: MasterKey,
+        *,
+        clock: Clock | None = None,
+        scrypt: ScryptParams | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> None:
+        self.home = home
+        self.path = home / KEYSTORE_FILENAME
+        self._master = master
+        self._clock: Clock = clock or time.time
+        self._scrypt = scrypt
+        self._lock_timeout = lock_timeout
+        self._flock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
+        self._mutex = threading.RLock()  # threads of one process: one transaction at a time
+        self._keys: dict[str, envelope.EnvelopeKeys] = {}  # derived keys by KDF header
+        self._kdf: dict = {}
+        self._state: _State | None = None
+        self._stamp: _Stamp | None = None
+        self._fd: int | None = None  # pins the loaded file's inode (see _stamp)
+        self._txn: _State | None = None
+        self._txn_thread: int | None = None
+        self._txn_dirty = False
+        self._next_master: tuple[MasterKey, dict] | None = None
+
+    # -- opening --------------------------------------------------------------------------
+
+    @classmethod
+    def open(
+        cls,
+        home: str | os.PathLike,
+        *,
+        create: bool = False,
+        clock: Clock | None = None,
+        env: Mapping[str, str] | None = None,
+        master: MasterKey | None = None,
+        scrypt: ScryptParams | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> "Keystore":
+        """Open `home/keystore.json`; with `create`, make it (and a dev master.key) when missing."""
+        home = Path(home)
+        env = os.environ if env is None else env
+        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        if not (home / KEYSTORE_FILENAME).exists():
+            if not create:
+                raise KeystoreNotFound(
+                    f"no keystore at {home / KEYSTORE_FILENAME}: run `seglock keystore init --home {home}`",
+                    path=home / KEYSTORE_FILENAME,
+                )
+            made = cls._create(home, env, master, options, exist_ok=True)
+            if made is not None:
+                return made
+        master = master or resolve_master_key(home, env)
+        store = cls(home, master, **options)
+        try:
+            store._reload()
+        except WrongMasterKey:
+            finished = store._finish_master_key_change()
+            if finished is None:
+                raise
+            return finished
+        return store
+
+    @classmethod
+    def init(
+        cls,
+        home: str | os.PathLike,
+        *,
+        clock: Clock | None = None,
+        env: Mapping[str, str] | None = None,
+        master: MasterKey | None = None,
+        scrypt: ScryptParams | None = None,
+        lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
+    ) -> "Keystore":
+        """Make a new keystore in `home`; KeystoreExists if there is one."""
+        home = Path(home)
+        env = os.environ if env is None else env
+        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        made = cls._create(home, env, master, options, exist_ok=False)
+        assert made is not None
+        return made
+
+    @classmethod
+    def _create(
+        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict, *, exist_ok: bool
+    ) -> "Keystore | None":
+        """Make the keystore under the lock; None when another process made it first (and exist_ok)."""
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = home / KEYSTORE_FILENAME
+        lock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
+        try:
+            lock.acquire(timeout=options["lock_timeout"])
+        except filelock.Timeout:
+            raise KeystoreLocked(f"{path}: another process holds the keystore lock; try again", path=path) from None
+        try:
+            if path.exists():
+                if exist_ok:
+                    return None
+                raise KeystoreExists(
+                    f"a keystore already exists at {path}; it was left as it is "
+                    f"(see `seglock keystore status --home {home}`)",
+                    path=path,
+                )
+            master = master or resolve_master_key(home, env, generate=True)
+            store = cls(home, master, **options)
+            now = store._clock()
+            store._kdf = master.new_kdf(store._scrypt)
+            state = _State(created_at=now, generation=0, tokens={}, models={}, audit=[])
+            state.audit.append(make_entry(now, "system", "keystore.create", str(path), "ok", None))
+            store._commit(state)
+            log.info("made a keystore at %s (master key from %s)", path, master.origin)
+            return store
+        finally:
+            lock.release()
+
+    def _finish_master_key_change(self) -> "Keystore | None":
+        """Complete a generated master-key change that a crash cut off after the keystore write."""
+        pending = self.home / PENDING_MASTER_KEY_FILENAME
+        if self._master.file is None or not pending.exists():
+            return None
+        successor = Keystore(
+            self.home, read_master_key_file(pending), clock=self._clock, scrypt=self._scrypt,
+            lock_timeout=self._lock_timeout,
+        )
+        try:
+            successor._reload()
+        except KeystoreError:
+            return None
+        with successor._locked():
+            os.replace(pending, self._master.file)
+            fsio.fsync_dir(self.home)
+        successor._master = read_master_key_file(self._master.file)
+        log.warning("finished an interrupted master key change: %s now holds the new key", self._master.file)
+        return successor
+
+    # -- reading the file -----------------------------------------------------------------
+
+    def _envelope_keys(self, kdf: dict) -> envelope.EnvelopeKeys:
+        cache_key = json.dumps(kdf, sort_keys=True)
+        keys = self._keys.get(cache_key)
+        if keys is None:  # scrypt is slow on purpose: derive once per KDF header
+            keys = envelope.EnvelopeKeys(self._master.derive(kdf, self.path))
+            self._keys[cache_key] = keys
+        return keys
+
+    def _reload(self) -> None:
+        """Read, check and decrypt the file; on any error the old state stays and nothing is written."""
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+        except FileNotFoundError:
+            raise KeystoreNotFound(f"{self.path} has disappeared; restore it from a backup", path=self.path) from None
+        try:
+            st = os.fstat(fd)  # the stamp of exactly the bytes we read, even if the file is replaced now
+            chunks = []
+            while chunk := os.read(fd, 1 << 20):
+                chunks.append(chunk)
+            sealed = envelope.parse(b"".join(chunks), self.path)
+            keys = self._envelope_keys(sealed.header.kdf)
+            plaintext = envelope.unseal(sealed, keys, self.path, self._master.origin)
+            state = _State.from_bytes(plaintext, self.path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._install(state, fd, _stamp(st), sealed.header.kdf)
+        log.debug("loaded %s (generation %d)", self.path, state.generation)
+
+    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict) -> None:
+        old_fd = self._fd
+        self._state, self._fd, self._stamp, self._kdf = state, fd, stamp, kdf
+        if old_fd is not None:
+            os.close(old_fd)
+
+    def refresh(self) -> bool:
+        """Reload if another process changed the file (one stat when it did not); True if reloaded.
+
+        Raises the keystore's errors if the file on disk no longer opens (a server should answer 503).
+        """
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            raise KeystoreNotFound(f"{self.path} has disappeared; restore it from a backup", path=self.path) from None
+        if _stamp(st) == self._stamp:
+            return False
+        with self._mutex:
+            if self._txn is not None:  # this thread's transaction reloaded under the lock already
+                return False
+            self._reload()
+        return True
+
+    # -- writing --------------------------------------------------------------------------
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        try:
+            self._flock.acquire(timeout=self._lock_timeout)
+        except filelock.Timeout:
+            raise KeystoreLocked(
+                f"{self.path}: another process held the keystore lock for {self._lock_timeout:g} s; try again",
+                path=self.path,
+            ) from None
+        try:
+            yield
+        finally:
+            self._flock.release()
+
+    @contextmanager
+    def transaction(self) -> Iterator["Keystore"]:
+        """Lock, reload if changed, run the block's changes, write them atomically in one write.
+
+        Every mutating method runs in one; called inside an open transaction, it joins it, so
+        `with ks.transaction(): ks.set_active(...); ks.destroy_model_key(...)` is a single write.
+        An exception in the block discards its changes and writes nothing.
+        """
+        with self._mutex:
+            if self._txn is not None:
+                yield self
+                return
+            with self._locked():
+                try:
+                    changed = _stamp(os.stat(self.path)) != self._stamp
+                except FileNotFoundError:
+                    changed = True  # _reload says what is wrong
+                if changed:
+                    self._reload()
+                fsio.remove_stale_temps(self.path)
+                self._txn, self._txn_thread, self._txn_dirty = self._state.copy(), threading.get_ident(), False
+                try:
+                    yield self
+                    if self._txn_dirty:
+                        self._commit(self._txn)
+                finally:
+                    self._txn, self._txn_thread, self._next_master = None, None, None
+
+    def _commit(self, state: _State) -> None:
+        master, kdf = self._next_master or (self._master, self._kdf)
+        keys = envelope.EnvelopeKeys(master.derive(kdf, self.path)) if self._next_master else self._envelope_keys(kdf)
+        state.generation += 1
+        sealed = envelope.seal(state.to_bytes(), keys, kdf)
+        fd = fsio.atomic_replace(self.path, sealed)
+        if self._next_master:
+            self._master, self._keys = master, {json.dumps(kdf, sort_keys=True): keys}
+        self._install(state, fd, _stamp(os.fstat(fd)), kdf)
+
+    def _writing(self) -> _State:
+        """The open transaction's state, marked changed."""
+        if self._txn is None or self._txn_thread != threading.get_ident():
+            raise KeystoreError("internal: a change outside a transaction")
+        self._txn_dirty = True
+        return self._txn
+
+    def _view(self) -> _State:
+        """The state this thread reads: its open transaction's, else the committed one (refreshed)."""
+        if self._txn is not None and self._txn_thread == threading.get_ident():
+            return self._txn
+        self.refresh()
+        return self._state
+
+    def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
+                detail: str | None = None) -> AuditEntry:
+        entry = make_entry(self._clock(), actor, action, target, outcome, detail)
+        self._writing().audit.append(entry)
+        return entry
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def create_token(
+        self,
+        name: str,
+        scopes: Iterable[str] | str,
+        models: Iterable[str] | str = (),
+        *,
+        expires_at: float | datetime | None = None,
+        actor: str | None = None,
+    ) -> tuple[TokenRecord, str]:
+        """Make a token; returns its record and the token string, which is shown only now."""
+        name = checked_name(name)
+        scopes = checked_scopes(scopes)
+        models = checked_models(models, scopes)
+        expires = _timestamp(expires_at, "expires_at")
+        with self.transaction():
+            now = self._clock()
+            if expires is not None and expires <= now:
+                raise InvalidRecord("expires_at is not in the future")
+            state = self._writing()
+            token_id, secret = new_token_parts(state.tokens)
+            record = TokenRecord(
+                id=token_id, name=name, scopes=scopes, models=models, created_at=now,
+                expires_at=expires, created_by=actor, secret_hash=hash_secret(secret),
+            )
+            state.tokens[token_id] = record
+            self._record(actor, "token.create", token_id, detail=f"scopes={','.join(scopes)} models={','.join(models)}")
+        return record, format_token(token_id, secret)
+
+    def revoke_token(self, token_id: str, *, actor: str | None = None) -> TokenRecord:
+        """Revoke a token (idempotent); TokenNotFound if the id is unknown."""
+        with self.transaction():
+            record = self._view().tokens.get(token_id)
+            if record is None:
+                raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.path}", path=self.path)
+            if record.revoked:
+                return record
+            record = replace(record, revoked=True, revoked_at=self._clock())
+            self._writing().tokens[token_id] = record
+            self._record(actor, "token.revoke", token_id)
+        return record
+
+    def list_tokens(self) -> list[TokenRecord]:
+        """Every token (revoked and expired ones too), oldest first; no secrets in them."""
+        return sorted(self._view().tokens.values(), key=lambda r: (r.created_at, r.id))
+
+    def get_token(self, token_id: str) -> TokenRecord:
+        record = self._view().tokens.get(token_id)
+        if record is None:
+            raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.path}", path=self.path)
+        return record
+
+    def check_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> TokenCheck:
+        """Check a token string for `scope` (and `model`); `.ok`, `.reason`, `.status` (200/401/403)."""
+        if scope not in SCOPES:
+            raise InvalidRecord(f"unknown scope {scope!r}: scopes are {', '.join(SCOPES)}")
+        self.refresh()
+        parts = parse_token(token)
+        if parts is None:
+            return TokenCheck(False, "malformed")
+        return check_token(self._state.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
+
+    def verify_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> Grant | None:
+        """The token's grant if it is valid, has `scope` and (if given) is granted `model`; else None."""
+        result = self.check_token(token, model=model, scope=scope)
+        return result.grant if result.ok else None
+
+    # -- model keys -----------------------------------------------------------------------
+
+    def _versions(self, model: str) -> tuple[KeyVersion, ...]:
+        versions = self._view().models.get(model)
+        if not versions:
+            raise ModelKeyNotFound(f"no keys for model {model!r} in {self.path}", path=self.path)
+        return versions
+
+    def _version(self, model: str, version: int) -> KeyVersion:
+        for candidate in self._versions(model):
+            if candidate.version == version:
+                return candidate
+        raise ModelKeyNotFound(f"model {model!r} has no key version {version!r} in {self.path}", path=self.path)
+
+    def _put(self, updated: KeyVersion) -> None:
+        state = self._writing()
+        state.models[updated.model] = tuple(
+            updated if v.version == updated.version else v for v in state.models[updated.model]
+        )
+
+    def add_model_key(
+        self,
+        model: str,
+        kind: str,
+        material: dict[str, Any],
+        *,
+        activate: bool = True,
+        actor: str | None = None,
+    ) -> KeyVersion:
+        """Store a new key version for `model` ("cp" or "block"); active at once unless `activate=False`."""
+        model = checked_name(model, "model name")
+        material = checked_material(kind, material)
+        with self.transaction():
+            state = self._writing()
+            versions = state.models.get(model, ())
+            taken = {v.id for vs in state.models.values() for v in vs}
+            key_id = new_key_id()
+            while key_id in taken:
+                key_id = new_key_id()
+            added = KeyVersion(
+                model=model, version=max((v.version for v in versions), default=0) + 1, id=key_id,
+                kind=kind, state="pending", created_at=self._clock(), created_by=actor, material=material,
+            )
+            state.models[model] = versions + (added,)
+            self._record(actor, "model_key.add", f"{model}@v{added.version}", detail=f"kind={kind} id={key_id}")
+            if activate:
+                added = self._activate(added, actor)
+        return _material_copy(added)
+
+    def set_active(self, model: str, version: int, *, actor: str | None = None) -> KeyVersion:
+        """Make `version` the active key of `model`; the one active before becomes retiring."""
+        with self.transaction():
+            target = self._version(model, version)
+            if target.state == "destroyed":
+                raise KeyStateError(
+                    f"key version {version} of model {model!r} is destroyed and cannot be activated",
+                    path=self.path,
+                )
+            if target.state != "active":
+                target = self._activate(target, actor)
+        return _without_material(target)
+
+    def _activate(self, target: KeyVersion, actor: str | None) -> KeyVersion:
+        now = self._clock()
+        for other in self._writing().models[target.model]:
+            if other.state == "active":
+                self._put(replace(other, state="retiring", retired_at=now))
+                self._record(actor, "model_key.retire", f"{other.model}@v{other.version}")
+        activated = replace(target, state="active", activated_at=now, retired_at=None)
+        self._put(activated)
+        self._record(actor, "model_key.activate", f"{target.model}@v{target.version}")
+        return activated
+
+    def destroy_model_key(self, model: str, version: int, *, actor: str | None = None) -> KeyVersion:
+        """Remove a version's material for good (state "destroyed"); the active version is refused."""
+        with self.transaction():
+            target = self._version(model, version)
+            if target.state == "active":
+                raise KeyStateError(
+                    f"key version {version} of model {model!r} is active: activate another version first",
+                    path=self.path,
+                )
+            if target.state != "destroyed":
+                target = replace(target, state="destroyed", destroyed_at=self._clock(), material=None)
+                self._put(target)
+                self._record(actor, "model_key.destroy", f"{model}@v{version}")
+        return target
+
+    def active_model_key(self, model: str) -> KeyVersion | None:
+        """The active key version of `model`, with its material; None if it has none."""
+        for version in self._view().models.get(model, ()):
+            if version.state == "active":
+                return _material_copy(version)
+        return None
+
+    def get_model_key(self, model: str, version: int) -> KeyVersion:
+        """One key version with its material (None once destroyed); ModelKeyNotFound if missing."""
+        return _material_copy(self._version(model, version))
+
+    def model_key_versions(self, model: str) -> list[KeyVersion]:
+        """Every version of `model`'s key, without material; [] for an unknown model."""
+        return [_without_material(v) for v in self._view().models.get(model, ())]
+
+    def models(self) -> list[str]:
+        """Names of the models that have keys."""
+        return sorted(self._view().models)
+
+    # -- audit ----------------------------------------------------------------------------
+
+    def audit(
+        self,
+        action: str,
+        target: str | None = None,
+        outcome: str = "ok",
+        *,
+        actor: str | None = None,
+        detail: str | None = None,
+    ) -> AuditEntry:
+        """Append an entry (joins an open transaction, else writes one); secrets are scrubbed."""
+        with self.transaction():
+            return self._record(actor, action, target, outcome, detail)
+
+    def audit_log(self, *, limit: int | None = None) -> list[AuditEntry]:
+        """The audit entries, oldest first (the last `limit` if given)."""
+        entries = self._view().audit
+        return list(entries[-limit:] if limit else entries)
+
+    # -- master key -----------------------------------------------------------------------
+
+    def change_master_key(
+        self,
+        new: MasterKey | None = None,
+        *,
+        scrypt: ScryptParams | None = None,
+        actor: str | None = None,
+    ) -> MasterKey:
+        """Re-encrypt under `new` in one atomic write; returns the master key now in force.
+
+        With no `new`, a keystore opened with its `master.key` gets a fresh random key there:
+        `master.key.new` is written first and renamed over `master.key` after the keystore, and
+        `Keystore.open` finishes the rename if a crash fell between the two.
+        """
+        if self._txn is not None:
+            raise KeystoreError("change the master key outside any transaction")
+        old = self._master
+        pending = None
+        if new is None:
+            if old.file is None:
+                raise MasterKeyError(
+                    "give the new master key (SEGLOCK_NEW_MASTER_KEY(_FILE) or SEGLOCK_NEW_MASTER_PASSPHRASE(_FILE)); "
+                    f"only a keystore opened with its {MASTER_KEY_FILENAME} gets a generated one"
+                )
+            pending = self.home / PENDING_MASTER_KEY_FILENAME
+            new = MasterKey.generate(str(pending), file=pending)
+        with self.transaction():
+            if pending is not None:
+                os.close(fsio.atomic_replace(pending, (new.to_base64() + "\n").encode("ascii")))
+            self._next_master = (new, new.new_kdf(scrypt or self._scrypt))
+            to = f"a new generated key in {old.file}" if pending is not None else new.origin
+            self._record(actor, "keystore.change_master_key", str(self.path), detail=f"from {old.origin} to {to}")
+        if pending is not None:
+            os.replace(pending, old.file)
+            fsio.fsync_dir(self.home)
+            self._master = read_master_key_file(old.file)
+        elif old.file is not None:
+            log.warning(
+                "%s no longer opens %s; delete it once no backup encrypted under it is kept", old.file, self.path
+            )
+        return self._master
+
+    # -- status ---------------------------------------------------------------------------
+
+    @property
+    def generation(self) -> int:
+        """How many writes the file has seen."""
+        return self._view().generation
+
+    @property
+    def master_key_origin(self) -> str:
+        """Where the master key came from (a variable name or a file path; never the key)."""
+        return self._master.origin
+
+    @property
+    def master_key_file(self) -> Path | None:
+        """The master.key file in use, if the key came from one (a development setup)."""
+        return self._master.file
+
+    def status(self) -> dict[str, Any]:
+        """A JSON-ready summary without secrets (what `seglock keystore status` prints)."""
+        state = self._view()
+        now = self._clock()
+        token_states = {"active": 0, "revoked": 0, "expired": 0}
+        for record in state.tokens.values():
+            token_states[record.status(now)] += 1
+        kdf = {k: v for k, v in self._kdf.items() if k != "salt"}
+        return {
+            "path": str(self.path),
+            "format_version": envelope.FORMAT_VERSION,
+            "cipher": envelope.CIPHER,
+            "kdf": kdf,
+            "master_key_source": self._master.origin,
+            "file_mode": oct(os.stat(self.path).st_mode & 0o777),
+            "file_bytes": os.stat(self.path).st_size,
+            "generation": state.generation,
+            "created_at": state.created_at,
+            "tokens": token_states,
+            "models": {
+                model: [{"version": v.version, "id": v.id, "kind": v.kind, "state": v.state} for v in versions]
+                for model, versions in sorted(state.models.items())
+            },
+            "audit_entries": len(state.audit),
+        }
+
+    # -- lifetime -------------------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release the file descriptor this keystore holds."""
+        with self._mutex:
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
+                self._stamp = None
+
+    def __enter__(self) -> "Keystore":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+    def __repr__(self) -> str:
+        state = self._state
+        counts = f" generation={state.generation} tokens={len(state.tokens)} models={len(state.models)}" if state else ""
+        return f"<Keystore {self.path}{counts}>"

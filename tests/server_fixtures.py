@@ -1,0 +1,84 @@
+"""Small real models and homes for the server tests: tiny CNNs saved as real artifacts."""
+
+from __future__ import annotations
+
+import base64
+import copy
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from client.transforms import BlockKey
+from keystore import Keystore
+from models import build_model, protect, save_artifact
+
+INPUT = 32
+CLASSES = ["background", "disc", "square"]
+MASTER_KEY = base64.b64encode(bytes(range(32))).decode()
+
+
+def _trained_looking(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Random weights with non-trivial BatchNorm statistics, so masks vary with the input."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.copy_(torch.rand(module.weight.shape, generator=generator) + 0.5)
+                module.bias.copy_(torch.randn(module.bias.shape, generator=generator) * 0.2)
+    return model.eval()
+
+
+def make_artifacts(root: Path) -> dict[str, tuple[Path, object]]:
+    """{name: (artifact dir, key or None)} for a plain, a CP, an SHF and a per-image model."""
+    torch.manual_seed(0)
+    out = {}
+    common = dict(class_names=CLASSES, input_size=[INPUT, INPUT])
+    plain = _trained_looking(build_model("tiny", 3, width=8), 1)
+    out["plain"] = (root / "plain", None)
+    save_artifact(plain, root / "plain", name="plain", **common)
+
+    cp = copy.deepcopy(plain)  # the plain model, protected post hoc
+    cp_key = protect(cp, "dec2")
+    save_artifact(cp, root / "cp", name="cp", protection={"mode": "cp", "tap": "dec2"},
+                  key={"id": "kbundled", "version": 1}, **common)
+    out["cp"] = (root / "cp", cp_key)
+
+    shf = _trained_looking(build_model("tiny", 3, width=8), 2)
+    shf_key = BlockKey.generate("shf", block_size=4)
+    save_artifact(shf, root / "shf", name="shf", protection={"mode": "shf", "block_size": 4},
+                  key={"id": "kbundled", "version": 1}, **common)
+    out["shf"] = (root / "shf", shf_key)
+
+    per_image = _trained_looking(build_model("tiny", 3, width=8), 3)
+    save_artifact(per_image, root / "per-image", name="per-image",
+                  protection={"mode": "per-image", "block_size": 16, "sub_block": 4}, **common)
+    out["per-image"] = (root / "per-image", None)
+    return out
+
+
+def scene(seed: int = 0, height: int = 48, width: int = 40) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+def open_keystore(home: Path) -> Keystore:
+    return Keystore.open(home, create=True, env={"SEGLOCK_MASTER_KEY": MASTER_KEY})
+
+
+def master_env() -> dict[str, str]:
+    return {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY}

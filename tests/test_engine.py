@@ -1,0 +1,146 @@
+"""The dynamic batcher: correct masks per request, real batching, bounded queue, clean shutdown."""
+
+import asyncio
+import threading
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from app.engine import DynamicBatcher, EngineStopped, ModelRunner, Overloaded, autocast_dtype, resolve_device
+
+
+class ArgmaxOfInput(nn.Module):
+    """Logits = the input itself, so the mask is the argmax over the input's channels."""
+
+    def forward(self, x):
+        return x
+
+
+class Gate(nn.Module):
+    """Blocks the forward pass until released, to fill the queue deterministically."""
+
+    def __init__(self):
+        super().__init__()
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        self.release.wait(10)
+        return x
+
+
+def one_hot_input(cls: int, channels=3, size=4) -> torch.Tensor:
+    x = torch.zeros(channels, size, size)
+    x[cls] = 1.0
+    return x
+
+
+def runner(module) -> ModelRunner:
+    return ModelRunner(module, torch.device("cpu"))
+
+
+def test_each_request_gets_its_own_mask_and_requests_are_batched():
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=8, max_wait_ms=50, queue_size=64)
+
+    async def main():
+        return await asyncio.gather(*(batcher.submit(one_hot_input(i % 3)) for i in range(24)))
+
+    masks = asyncio.run(main())
+    batcher.close()
+    for i, mask in enumerate(masks):
+        assert mask.dtype == np.uint8 and mask.shape == (4, 4)
+        assert (mask == i % 3).all()
+    assert batcher.stats.items == 24
+    assert batcher.stats.batches < 24  # concurrent requests shared forward passes
+
+
+def test_full_queue_answers_overloaded_at_once():
+    gate = Gate()
+    batcher = DynamicBatcher(runner(gate), name="m", max_batch=1, max_wait_ms=0, queue_size=2)
+
+    async def main():
+        first = asyncio.ensure_future(batcher.submit(one_hot_input(0)))
+        await asyncio.to_thread(gate.entered.wait, 5)  # the worker holds the first request
+        queued = [asyncio.ensure_future(batcher.submit(one_hot_input(1))) for _ in range(2)]
+        await asyncio.sleep(0)
+        with pytest.raises(Overloaded):
+            await batcher.submit(one_hot_input(2))
+        gate.release.set()
+        return await asyncio.gather(first, *queued)
+
+    masks = asyncio.run(main())
+    batcher.close()
+    assert [int(m[0, 0]) for m in masks] == [0, 1, 1]
+
+
+def test_close_finishes_queued_work_and_refuses_new_work():
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=4, max_wait_ms=1, queue_size=16)
+
+    async def main():
+        pending = [asyncio.ensure_future(batcher.submit(one_hot_input(2))) for _ in range(6)]
+        await asyncio.sleep(0)
+        await asyncio.to_thread(batcher.close)
+        with pytest.raises(EngineStopped):
+            await batcher.submit(one_hot_input(0))
+        return await asyncio.gather(*pending)
+
+    masks = asyncio.run(main())
+    assert all((m == 2).all() for m in masks)
+
+
+def test_a_failing_forward_fails_its_requests_not_the_worker():
+    class Flaky(nn.Module):
+        calls = 0
+
+        def forward(self, x):
+            Flaky.calls += 1
+            if Flaky.calls == 1:
+                raise RuntimeError("boom")
+            return x
+
+    batcher = DynamicBatcher(runner(Flaky()), name="m", max_batch=1, max_wait_ms=0, queue_size=4)
+
+    async def main():
+        with pytest.raises(RuntimeError):
+            await batcher.submit(one_hot_input(0))
+        return await batcher.submit(one_hot_input(1))
+
+    mask = asyncio.run(main())
+    batcher.close()
+    assert (mask == 1).all()
+
+
+def test_swap_replaces_the_module_for_later_batches():
+    class Constant(nn.Module):
+        def __init__(self, cls):
+            super().__init__()
+            self.cls = cls
+
+        def forward(self, x):
+            out = torch.zeros_like(x)
+            out[:, self.cls] = 1
+            return out
+
+    batcher = DynamicBatcher(runner(Constant(0)), name="m", max_batch=1, max_wait_ms=0)
+    before = asyncio.run(batcher.submit(one_hot_input(1)))
+    batcher.runner.swap(Constant(2))
+    after = asyncio.run(batcher.submit(one_hot_input(1)))
+    batcher.close()
+    assert (before == 0).all() and (after == 2).all()
+
+
+def test_device_and_precision_choices_on_cpu():
+    assert resolve_device("cpu").type == "cpu"
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert autocast_dtype("auto", torch.device("cpu")) is None
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError):
+            resolve_device("cuda")
+
+
+def test_invalid_batcher_settings_are_refused():
+    with pytest.raises(ValueError):
+        DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=0)

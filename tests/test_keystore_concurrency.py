@@ -1,0 +1,52 @@
+"""Concurrent writers in separate processes never lose each other's changes."""
+
+from __future__ import annotations
+
+import base64
+import os
+import subprocess
+import sys
+
+from keystore import Keystore
+
+MASTER = base64.b64encode(os.urandom(32)).decode()
+ENV = {"SEGLOCK_MASTER_KEY": MASTER}
+
+# Waits for "go" on stdin so both writers start together, then makes 100 tokens, one write each.
+WRITER = """
+import sys
+from keystore import Keystore
+ks = Keystore.open(sys.argv[1])
+prefix = sys.argv[2]
+print("ready", flush=True)
+assert sys.stdin.readline() == "go\\n"
+for i in range(100):
+    ks.create_token(f"{prefix}{i}", ["segment"], ["m"])
+ks.add_model_key("m-" + prefix, "cp", {"perm": [1, 0]})
+"""
+
+
+def test_two_processes_creating_100_tokens_each_end_with_all_200(tmp_path):
+    home = tmp_path / "home"
+    Keystore.open(home, create=True, env=ENV)
+    env = {**os.environ, **ENV}
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-c", WRITER, str(home), prefix],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True,
+        )
+        for prefix in ("a", "b")
+    ]
+    for writer in writers:
+        assert writer.stdout.readline() == "ready\n"
+    for writer in writers:
+        writer.stdin.write("go\n")
+        writer.stdin.flush()
+    for writer in writers:
+        assert writer.wait(timeout=120) == 0
+    ks = Keystore.open(home, env=ENV)
+    names = {r.name for r in ks.list_tokens()}
+    assert names == {f"{p}{i}" for p in "ab" for i in range(100)}
+    assert ks.models() == ["m-a", "m-b"]
+    assert ks.generation == 1 + 202  # creation, then every write of both processes
+    assert sum(e.action == "token.create" for e in ks.audit_log()) == 200
