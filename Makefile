@@ -1,10 +1,12 @@
-# Quick start: `make demo` (until the server lands) and `make test`.
+# Quick start: `make serve` (serve the embedded demo models) and `make test`.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+SEGLOCK_HOME ?= home
+PORT   ?= 8000
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install serve demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,6 +15,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 install: $(STAMP)
+
+serve: $(STAMP)
+	$(VENV)/bin/seglock serve --home $(SEGLOCK_HOME) --port $(PORT)
 
 demo: $(STAMP)
 	$(VENV)/bin/seglock demo
@@ -24,7 +29,7 @@ test-all: $(STAMP)
 	$(PY) -m pytest -m ''
 
 bench: $(STAMP)
-	$(PY) benchmarks/transforms.py
+	for script in benchmarks/*.py; do [ "$$script" = benchmarks/reproduce.py ] || $(PY) $$script || exit 1; done
 
 clean:
 	rm -rf $(VENV) build *.egg-info

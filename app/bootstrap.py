@@ -2,6 +2,8 @@
 
 The demo models ship with public keys (`models/zoo/keys/`), so a CP demo is re-keyed to a
 fresh key as it is imported; the initial tokens go to `HOME/initial-tokens.json` (0600).
+Several workers or replicas may start on one empty home at once: a file lock lets one of them
+set it up, and a pending marker lets a start that was killed half-way finish the job.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ import os
 import tempfile
 from pathlib import Path
 
+import filelock
+
 from app.registry import BLOCK_MODES, import_artifact, models_dir
 from keystore import Keystore
 from models import read_manifest
@@ -19,11 +23,17 @@ from models import read_manifest
 log = logging.getLogger("seglock.bootstrap")
 
 INITIAL_TOKENS = "initial-tokens.json"
+PENDING = ".first-start-pending"
+LOCK = ".first-start.lock"
 
 
 def is_empty_home(home: Path) -> bool:
     folder = models_dir(home)
     return not (folder.is_dir() and any(folder.iterdir())) and not (home / INITIAL_TOKENS).exists()
+
+
+def needs_first_start(home: Path) -> bool:
+    return (home / PENDING).exists() or is_empty_home(home)
 
 
 def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
@@ -33,6 +43,9 @@ def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
 
     imported = []
     for name in DEMO_MODELS:
+        if (models_dir(home) / name).is_dir():  # imported by a first start that was cut off
+            imported.append(name)
+            continue
         source = zoo_dir() / name
         manifest = read_manifest(source)
         key_path = zoo_dir() / "keys" / f"{name}.json"
@@ -46,15 +59,17 @@ def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
 
 
 def write_initial_tokens(home: Path, keystore: Keystore, models: list[str]) -> Path:
-    """Make an admin and a client token and write them once, 0600, atomically."""
+    """Make an admin token (and a client token granted `models`) and write them once, 0600, atomically."""
     _, admin = keystore.create_token("initial-admin", ["admin", "segment"], ["*"], actor="bootstrap")
-    _, client = keystore.create_token("initial-client", ["segment"], models, actor="bootstrap")
+    tokens = {"admin": admin}
+    if models:  # with no demo models there is nothing to grant a client yet
+        tokens["client"] = keystore.create_token("initial-client", ["segment"], models, actor="bootstrap")[1]
     path = home / INITIAL_TOKENS
     fd, tmp = tempfile.mkstemp(prefix=".initial-tokens.", dir=home)
     try:
         os.fchmod(fd, 0o600)
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump({"admin": admin, "client": client}, handle)
+            json.dump(tokens, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -66,9 +81,14 @@ def write_initial_tokens(home: Path, keystore: Keystore, models: list[str]) -> P
 
 def first_start(home: Path, keystore: Keystore, *, import_demo: bool = True) -> Path | None:
     """Set up an empty home; returns the initial-tokens path, or None if the home was in use."""
-    if not is_empty_home(home):
+    if not needs_first_start(home):
         return None
-    models = import_demo_models(home, keystore) if import_demo else []
-    path = write_initial_tokens(home, keystore, models)
+    with filelock.FileLock(str(home / LOCK), mode=0o600):
+        if not needs_first_start(home):  # another worker did it while this one waited
+            return None
+        (home / PENDING).touch(mode=0o600)
+        models = import_demo_models(home, keystore) if import_demo else []
+        path = write_initial_tokens(home, keystore, models)
+        (home / PENDING).unlink()
     log.info("first start: %d demo models imported; initial tokens written to %s", len(models), path)
     return path

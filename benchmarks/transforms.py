@@ -11,13 +11,17 @@ torch version (argsort of torch.rand keys, gather). Times are medians of many ru
 from __future__ import annotations
 
 import os
+import sys
+
+# Run as a script, sys.path[0] is this folder, whose file names (keystore.py, client.py) would
+# shadow seglock's packages: put the repository root there instead.
+sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"  # one core, set before numpy and torch load their thread pools
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from typing import Callable  # noqa: E402
 
