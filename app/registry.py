@@ -14,11 +14,13 @@ import asyncio
 import logging
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import filelock
 import torch
 
 from app.engine import DynamicBatcher, ModelRunner
@@ -173,15 +175,45 @@ class Registry:
         self.home = Path(settings.home)
         self._models: dict[str, HostedModel] = {}
         self._rotation_locks: dict[str, asyncio.Lock] = {}
+        self._sync_lock = threading.Lock()
 
     def names(self) -> list[str]:
         return sorted(self._models)
 
     def get(self, name: str) -> HostedModel:
         try:
-            return self._models[name]
+            hosted = self._models[name]
         except KeyError:
             raise RegistryError(404, f"unknown model {name!r}") from None
+        if hosted.mode == "cp":
+            self._follow_rotation(hosted)
+        return hosted
+
+    def _follow_rotation(self, hosted: HostedModel) -> None:
+        """Serve the revision of the keystore's active key when another worker or the CLI rotated it.
+
+        The keystore was refreshed by this request's token check, so this is a dict lookup; the
+        old folded model keeps giving correct masks until the new one is swapped in.
+        """
+        active = self.keystore.active_model_key(hosted.name)
+        if active is None or active.version == hosted.key_version:
+            return
+        with self._sync_lock:
+            if active.version == hosted.key_version:
+                return
+            for revision, path in sorted(revisions(self.home, hosted.name).items(), reverse=True):
+                manifest = read_manifest(path)
+                if manifest.key is not None and manifest.key.version == active.version:
+                    try:
+                        module, manifest, _ = self._serving_module(hosted.name, path)
+                    except Exception as exc:  # e.g. the revision vanished under a second rotation
+                        log.warning("model %s: rotated revision r%d not loaded yet: %s", hosted.name, revision, exc)
+                        return
+                    hosted.batcher.runner.swap(module)
+                    hosted.manifest, hosted.revision = manifest, revision
+                    log.info("model %s: now serving r%d (key version %d, rotated elsewhere)",
+                             hosted.name, revision, active.version)
+                    return
 
     def load_all(self) -> None:
         folder = models_dir(self.home)
@@ -242,7 +274,16 @@ class Registry:
             return result
 
     def _rotate_cp(self, name: str) -> dict[str, Any]:
-        """Exact re-key -> new revision on disk -> keystore commit -> hot swap -> old key destroyed."""
+        """Exact re-key -> new revision on disk -> keystore commit -> hot swap -> old key destroyed.
+
+        Under a file lock per model, so workers, replicas and the CLI sharing a home rotate one at a time.
+        """
+        with filelock.FileLock(str(models_dir(self.home) / name / ".rotate.lock"), mode=0o600):
+            self.keystore.refresh()
+            self._follow_rotation(self._models[name])
+            return self._rotate_cp_locked(name)
+
+    def _rotate_cp_locked(self, name: str) -> dict[str, Any]:
         hosted = self._models[name]
         old_path = revisions(self.home, name)[hosted.revision]
         model, manifest = load_artifact(old_path)

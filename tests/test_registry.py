@@ -1,0 +1,90 @@
+"""The registry: a consistent (artifact, key) pair after a rotation cut off at any step, and
+workers sharing one home follow each other's rotations."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from app.observability import Metrics
+from app.registry import Registry, import_artifact, key_material, models_dir, reconcile, revisions
+from app.settings import Settings
+from models import KeyRef, load_artifact, rekey, save_artifact
+from models.protect import CPKey
+from tests.server_fixtures import make_artifacts, open_keystore, scene
+
+
+@pytest.fixture
+def home(tmp_path):
+    artifacts = make_artifacts(tmp_path / "artifacts")
+    home = tmp_path / "home"
+    keystore = open_keystore(home)
+    path, key = artifacts["cp"]
+    import_artifact(home, keystore, path, key=key)
+    return home
+
+
+def registry(home) -> Registry:
+    settings = Settings(home=home, import_demo=False, max_batch=2, max_wait_ms=1, warmup=False)
+    reg = Registry(settings, open_keystore(home), Metrics(), torch.device("cpu"))
+    reg.load_all()
+    return reg
+
+
+def mask(reg: Registry, image: np.ndarray) -> np.ndarray:
+    hosted = reg.get("cp")
+    batch = hosted.prepare(torch.from_numpy(image)[None])
+    return hosted.batcher.run_sync([batch[0]])[0]
+
+
+def half_rotation(home, steps: int) -> None:
+    """Run the first `steps` steps of a CP rotation by hand, as a crash would leave them."""
+    keystore = open_keystore(home)
+    old_path = revisions(home, "cp")[1]
+    model, manifest = load_artifact(old_path)
+    old_key = keystore.get_model_key("cp", 1).material
+    new_key = rekey(model, "dec2", CPKey.from_dict(old_key))
+    added = keystore.add_model_key("cp", *key_material("cp", new_key), activate=False)
+    if steps >= 2:
+        save_artifact(model, models_dir(home) / "cp" / "r2", name="cp", class_names=list(manifest.class_names),
+                      input_size=list(manifest.input_size), normalization=manifest.normalization,
+                      protection={"mode": "cp", "tap": "dec2"}, key=KeyRef(id=added.id, version=added.version))
+    if steps >= 3:
+        keystore.set_active("cp", added.version)
+    if steps >= 4:
+        shutil.rmtree(old_path)
+
+
+@pytest.mark.parametrize("steps, served, destroyed", [(1, 1, [2]), (2, 1, [2]), (3, 2, [1]), (4, 2, [1])])
+def test_a_rotation_cut_off_at_any_step_leaves_one_consistent_pair(home, steps, served, destroyed):
+    image = scene(1, 32, 32)
+    before = mask(registry(home), image)
+    half_rotation(home, steps)
+    keystore = open_keystore(home)
+    path = reconcile(home, keystore, "cp")
+    assert path.name == f"r{served}"
+    assert sorted(revisions(home, "cp")) == [served]
+    states = {v.version: v.state for v in keystore.model_key_versions("cp")}
+    assert states[served] == "active"
+    assert [v for v, state in states.items() if state == "destroyed"] == destroyed
+    np.testing.assert_array_equal(mask(registry(home), image), before)
+
+
+def test_a_worker_follows_a_rotation_made_by_another(home):
+    image = scene(2, 32, 32)
+    first, second = registry(home), registry(home)
+    before = mask(second, image)
+    result = asyncio.run(first.rotate_key("cp", actor="test"))
+    assert (result["previous_key_version"], result["key_version"]) == (1, 2)
+    second.keystore.refresh()
+    assert second.get("cp").key_version == 2 and second.get("cp").revision == 2
+    np.testing.assert_array_equal(mask(second, image), before)
+    result = asyncio.run(second.rotate_key("cp", actor="test"))  # and can rotate again from there
+    assert (result["previous_key_version"], result["key_version"]) == (2, 3)
+    np.testing.assert_array_equal(mask(first, image), before)
+    first.close()
+    second.close()
