@@ -59,6 +59,10 @@ def unprocessable(message: str) -> APIError:
     return APIError(422, "unprocessable", message)
 
 
+def rate_limited(message: str, retry_after_s: int = 1) -> APIError:
+    return APIError(429, "rate_limited", message, {"Retry-After": str(retry_after_s)})
+
+
 def overloaded(message: str, retry_after_s: int = 1) -> APIError:
     return APIError(503, "overloaded", message, {"Retry-After": str(retry_after_s)})
 

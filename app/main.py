@@ -20,6 +20,7 @@ from app.engine import resolve_device
 from app.errors import error_response, install_error_handlers
 from app.middleware import RequestMiddleware
 from app.observability import Metrics
+from app.ratelimit import RateLimiter
 from app.registry import Registry, RegistryError
 from app.routes import admin, health, segment
 from app.settings import Settings
@@ -49,6 +50,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
+    app.state.rate_limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
+                              if settings.rate_limit_rps > 0 else None)
     install_error_handlers(app)
 
     @app.exception_handler(RegistryError)

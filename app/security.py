@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from app.errors import forbidden, unauthorized
+from app.errors import forbidden, rate_limited, unauthorized
+from app.ratelimit import retry_after_header
 from keystore.tokens import Grant
 
 Principal = Grant
@@ -38,6 +39,12 @@ def authenticate(request: Request, scope: str) -> Principal:
     check = keystore.check_token(bearer_token(request), scope=scope)
     if check.ok:
         request.state.token_id = check.grant.token_id
+        limiter = getattr(request.app.state, "rate_limiter", None)
+        if limiter is not None and scope == "segment":
+            wait = limiter.acquire(check.grant.token_id)
+            if wait:
+                raise rate_limited(f"this token is over its limit of {limiter.rate:g} requests per second",
+                                   retry_after_header(wait))
         return check.grant
     if check.status == 403:
         raise forbidden(f"this token lacks the '{scope}' scope")

@@ -29,6 +29,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     metrics_public: bool = True
+    rate_limit_rps: float = Field(0.0, ge=0, description="segment requests per second per token; 0 = no limit")
+    rate_limit_burst: int = Field(20, ge=1, description="requests a token may make at once before the limit applies")
     import_demo: bool = Field(True, description="import the bundled demo models into an empty home")
     warmup: bool = True
     log_level: Literal["debug", "info", "warning", "error"] = "info"
