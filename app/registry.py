@@ -28,6 +28,7 @@ from app.observability import Metrics
 from app.settings import Settings
 from client.transforms import BlockKey
 from keystore import Keystore
+from keystore.errors import KeystoreError
 from models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
 from models.inputs import model_input
 
@@ -97,6 +98,31 @@ def revisions(home: Path, name: str) -> dict[int, Path]:
             if match and child.is_dir():
                 found[int(match.group(1))] = child
     return found
+
+
+class HomeKeySink:
+    """`seglock train --home`: a run's key goes to the home's keystore as the model's active key."""
+
+    def __init__(self, home: str | Path):
+        self.home = Path(home)
+
+    def check(self, name: str) -> None:
+        try:
+            with Keystore.open(self.home, create=True) as store:
+                taken = bool(store.model_key_versions(name))
+        except KeystoreError as exc:
+            raise ValueError(f"cannot open the keystore in {self.home}: {exc}") from None
+        if taken or (models_dir(self.home) / name).exists():
+            raise ValueError(f"{self.home} already has a model named {name!r}: choose another name (--name)")
+
+    def store(self, name: str, key: CPKey | BlockKey) -> KeyRef:
+        kind, material = key_material("cp" if isinstance(key, CPKey) else "block", key)
+        try:
+            with Keystore.open(self.home, create=True) as store:
+                version = store.add_model_key(name, kind, material, actor="train")
+        except KeystoreError as exc:
+            raise ValueError(f"cannot store the key in {self.home}: {exc}") from None
+        return KeyRef(id=version.id, version=version.version)
 
 
 def key_material(mode: str, key: CPKey | BlockKey) -> tuple[str, dict[str, Any]]:
@@ -221,12 +247,20 @@ class Registry:
         for child in sorted(folder.iterdir()):
             if child.is_dir() and MODEL_NAME.match(child.name):
                 try:
-                    self._load(child.name)
+                    self.load(child.name)
                 except Exception as exc:  # one broken model must not keep the others offline
                     log.error("model %s not loaded: %s", child.name, exc)
 
-    def _load(self, name: str) -> HostedModel:
-        path = reconcile(self.home, self.keystore, name)
+    def model_lock(self, name: str) -> filelock.FileLock:
+        """Held while a model's revisions or keys change (rotation, clean-up after a cut-off one), so
+        workers, replicas and the CLI sharing a home never tidy away each other's half-done work."""
+        return filelock.FileLock(str(models_dir(self.home) / name / ".rotate.lock"), mode=0o600)
+
+    def load(self, name: str) -> HostedModel:
+        """Load (or reload) one model: the revision matching its active key, stale ones cleaned up."""
+        with self.model_lock(name):
+            self.keystore.refresh()
+            path = reconcile(self.home, self.keystore, name)
         module, manifest, block_key = self._serving_module(name, path)
         runner = ModelRunner(module, self.device, amp=self.settings.amp,
                              channels_last=self.settings.channels_last)
@@ -278,7 +312,7 @@ class Registry:
 
         Under a file lock per model, so workers, replicas and the CLI sharing a home rotate one at a time.
         """
-        with filelock.FileLock(str(models_dir(self.home) / name / ".rotate.lock"), mode=0o600):
+        with self.model_lock(name):
             self.keystore.refresh()
             self._follow_rotation(self._models[name])
             return self._rotate_cp_locked(name)

@@ -1,0 +1,396 @@
+"""`seglock models protect|list|import|rotate-key`: model artifacts and their keys, offline.
+
+protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
+            (DESIGN "Protection modes": no accuracy lost, no training)
+list        the models of a home (the revision in use) and/or artifact folders
+import      copy an artifact into a home (app.registry.import_artifact: cp keys are replaced)
+rotate-key  re-key a home's cp model: the flow of the server's admin route (Registry.rotate_key)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from app.cli import CLIError
+from app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
+
+KEYED_MODES = ("cp", "shf", "np", "ffx")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "models",
+        help="protect, list, import and re-key model artifacts",
+        description="Model artifacts (manifest.json + weights.safetensors) and their keys, offline.",
+    )
+    actions = parser.add_subparsers(dest="models_command", metavar="ACTION")
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+    protect = actions.add_parser(
+        "protect", help="make a plain model a cp model with a fresh key (no training, no accuracy lost)",
+        description=(
+            "Load a plain (mode none) artifact, re-index the consumers of one feature map (the tap) by a fresh "
+            "channel permutation from the OS CSPRNG, and write a cp artifact that computes the same masks only "
+            "with the key. The key goes to a home's keystore (--home) or a 0600 key file (--key-out)."
+        ),
+    )
+    protect.add_argument("--model", required=True, metavar="PLAIN_DIR", help="the plain artifact folder")
+    protect.add_argument("--tap", required=True, help="the feature map to key, e.g. layer4 (ResNet) or dec1 (tiny)")
+    protect.add_argument("--out", required=True, metavar="DIR", help="the cp artifact folder to write")
+    protect.add_argument("--name", help="model name (default: DIR's name)")
+    where = protect.add_mutually_exclusive_group(required=True)
+    where.add_argument("--home", metavar="DIR", help="store the key in this home's keystore")
+    where.add_argument("--key-out", metavar="FILE", help="write the key to this file (0600)")
+    protect.add_argument("--json", action="store_true", help="print the result as JSON")
+    protect.set_defaults(handler=_protect)
+
+    listing = actions.add_parser(
+        "list", help="list a home's models and/or artifact folders",
+        description="List the models of a home (the revision each serves) and any artifact folders given.",
+    )
+    listing.add_argument("dirs", nargs="*", metavar="DIR", help="artifact folders to list as well")
+    listing.add_argument("--home", metavar="DIR",
+                         help="home folder (default: $SEGLOCK_HOME, else ./seglock-home, unless DIRs are given)")
+    listing.add_argument("--json", action="store_true", help="print JSON")
+    listing.set_defaults(handler=_list)
+
+    imp = actions.add_parser(
+        "import", help="copy an artifact into a home (cp models get a fresh key)",
+        description=(
+            "Copy an artifact into HOME/models/NAME/r1. Keyed models need their key: from --key-file, or from "
+            "the home's keystore when the artifact was trained or protected into it. A cp model is re-keyed to "
+            "a fresh key on the way in; shf/np/ffx keep theirs (a new input key needs re-training)."
+        ),
+    )
+    add_home_argument(imp)
+    imp.add_argument("--model", required=True, metavar="DIR", help="the artifact folder")
+    imp.add_argument("--name", help="name in the home (default: the manifest's name)")
+    imp.add_argument("--key-file", metavar="FILE", help="the model's key file")
+    imp.add_argument("--json", action="store_true", help="print the result as JSON")
+    imp.set_defaults(handler=_import)
+
+    rotate = actions.add_parser(
+        "rotate-key", help="re-key a home's cp model (same masks, new key, old key destroyed)",
+        description=(
+            "Offline key rotation of a cp model in a home: exact re-key, new revision, keystore commit, old "
+            "revision and key destroyed (the flow of POST /admin/models/NAME/rotate-key). Safe beside a running "
+            "server on this home: rotations take a per-model lock, and the server follows on its next request."
+        ),
+    )
+    add_home_argument(rotate)
+    rotate.add_argument("--model", required=True, metavar="NAME", help="the model's name in the home")
+    rotate.add_argument("--json", action="store_true", help="print the result as JSON")
+    rotate.set_defaults(handler=_rotate)
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+# -- helpers shared with `seglock evaluate` --------------------------------------------------------
+
+
+def current_revision(home: Path, name: str, keystore=None) -> Path:
+    """The revision of `name` a server would serve, found without changing anything."""
+    from app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
+    from models import ArtifactError, read_manifest
+
+    if not MODEL_NAME.match(name):
+        raise CLIError(f"invalid model name {name!r}")
+    found = revisions(home, name)
+    if not found:
+        raise CLIError(f"{home} has no model {name!r}")
+    newest = max(found)
+    try:
+        manifests = {rev: read_manifest(path) for rev, path in found.items()}
+    except ArtifactError as exc:
+        raise CLIError(str(exc)) from None
+    if manifests[newest].mode not in REGISTRY_KEYED or keystore is None:
+        return found[newest]
+    active = keystore.active_model_key(name)
+    matching = [rev for rev, m in manifests.items()
+                if active is not None and m.key is not None and m.key.version == active.version]
+    if not matching:
+        raise CLIError(f"no revision of {name} in {home} matches its active key")
+    return found[max(matching)]
+
+
+def resolve_artifact(model: str, home: str | None) -> Path:
+    """An artifact folder given as a path, or as a model name in `home`."""
+    path = Path(model)
+    if (path / "manifest.json").is_file():
+        return path
+    if home is not None and "/" not in model:
+        from keystore import Keystore
+
+        with keystore_call(lambda: Keystore.open(home)) as store:
+            return current_revision(Path(home), model, store)
+    raise CLIError(f"{model} is not an artifact folder (no manifest.json)"
+                   + ("" if home else "; to name a model in a home, give --home"))
+
+
+def key_from_file(path: str, manifest) -> Any:
+    """The key in a key file, checked against the manifest it is for."""
+    from models.evaluate import EvaluateError, check_key
+    from models.keyfile import KeyFileError, read_key_file
+
+    try:
+        found = read_key_file(path)
+    except KeyFileError as exc:
+        raise CLIError(str(exc)) from None
+    if manifest.mode not in KEYED_MODES:
+        raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
+    if found.model is not None and found.model != manifest.name:
+        raise CLIError(f"key file {path} is for model {found.model!r}, not {manifest.name!r}")
+    try:
+        check_key(manifest, found.key)
+    except EvaluateError as exc:
+        raise CLIError(f"key file {path} does not fit: {exc}") from None
+    return found.key
+
+
+def key_from_home(home: str | Path, manifest) -> Any:
+    """The key the manifest names (id and version), from the home's keystore."""
+    from app.registry import key_from_material
+    from keystore import Keystore, ModelKeyNotFound
+
+    if manifest.mode not in KEYED_MODES:
+        return None
+    if manifest.key is None:
+        raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
+    with keystore_call(lambda: Keystore.open(home)) as store:
+        try:
+            stored = store.get_model_key(manifest.name, manifest.key.version)
+        except ModelKeyNotFound:
+            raise CLIError(f"the keystore in {home} has no key {manifest.name} v{manifest.key.version}") from None
+    if stored.id != manifest.key.id:
+        raise CLIError(f"the keystore in {home} holds another key as {manifest.name} v{manifest.key.version} "
+                       f"(id {stored.id}, the manifest names {manifest.key.id})")
+    if stored.material is None:
+        raise CLIError(f"key {manifest.name} v{manifest.key.version} in {home} was destroyed")
+    return key_from_material(manifest.mode, stored.material)
+
+
+def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(line)
+    return 0
+
+
+def _default_name(out: Path) -> str:
+    from app.registry import MODEL_NAME
+
+    name = out.resolve().name
+    if not MODEL_NAME.match(name):
+        raise CLIError(f"cannot use {name!r} as a model name: pass --name")
+    return name
+
+
+# -- handlers --------------------------------------------------------------------------------------
+
+
+def _protect(args: argparse.Namespace) -> int:
+    from app.registry import MODEL_NAME
+    from models import KeyRef, ModelError, load_artifact, protect, save_artifact
+    from models.keyfile import KeyFileError, write_key_file
+    from models.protect import CPKey
+
+    out = Path(args.out)
+    name = args.name or _default_name(out)
+    if not MODEL_NAME.match(name):
+        raise CLIError(f"invalid model name {name!r}")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"{out} already exists and is not empty")
+    key_out = Path(args.key_out) if args.key_out else None
+    if key_out is not None and key_out.exists():
+        raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
+    try:
+        model, manifest = load_artifact(args.model)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    if manifest.mode != "none":
+        hint = "; to change a cp model's key use rotate-key" if manifest.mode == "cp" else ""
+        raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
+    if args.home is not None:
+        _check_home_free(Path(args.home), name)
+    started = time.perf_counter()
+    try:
+        key: CPKey = protect(model, args.tap)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    seconds = time.perf_counter() - started
+    if key_out is not None:
+        try:
+            write_key_file(key_out, key, model=name)
+        except KeyFileError as exc:
+            raise CLIError(str(exc)) from None
+        import secrets
+
+        key_ref = KeyRef(id=f"file-{secrets.token_hex(6)}", version=1)  # random: says nothing about the key
+    else:
+        from keystore import Keystore
+
+        with keystore_call(lambda: Keystore.open(args.home, create=True)) as store:
+            version = keystore_call(lambda: store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR))
+        key_ref = KeyRef(id=version.id, version=version.version)
+    try:
+        saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
+                              input_size=list(manifest.input_size), normalization=manifest.normalization,
+                              protection={"mode": "cp", "tap": args.tap}, key=key_ref)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    total = time.perf_counter() - started
+    stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
+    result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": args.tap,
+              "channels": key.channels, "key_space_log2": round(key.key_space_log2, 1),
+              "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
+              "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
+              "sha256": saved.weights.sha256}
+    return _emit(args, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+                               f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
+                               f"key in {stored}")
+
+
+def _check_home_free(home: Path, name: str) -> None:
+    from app.registry import revisions
+    from keystore import Keystore
+
+    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+        taken = bool(store.model_key_versions(name))
+    if taken or revisions(home, name):
+        raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
+
+
+def _list(args: argparse.Namespace) -> int:
+    from models import ArtifactError, read_manifest
+
+    rows: list[dict[str, Any]] = []
+    if args.home or not args.dirs:
+        rows += _home_rows(home_of(args))
+    for folder in args.dirs:
+        try:
+            manifest = read_manifest(folder)
+        except ArtifactError as exc:
+            raise CLIError(str(exc)) from None
+        rows.append(_row(manifest, Path(folder), None))
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print("no models")
+        return 0
+    header = ("NAME", "MODE", "ARCH", "CLASSES", "INPUT", "KEY", "REV", "PATH")
+    table = [header] + [(r["name"], r["protection"]["mode"], r["architecture"], str(r["num_classes"]),
+                         "x".join(map(str, r["input_size"])),
+                         "-" if r["key"] is None else f"v{r['key']['version']}",
+                         "-" if r["revision"] is None else f"r{r['revision']}", r["path"]) for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
+    return {"name": manifest.name, "architecture": manifest.architecture, "num_classes": manifest.num_classes,
+            "input_size": list(manifest.input_size), "protection": dict(manifest.protection),
+            "key": None if manifest.key is None else {"id": manifest.key.id, "version": manifest.key.version},
+            "revision": revision, "path": str(path)}
+
+
+def _home_rows(home: Path) -> list[dict[str, Any]]:
+    from app.registry import MODEL_NAME, models_dir
+    from keystore import Keystore, KeystoreError
+    from models import read_manifest
+
+    folder = models_dir(home)
+    if not folder.is_dir():
+        if not (home / "keystore.json").exists():
+            raise CLIError(f"{home} is not a seglock home (no keystore.json, no models/)")
+        return []
+    store = None
+    try:
+        store = Keystore.open(home)
+    except KeystoreError:
+        store = None  # still list what is on disk; the revision in use is then the newest
+    rows = []
+    try:
+        for child in sorted(folder.iterdir()):
+            if child.is_dir() and MODEL_NAME.match(child.name):
+                try:
+                    path = current_revision(home, child.name, store)
+                except CLIError:
+                    continue
+                rows.append(_row(read_manifest(path), path, int(path.name[1:])))
+    finally:
+        if store is not None:
+            store.close()
+    return rows
+
+
+def _import(args: argparse.Namespace) -> int:
+    from app.registry import RegistryError, import_artifact
+    from keystore import Keystore
+    from models import ArtifactError, read_manifest
+
+    home = home_of(args)
+    try:
+        manifest = read_manifest(args.model)
+    except ArtifactError as exc:
+        raise CLIError(str(exc)) from None
+    key = None
+    if args.key_file:
+        key = key_from_file(args.key_file, manifest)
+    elif manifest.mode in KEYED_MODES:
+        if not (home / "keystore.json").exists():
+            raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
+        key = key_from_home(home, manifest)
+    made = not (home / "keystore.json").exists()
+    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+        try:
+            imported = keystore_call(lambda: import_artifact(home, store, Path(args.model), name=args.name,
+                                                             key=key, actor=CLI_ACTOR))
+        except (RegistryError, ArtifactError) as exc:
+            raise CLIError(str(exc)) from None
+    if made:
+        print(f"made a new keystore in {home}", file=sys.stderr)
+    result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
+              "key_version": None if imported.key is None else imported.key.version,
+              "rekeyed": imported.mode == "cp"}
+    note = "; re-keyed to a fresh key" if imported.mode == "cp" else ""
+    return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+
+
+def _rotate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    import torch
+
+    from app.observability import Metrics
+    from app.registry import MODEL_NAME, Registry, RegistryError
+    from app.settings import Settings
+    from keystore import Keystore
+    from models import ModelError
+
+    home = home_of(args)
+    if not MODEL_NAME.match(args.model):
+        raise CLIError(f"invalid model name {args.model!r}")
+    settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
+    with keystore_call(lambda: Keystore.open(home)) as store:
+        registry = Registry(settings, store, Metrics(), torch.device("cpu"))
+        try:
+            registry.load(args.model)  # the one model, through the same reconcile and load as the server
+            result = keystore_call(lambda: asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR)))
+        except (RegistryError, ModelError) as exc:
+            raise CLIError(str(exc)) from None
+        finally:
+            registry.close()
+    return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
+                               f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")

@@ -1,0 +1,136 @@
+"""`seglock train`: train a model under a protection mode and write its artifact and key."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.cli import CLIError
+
+PROTECTIONS = ("none", "cp", "shf", "np", "ffx", "per-image")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "train",
+        help="train a (protected) segmentation model and write its artifact",
+        description=(
+            "Train a segmentation model on a data set (seglock folder format, VOC2012 or Cityscapes) with "
+            "SGD (momentum 0.9) and the poly schedule of paper 000, cross-entropy ignoring 255, keeping the "
+            "epoch with the lowest validation loss. Keyed modes (cp, shf, np, ffx) make a fresh key from the "
+            "OS CSPRNG and store it in a keystore (--home) or a 0600 key file (--key-out). Each epoch ends "
+            "with a checkpoint in OUT/.checkpoint; --resume continues an interrupted run."
+        ),
+    )
+    parser.add_argument("--data", required=True, metavar="DIR", help="data set folder")
+    parser.add_argument("--arch", default="tiny", help="architecture (see models.list_architectures; default tiny)")
+    parser.add_argument("--protect", default="none", choices=PROTECTIONS, help="protection mode (default none)")
+    parser.add_argument("--tap", help="cp: the feature map the key permutes (e.g. layer4, dec1)")
+    parser.add_argument("--block-size", type=int, metavar="M",
+                        help="shf/np/ffx: block size M (default 4); per-image: block size B (default 16)")
+    parser.add_argument("--sub-block", type=int, metavar="S", help="per-image: sub-block size S (default 4)")
+    parser.add_argument("--epochs", type=int, default=30, metavar="E", help="epochs (default 30)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
+    parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (default 0.02, paper 000)")
+    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
+    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
+    parser.add_argument("--schedule", default="poly", choices=("poly", "cosine"),
+                        help="poly: paper 000 eq. (8); cosine: warm restarts every 10 epochs (paper 001)")
+    parser.add_argument("--size", type=int, default=256, metavar="PX", help="input side in pixels (default 256)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
+                        help="mixed precision (default: on for CUDA)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
+    parser.add_argument("--train-split", metavar="SPLIT", help="default: train (folder), train-1318 (VOC), train")
+    parser.add_argument("--val-split", metavar="SPLIT", help="default: val (folder), val-146 (VOC), val")
+    parser.add_argument("--workers", type=int, default=0, metavar="N", help="data loader processes (default 0)")
+    parser.add_argument("--no-augment", dest="augment", action="store_false",
+                        help="no random resized crop or flip")
+    parser.add_argument("--arch-arg", action="append", default=[], metavar="KEY=VALUE",
+                        help="an architecture argument, e.g. width=32 (value read as JSON); repeatable")
+    parser.add_argument("--backbone-weights", metavar="FILE", help="a local pretrained backbone weights file")
+    parser.add_argument("--out", required=True, metavar="MODEL_DIR", help="artifact folder to write")
+    parser.add_argument("--name", help="model name in the manifest and keystore (default: MODEL_DIR's name)")
+    where = parser.add_mutually_exclusive_group()
+    where.add_argument("--home", metavar="DIR", help="store the key in this home's keystore")
+    where.add_argument("--key-out", metavar="FILE", help="write the key to this file (0600)")
+    parser.add_argument("--resume", action="store_true", help="continue from MODEL_DIR/.checkpoint")
+    parser.add_argument("--json", metavar="OUT", help="write the run summary as JSON to OUT ('-' for stdout)")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+    parser.set_defaults(handler=run)
+
+
+def parse_arch_args(items: list[str]) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name.isidentifier():
+            raise CLIError(f"--arch-arg {item!r}: expected KEY=VALUE, e.g. width=32")
+        try:
+            kwargs[name] = json.loads(text)
+        except json.JSONDecodeError:
+            kwargs[name] = text
+    return kwargs
+
+
+def write_json(target: str, data: Any) -> None:
+    """JSON to a file, or to stdout for '-'."""
+    text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        return
+    try:
+        Path(target).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise CLIError(f"cannot write {target}: {exc.strerror}") from None
+
+
+def finite_json(value: Any) -> Any:
+    """NaN -> None, recursively: JSON has no NaN."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [finite_json(v) for v in value]
+    return value
+
+
+def run(args: argparse.Namespace) -> int:
+    from app.registry import HomeKeySink
+    from models.errors import ModelError
+    from models.keyfile import KeyFileError
+    from models.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=args.data, arch=args.arch, protect=args.protect, tap=args.tap, block_size=args.block_size,
+        sub_block=args.sub_block, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        momentum=args.momentum, weight_decay=args.weight_decay, schedule=args.schedule, size=args.size,
+        device=args.device, seed=args.seed, name=args.name, train_split=args.train_split,
+        val_split=args.val_split, workers=args.workers, augment=args.augment,
+        arch_kwargs=parse_arch_args(args.arch_arg), backbone_weights=args.backbone_weights, amp=args.amp,
+        resume=args.resume,
+    )
+    try:
+        key_sink = HomeKeySink(args.home) if args.home else None
+        result = train(config, args.out, key_sink=key_sink, key_out=args.key_out, progress=not args.quiet)
+    except (ModelError, KeyFileError) as exc:
+        raise CLIError(str(exc)) from None
+    best = result.history[result.best_epoch - 1]
+    where = ""
+    if result.key_ref is not None and result.home is not None:
+        where = f"; key in {result.home} keystore as {result.manifest.name} v{result.key_ref.version}"
+    elif result.key_file is not None:
+        where = f"; key in {result.key_file} (0600, a plain secret)"
+    mIoU = best.get("val_mIoU")
+    shown = "" if mIoU is None else f", val mIoU {mIoU:.2f}"
+    print(f"trained {result.manifest.name} ({config.arch}, {result.manifest.mode}) in {result.seconds:.1f} s: "
+          f"best epoch {result.best_epoch}/{config.epochs}{shown} -> {result.artifact}{where}",
+          file=sys.stderr if args.json == "-" else sys.stdout)
+    if args.json:
+        write_json(args.json, finite_json({**result.summary(), "config": config.to_dict()}))
+    return 0
