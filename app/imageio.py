@@ -13,11 +13,12 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from app.errors import APIError, bad_request, too_large, unprocessable, unsupported_media
+# One source for the pixel maths the server and the SDK must agree on bit for bit.
+from client.imaging import mask_image, pil_to_rgb, resize_mask, resize_rgb  # noqa: F401 - re-exported
 
 PLAIN_FORMATS = {"PNG", "JPEG", "WEBP"}
 NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-_SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,7 @@ def _decode_image(data: bytes, *, max_pixels: int) -> Upload:
             image.load()
             source_mode = image.mode
             image = ImageOps.exif_transpose(image)
-            array = to_rgb_array(image)
+            array = pil_to_rgb(image)
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -87,65 +88,14 @@ def _decode_image(data: bytes, *, max_pixels: int) -> Upload:
     return Upload(array, fmt.lower(), source_mode)
 
 
-def to_rgb_array(image: Image.Image) -> np.ndarray:
-    """Any Pillow mode as HWC uint8 RGB; 16-bit greyscale is scaled, not clipped."""
-    if image.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.int64)
-        top = 65535 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
-        grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
-        return np.repeat(grey[:, :, None], 3, axis=2)
-    if image.mode == "RGBA" or (image.mode == "P" and "transparency" in image.info) or image.mode == "LA":
-        # composite transparency over white, the way image viewers show it
-        rgba = image.convert("RGBA")
-        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        image = Image.alpha_composite(background, rgba)
-    return np.asarray(image.convert("RGB"), dtype=np.uint8).copy()
-
-
 def _has_image_magic(data: bytes) -> bool:
     return data.startswith((_PNG_MAGIC, b"\xff\xd8\xff")) or (data[:4] == b"RIFF" and data[8:12] == b"WEBP")
 
 
-def resize_rgb(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize HWC uint8 to (height, width), bilinear; no copy when the size already fits."""
-    height, width = size
-    if array.shape[:2] == (height, width):
-        return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
-
-
-def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Resize a class-index mask to (height, width) with nearest neighbour."""
-    height, width = size
-    if mask.shape == (height, width):
-        return mask
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
-
-
-def voc_palette() -> list[int]:
-    """The PASCAL VOC colour map (bit-interleaved), 256 entries flattened as RGB."""
-    palette = []
-    for index in range(256):
-        r = g = b = 0
-        c = index
-        for shift in range(7, -1, -1):
-            r |= (c & 1) << shift
-            g |= ((c >> 1) & 1) << shift
-            b |= ((c >> 2) & 1) << shift
-            c >>= 3
-        palette.extend((r, g, b))
-    return palette
-
-
-_PALETTE = voc_palette()
-
-
 def encode_mask_png(mask: np.ndarray) -> bytes:
     """A palette PNG whose pixel values are the class indices (VOC colours for viewing)."""
-    image = Image.fromarray(mask.astype(np.uint8)).convert("P")  # L -> P keeps the values as indices
-    image.putpalette(_PALETTE)
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG", optimize=False, compress_level=1)
+    mask_image(mask).save(buffer, format="PNG", optimize=False, compress_level=1)
     return buffer.getvalue()
 
 
