@@ -103,7 +103,7 @@ def encrypt_per_image_torch(images: Tensor, block_size: int = DEFAULT_BLOCK_SIZE
         PerImageKey.generate(height, width, block_size, sub_block, randbytes=randbytes).gather_index()
         for _ in range(batch.shape[0])
     ])
-    index = torch.from_numpy(index).to(batch.device, non_blocking=True)
+    index = torch.from_numpy(index).to(batch.device, torch.int64, non_blocking=True)  # gather wants int64
     return batch.reshape(batch.shape[0], -1).gather(1, index).reshape(images.shape)
 
 

@@ -6,7 +6,6 @@ import json
 import pickle
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pyffx
@@ -406,19 +405,3 @@ def test_gather_index_and_its_inverse_compose_to_the_identity():
 def test_client_transforms_import_without_torch():
     code = "import sys, client.transforms; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", METHODS)
-def test_block_transforms_take_under_a_millisecond_on_256px(method):
-    image = picture(256, 256)
-    key = BlockKey.generate(method, 4)
-    encrypted = encrypt_blocks(image, key)
-    for run in (lambda: encrypt_blocks(image, key), lambda: decrypt_blocks(encrypted, key)):
-        run()
-        times = []
-        for _ in range(100):
-            start = time.perf_counter()
-            run()
-            times.append(time.perf_counter() - start)
-        assert np.median(times) < 1e-3

@@ -48,14 +48,15 @@ class PerImageKey:
                 or pixel_perms.shape != (height // s, width // s, CHANNELS, s * s)):
             raise TransformError("per-image key arrays do not match the image geometry")
         # Flat HWC index of (sub-block sy, sx; channel c; pixel q = qy*S + qx) = base + c + offset[q].
-        rows, cols = np.arange(height // s), np.arange(width // s)
-        base = ((rows[:, None] * s * width + cols[None, :] * s) * CHANNELS).astype(np.int64)
-        q = np.arange(s * s)
-        offset = ((q // s) * width + q % s).astype(np.int64) * CHANNELS
-        channel = np.repeat(np.repeat(channel_perms.astype(np.int64), b // s, axis=0), b // s, axis=1)
+        # int32 halves the memory traffic of building and applying it (images below 2**31 values).
+        index = np.int32 if height * width * CHANNELS < 2**31 else np.int64
+        rows, cols = np.arange(height // s, dtype=index), np.arange(width // s, dtype=index)
+        base = (rows[:, None] * (s * width) + cols[None, :] * s) * CHANNELS
+        q = np.arange(s * s, dtype=index)
+        offset = ((q // s) * width + q % s) * CHANNELS
         source = offset.take(pixel_perms)  # (H/S, W/S, 3, S*S)
-        source += channel[..., None]
-        source += base[:, :, None, None]
+        source += (base[:, :, None] + np.repeat(np.repeat(channel_perms.astype(index), b // s, axis=0),
+                                                b // s, axis=1))[..., None]
         # Lay the sources out in HWC order of their destinations: (sy, qy, sx, qx, c).
         source = source.reshape(height // s, width // s, CHANNELS, s, s).transpose(0, 3, 1, 4, 2)
         gather = np.ascontiguousarray(source).reshape(-1)
@@ -76,11 +77,11 @@ class PerImageKey:
                    pixel_perms.reshape(height // s, width // s, CHANNELS, s * s))
 
     def gather_index(self, *, inverse: bool = False) -> np.ndarray:
-        """int64[H*W*3]: the encrypted HWC image is `image.reshape(-1)[index]` (or its inverse)."""
+        """int[H*W*3]: the encrypted HWC image is `image.reshape(-1)[index]` (or its inverse)."""
         if not inverse:
             return self._gather
         undo = np.empty_like(self._gather)
-        undo[self._gather] = np.arange(self._gather.size, dtype=np.int64)
+        undo[self._gather] = np.arange(self._gather.size, dtype=self._gather.dtype)
         return undo
 
     def apply(self, image: np.ndarray) -> np.ndarray:
