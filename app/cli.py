@@ -19,6 +19,11 @@ COMMAND_MODULES = (
     "app.commands.data",
     "app.commands.tokens",
     "app.commands.keystore",
+    "app.commands.train",
+    "app.commands.models",
+    "app.commands.evaluate",
+    "app.commands.attack",
+    "app.commands.report",
 )
 
 

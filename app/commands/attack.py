@@ -1,0 +1,254 @@
+"""`seglock attack`: the attacks of paper 000 (brute force, random keys, fine-tuning) and weight matching.
+
+Every action prints a short summary, or the JSON report with --json, and writes the JSON report to
+--out FILE; `seglock report` lays those files out as the papers' tables. The owner's key (--key-file
+or --home, as for `seglock evaluate`) is optional: the attacker never has it, but given it the report adds the owner's numbers
+(and, for weight matching, how many channels were recovered).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Any
+
+from app.cli import CLIError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "attack",
+        help="attack a protected model: key space, random keys, fine-tuning, weight matching",
+        description=(
+            "Run an attack on a stolen model artifact and report it as JSON: the key space and brute-force time "
+            "(key-space), N random wrong keys (random-key), retraining on a fraction of the training data "
+            "without the key (finetune), or recovering a CP key by matching weights or activation statistics "
+            "with an assignment solver (weight-matching)."
+        ),
+    )
+    actions = parser.add_subparsers(dest="attack_command", metavar="ATTACK")
+    parser.set_defaults(handler=lambda args: _usage(parser))
+
+    key_space = actions.add_parser(
+        "key-space", help="log2 of every mode's key space and the brute-force time",
+        description=(
+            "log2 of the key space of cp (c!), shf ((3M^2)!), np (2^(3M^2)), ffx (paper 001's choice of positions, "
+            "plus seglock's 128-bit password) and per-image keys (paper 003), with the expected brute-force time "
+            "at the measured time of one try (one forward pass and the metric on one image of --data)."
+        ),
+    )
+    key_space.add_argument("--model", metavar="DIR", help="artifact whose own key space and try rate to report")
+    key_space.add_argument("--data", metavar="DIR", help="data set to take the timed image from (default: random pixels)")
+    key_space.add_argument("--seconds-per-try", type=float, metavar="S", help="use this rate instead of measuring")
+    key_space.add_argument("--image-size", type=int, metavar="PX", help="image side for per-image keys (default: the model's)")
+    key_space.add_argument("--repeats", type=int, default=5, metavar="N", help="timed tries (median; default 5)")
+    _common(key_space, data=False, key=False)
+    key_space.set_defaults(handler=_key_space)
+
+    random_key = actions.add_parser(
+        "random-key", help="the stolen model with N random wrong keys (paper 000 Fig. 9)",
+        description="mIoU of the stolen model without its key and with N random wrong keys (mean, quartiles, values).",
+    )
+    random_key.add_argument("--n", type=int, default=100, metavar="N", help="wrong keys to try (default 100)")
+    _common(random_key)
+    random_key.set_defaults(handler=_random_key)
+
+    finetune = actions.add_parser(
+        "finetune", help="retrain the stolen weights on a fraction of the data without the key (paper 000 Table IV)",
+        description=(
+            "Retrain the stolen weights as a plain model on plain images of a fraction of the training split "
+            "(SGD, poly schedule, crop and flip), then report mIoU without the key before and after, and the "
+            "owner's mIoU with the key when --key-file/--home is given."
+        ),
+    )
+    finetune.add_argument("--fraction", type=float, required=True, metavar="F",
+                          help="the attacker's share of the training data, e.g. 0.05 or 0.10")
+    _training(finetune)
+    finetune.add_argument("--save", metavar="DIR", help="write the fine-tuned model as a plain artifact")
+    _common(finetune)
+    finetune.set_defaults(handler=_finetune)
+
+    matching = actions.add_parser(
+        "weight-matching", help="recover a CP key by matching weights or activation statistics",
+        description=(
+            "Recover the channel permutation of a cp model with a linear assignment: 'weights' matches the "
+            "consumer layer's weight columns against a reference (--reference: a local weights file or artifact, "
+            "e.g. public pretrained weights; without it, a plain model the attacker trains on --fraction of the "
+            "data); 'activations' matches each producer channel's class profile to each consumer column's class "
+            "sensitivity on --fraction of the data; 'statistics' finds the key under which the consumers' mean "
+            "outputs on --fraction of the data agree with the BatchNorm statistics stored after them. Reports the channels recovered (given the owner's key) and "
+            "the mIoU reached with the recovered key."
+        ),
+    )
+    matching.add_argument("--method", choices=("weights", "activations", "statistics"), default="weights",
+                          help="what to match (default weights)")
+    matching.add_argument("--reference", metavar="PATH",
+                          help="reference weights: a .safetensors/.pth file or an artifact folder")
+    matching.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                          help="the attacker's share of the training data (default 0.1)")
+    _training(matching)
+    _common(matching)
+    matching.set_defaults(handler=_weight_matching)
+
+
+def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = True) -> None:
+    if data:
+        parser.add_argument("--model", required=True, metavar="DIR",
+                            help="the stolen model's artifact folder (or a model name in --home)")
+        parser.add_argument("--data", required=True, metavar="DIR", help="data set (folder format, VOC2012, Cityscapes)")
+    if key:
+        where = parser.add_mutually_exclusive_group()
+        where.add_argument("--key-file", metavar="FILE", help="the owner's key file, to compare against")
+        where.add_argument("--home", metavar="DIR", help="the home whose keystore holds the owner's key")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of wrong keys, the attacker's subset, training")
+    parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
+                        help="write the JSON report to OUT; alone or with '-', print it on stdout")
+    parser.add_argument("--out", metavar="FILE", help="write the JSON report to FILE")
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def _training(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--epochs", type=int, default=30, metavar="E", help="attacker's training epochs (default 30)")
+    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
+    parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (default 0.02)")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 2
+
+
+def resolve(args: argparse.Namespace) -> Any:
+    """Resolve --model (a folder, or a model name in --home) in place; the owner's key or None."""
+    from app.commands.models import key_from_file, key_from_home, resolve_artifact
+    from models import ModelError, read_manifest
+
+    args.model = str(resolve_artifact(args.model, getattr(args, "home", None)))
+    try:
+        manifest = read_manifest(args.model)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    if getattr(args, "key_file", None):
+        return key_from_file(args.key_file, manifest)
+    if getattr(args, "home", None):
+        return key_from_home(args.home, manifest)
+    return None
+
+
+def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
+    """The summary line (stderr when JSON goes to stdout), the JSON on stdout and/or to --out."""
+    text = json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n"
+    targets = [t for t in (args.out, args.json) if t]
+    for target in targets:
+        if target == "-":
+            continue
+        try:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            Path(target).write_text(text, encoding="utf-8")
+        except OSError as exc:
+            raise CLIError(f"cannot write {target}: {exc.strerror}") from None
+    to_stdout = "-" in targets
+    print(summary, file=sys.stderr if to_stdout else sys.stdout)
+    if to_stdout:
+        sys.stdout.write(text)
+    return 0
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _guard(run):
+    """Turn the models part's errors into one-line CLI errors."""
+    from models.errors import ModelError
+
+    try:
+        return run()
+    except (ModelError, FileNotFoundError) as exc:
+        raise CLIError(str(exc)) from None
+
+
+def _key_space(args: argparse.Namespace) -> int:
+    from models.attacks import key_space_attack
+
+    if args.data and not args.model:
+        raise CLIError("--data gives the timed image of --model: give --model too")
+    size = (args.image_size, args.image_size) if args.image_size else None
+    if args.model:
+        from app.commands.models import resolve_artifact
+
+        args.model = str(resolve_artifact(args.model, None))
+    report = _guard(lambda: key_space_attack(args.model, args.data, seconds_per_try=args.seconds_per_try,
+                                             image_size=size, device=args.device, repeats=args.repeats))
+    own = report.get("own")
+    if own is not None:
+        bf = own.get("brute_force") or {}
+        summary = (f"{report['model']} ({own['mode']}): key space 2^{own['seglock_log2']:.1f}; "
+                   f"brute force ~ {bf.get('human', 'not applicable: the model has no key')}")
+    else:
+        summary = f"key spaces of {len(report['entries'])} mode settings"
+    return emit(args, report, summary)
+
+
+def _random_key(args: argparse.Namespace) -> int:
+    from models.attacks import random_key_attack
+
+    if args.n < 1:
+        raise CLIError("--n must be at least 1")
+    key = resolve(args)
+    report = _guard(lambda: random_key_attack(args.model, args.data, n=args.n, key=key, device=args.device,
+                                              seed=args.seed, progress=not args.quiet))
+    stats = next((v for k, v in report["conditions"].items() if k.startswith("random")), {})
+    plain = report["conditions"]["plain"]["mIoU"]
+    if stats.get("applicable", True) and isinstance(stats.get("mIoU"), dict):
+        s = stats["mIoU"]
+        summary = (f"{report['model']}: no key mIoU {plain:.2f}; {args.n} wrong keys mIoU mean {s['mean']:.2f} "
+                   f"(min {s['min']:.2f}, median {s['median']:.2f}, max {s['max']:.2f})")
+    else:
+        summary = f"{report['model']}: no key mIoU {plain:.2f}; {stats.get('reason', 'no key to guess')}"
+    if "correct" in report["conditions"]:
+        summary += f"; owner's key {report['conditions']['correct']['mIoU']:.2f}"
+    return emit(args, report, summary)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from models.attacks import finetune_attack
+
+    key = resolve(args)
+    report = _guard(lambda: finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
+                                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                            device=args.device, seed=args.seed, progress=not args.quiet,
+                                            save_to=args.save))
+    summary = (f"{report['model']}: fine-tuned on {report['attacker_images']} images ({args.fraction * 100:g} %): "
+               f"mIoU without the key {report['before']['mIoU']:.2f} -> {report['after']['mIoU']:.2f}")
+    if report.get("owner"):
+        summary += f"; owner's key {report['owner']['mIoU']:.2f}"
+    return emit(args, report, summary)
+
+
+def _weight_matching(args: argparse.Namespace) -> int:
+    from models.attacks import weight_matching_attack
+
+    if args.method != "weights" and args.reference:
+        raise CLIError(f"--reference applies to --method weights; '{args.method}' matches against the data")
+    key = resolve(args)
+    report = _guard(lambda: weight_matching_attack(
+        args.model, args.data, method=args.method, reference=args.reference, fraction=args.fraction, key=key,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
+        progress=not args.quiet))
+    miou = report["mIoU"]
+    summary = f"{report['model']} tap {report['tap']} ({args.method}): mIoU with the recovered key {miou['recovered']:.2f}"
+    if "fraction_recovered" in report:
+        summary += (f"; {report['channels_recovered']}/{report['channels']} channels recovered"
+                    f" (owner's key {miou['owner']:.2f}, no key {miou['plain']:.2f})")
+    return emit(args, report, summary)
