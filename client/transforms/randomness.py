@@ -38,15 +38,16 @@ def _shuffled_permutations(count: int, n: int, randbytes: RandBytes) -> np.ndarr
     while redraw.size:
         x[redraw] = _random_array(redraw.size, np.dtype(np.uint64), randbytes)
         redraw = redraw[x[redraw] >= limit]
-    perms = np.tile(np.arange(n, dtype=np.int64), (count, 1))
-    rows = np.arange(count)
+    perms = np.tile(np.arange(n, dtype=np.uint8), (count, 1))  # small values: less memory to move
+    flat = perms.reshape(-1)
+    row_start = np.arange(count, dtype=np.int64) * n
     for i in range(n - 1, 0, -1):
-        j = (x % np.uint64(i + 1)).astype(np.int64)
-        x //= np.uint64(i + 1)
+        x, j = np.divmod(x, np.uint64(i + 1))
+        where = row_start + j.astype(np.int64)
         last = perms[:, i].copy()
-        perms[:, i] = perms[rows, j]
-        perms[rows, j] = last
-    return perms
+        perms[:, i] = flat[where]
+        flat[where] = last
+    return perms.astype(np.int64)
 
 
 def _sorted_permutations(count: int, n: int, randbytes: RandBytes) -> np.ndarray:
