@@ -30,7 +30,6 @@ sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
 import platform  # noqa: E402
 import shlex  # noqa: E402
 import shutil  # noqa: E402
@@ -40,6 +39,8 @@ from pathlib import Path  # noqa: E402
 from typing import Any, Callable  # noqa: E402
 
 import torch  # noqa: E402
+
+from models.report import json_ready  # noqa: E402
 
 # Paper 000 Fig. 4: ResNet feature maps 1-6.
 RESNET_TAPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -108,19 +109,9 @@ class Run:
         result = make()
         seconds = time.perf_counter() - started
         self.steps[str(path.relative_to(self.out))] = round(seconds, 1)
-        path.write_text(json.dumps(_finite(result), indent=2, default=str) + "\n")
+        path.write_text(json.dumps(json_ready(result), indent=2, default=str) + "\n")
         self.say(f"{what}: {_headline(result)} ({seconds:.0f} s)")
         return result
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _headline(result: dict[str, Any]) -> str:

@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["Runs", "load_runs", "render_tables", "render_plots", "write_report"]
+__all__ = ["Runs", "json_ready", "load_runs", "render_tables", "render_plots", "write_report"]
 
 ATTACK_KINDS = ("key-space", "random-key", "finetune", "weight-matching")
 BLOCK_METHODS = ("shf", "np", "ffx")
@@ -50,6 +50,17 @@ class Runs:
 
 
 _NOT_RESULTS = ("manifest.json", "classes.json", "splits.json", "tables.json", "settings.json")
+
+
+def json_ready(value: Any) -> Any:
+    """`value` with NaN and infinities as None, so the JSON written is strict (RFC 8259)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
 
 
 def load_runs(folder: str | os.PathLike[str], *, exclude: str | os.PathLike[str] | None = None) -> Runs:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import io
 import os
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
+import pytest
 import torch
 from PIL import Image
 
@@ -82,3 +89,42 @@ def open_keystore(home: Path) -> Keystore:
 
 def master_env() -> dict[str, str]:
     return {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY}
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def live_server(home: Path, *args: str, ready_s: float = 180):
+    """A real `seglock serve` process on loopback with `home`, yielded once /readyz answers 200:
+    {"base", "home", "process", "log"}. Stopped (terminate, then kill) on exit."""
+    port = free_port()
+    env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": "1"}
+    home.parent.mkdir(parents=True, exist_ok=True)
+    log_path = home.parent / "server.log"
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu",
+             *args], stdout=log, stderr=subprocess.STDOUT, env=env)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + ready_s
+            while True:
+                try:
+                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                        break
+                except httpx.TransportError:
+                    pass
+                if process.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail("server did not become ready:\n" + log_path.read_text()[-3000:])
+                time.sleep(0.3)
+            yield {"base": base, "home": home, "process": process, "log": log_path}
+        finally:
+            process.terminate()
+            try:
+                process.wait(30)
+            except subprocess.TimeoutExpired:
+                process.kill()

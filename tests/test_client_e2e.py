@@ -10,11 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import socket
-import subprocess
-import sys
-import time
 
 import httpx
 import numpy as np
@@ -23,56 +18,22 @@ from PIL import Image
 
 from client import SegLockClient
 from client.transforms import BlockKey
+from models import zoo
 from models.data import generate_scene
 from models.data.synth import scene_stem, split_stems
 from models.metrics import confusion_matrix, segmentation_metrics
-from tests.server_fixtures import MASTER_KEY, png_bytes
-
-zoo = pytest.importorskip("models.zoo", reason="the demo models (models/zoo) are not there yet")
-if not all((zoo.zoo_dir() / name / "manifest.json").exists() for name in zoo.DEMO_MODELS):
-    pytest.skip("the demo models (models/zoo) are not there yet", allow_module_level=True)
+from tests.server_fixtures import live_server, png_bytes
 
 # models/zoo/README.md, "Accuracy": `seglock evaluate` with the right key on the val split
 MEASURED_MIOU = {"demo-cp": 40.80, "demo-shf": 42.44, "demo-per-image": 38.66}
 DATA_SEED, DATA_SCENES, DATA_SIZE, VAL_FRACTION = 1, 400, 128, 0.1
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    home = tmp_path_factory.mktemp("client-e2e") / "home"
-    port = free_port()
-    env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": "1"}
-    log_path = home.parent / "server.log"
-    with open(log_path, "wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu"],
-            stdout=log, stderr=subprocess.STDOUT, env=env)
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        try:
-            while True:
-                try:
-                    if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                        break
-                except httpx.TransportError:
-                    pass
-                if process.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("server did not become ready:\n" + log_path.read_text()[-3000:])
-                time.sleep(0.3)
-            token = json.loads((home / "initial-tokens.json").read_text())["client"]
-            yield {"url": base, "token": token}
-        finally:
-            process.terminate()
-            try:
-                process.wait(30)
-            except subprocess.TimeoutExpired:
-                process.kill()
+    with live_server(tmp_path_factory.mktemp("client-e2e") / "home") as server:
+        token = json.loads((server["home"] / "initial-tokens.json").read_text())["client"]
+        yield {"url": server["base"], "token": token}
 
 
 @pytest.fixture(scope="module")

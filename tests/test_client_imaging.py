@@ -19,8 +19,6 @@ from client.imaging import (
     load_rgb,
     mask_image,
     overlay,
-    resize_mask,
-    resize_rgb,
 )
 from tests.server_fixtures import scene as noise
 

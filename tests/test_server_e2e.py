@@ -6,11 +6,9 @@ import asyncio
 import io
 import json
 import os
-import socket
 import stat
 import subprocess
 import sys
-import time
 
 import httpx
 import numpy as np
@@ -18,43 +16,13 @@ import pytest
 from PIL import Image
 
 from models.data import generate_scene
-from tests.server_fixtures import MASTER_KEY, png_bytes
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+from tests.server_fixtures import MASTER_KEY, live_server, png_bytes
 
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    home = tmp_path_factory.mktemp("live") / "home"
-    port = free_port()
-    env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": "1"}
-    log = open(home.parent / "server.log", "wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu"],
-        stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            pytest.fail("server did not become ready:\n" + (home.parent / "server.log").read_text()[-3000:])
-        time.sleep(0.3)
-    yield {"base": base, "home": home, "process": process, "log": home.parent / "server.log"}
-    process.terminate()
-    try:
-        process.wait(30)
-    finally:
-        process.kill() if process.poll() is None else None
-        log.close()
+    with live_server(tmp_path_factory.mktemp("live") / "home") as server:
+        yield server
 
 
 def tokens(live) -> dict:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,7 +140,9 @@ def resolve(args: argparse.Namespace) -> Any:
 
 def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
     """The summary line (stderr when JSON goes to stdout), the JSON on stdout and/or to --out."""
-    text = json.dumps(_finite(report), indent=2, allow_nan=False, default=str) + "\n"
+    from models.report import json_ready
+
+    text = json.dumps(json_ready(report), indent=2, allow_nan=False, default=str) + "\n"
     targets = [t for t in (args.out, args.json) if t]
     for target in targets:
         if target == "-":
@@ -156,16 +157,6 @@ def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
     if to_stdout:
         sys.stdout.write(text)
     return 0
-
-
-def _finite(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    return value
 
 
 def _guard(run):
