@@ -34,12 +34,13 @@ WORKDIR /src
 # Torch first, from its own index when one is given, so the project's `torch>=…` is already met
 # and PyPI's (CUDA) build is never pulled in beside it. Its own layer: the slowest, changed least.
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" "torch>=2.2,<3" "torchvision>=0.17"; \
+        pip install --index-url "$TORCH_INDEX_URL" "torch>=2.6,<3" "torchvision>=0.21"; \
     fi
 
-# Then the rest of the dependencies, read from pyproject.toml, so a code change keeps this layer.
+# Then the rest of the dependencies (the SDK's and the `server` extra's), read from pyproject.toml,
+# so a code change keeps this layer.
 COPY pyproject.toml README.md ./
-RUN python3 -c 'import tomllib; print("\n".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["dependencies"]))' \
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 

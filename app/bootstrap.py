@@ -16,9 +16,9 @@ from pathlib import Path
 
 import filelock
 
-from app.registry import BLOCK_MODES, import_artifact, models_dir
-from keystore import Keystore
-from models import read_manifest
+from seglock.app.registry import BLOCK_MODES, import_artifact, models_dir
+from seglock.keystore import Keystore
+from seglock.models import read_manifest
 
 log = logging.getLogger("seglock.bootstrap")
 
@@ -38,8 +38,8 @@ def needs_first_start(home: Path) -> bool:
 
 def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
     """Import every bundled demo model; returns their names."""
-    from models.keyfile import read_key_file
-    from models.zoo import DEMO_MODELS, zoo_dir
+    from seglock.models.keyfile import read_key_file
+    from seglock.models.zoo import DEMO_MODELS, zoo_dir
 
     imported = []
     for name in DEMO_MODELS:

@@ -14,16 +14,16 @@ from typing import Sequence
 
 # Command groups, in the order `seglock --help` lists them.
 COMMAND_MODULES = (
-    "app.commands.serve",
-    "app.commands.demo",
-    "app.commands.data",
-    "app.commands.tokens",
-    "app.commands.keystore",
-    "app.commands.train",
-    "app.commands.models",
-    "app.commands.evaluate",
-    "app.commands.attack",
-    "app.commands.report",
+    "seglock.app.commands.serve",
+    "seglock.app.commands.demo",
+    "seglock.app.commands.data",
+    "seglock.app.commands.tokens",
+    "seglock.app.commands.keystore",
+    "seglock.app.commands.train",
+    "seglock.app.commands.models",
+    "seglock.app.commands.evaluate",
+    "seglock.app.commands.attack",
+    "seglock.app.commands.report",
 )
 
 
@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="seglock",
         description="Serve, protect, train and evaluate key-protected segmentation models.",
     )
-    from app import __version__
+    from seglock.app import __version__
 
     parser.add_argument("--version", action="version", version=f"seglock {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -45,8 +45,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# What a bare `pip install seglock` (the SDK alone) lacks for the server-side commands.
+SERVER_EXTRA_MODULES = ("torch", "torchvision", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings",
+                        "cryptography", "safetensors", "filelock", "prometheus_client", "tqdm", "multipart")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except ModuleNotFoundError as exc:
+        if (exc.name or "").split(".")[0] not in SERVER_EXTRA_MODULES:
+            raise
+        print(f"seglock: error: the server commands need {exc.name!r}: pip install 'seglock[server]'",
+              file=sys.stderr)
+        return 2
     args = parser.parse_args(argv)
     handler = getattr(args, "handler", None)
     if handler is None:

@@ -10,11 +10,11 @@ import json
 import numpy as np
 import torch
 
-from app.errors import conflict, unprocessable, unsupported_media
-from app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
-from app.registry import BLOCK_MODES, HostedModel
-from client.transforms import encrypt_blocks, encrypt_per_image
-from client.transforms.ffx import FFX_MAX
+from seglock.app.errors import conflict, unprocessable, unsupported_media
+from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
+from seglock.app.registry import BLOCK_MODES, HostedModel
+from seglock.client.transforms import encrypt_blocks, encrypt_per_image
+from seglock.client.transforms.ffx import FFX_MAX
 
 INPUT_ENCRYPTED_MODES = BLOCK_MODES + ("per-image",)
 

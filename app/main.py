@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app(settings)` wires keystore, registry, engine and routes.
 
-`seglock serve` runs it under uvicorn; `--workers N` imports `app.main:create_app` as a factory
+`seglock serve` runs it under uvicorn; `--workers N` imports `seglock.app.main:create_app` as a factory
 in each worker, with the settings passed through `SEGLOCK_*` variables.
 """
 
@@ -14,18 +14,18 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from app import __version__
-from app.bootstrap import first_start
-from app.engine import resolve_device
-from app.errors import error_response, install_error_handlers
-from app.middleware import RequestMiddleware
-from app.observability import Metrics
-from app.ratelimit import RateLimiter
-from app.registry import Registry, RegistryError
-from app.routes import admin, health, segment
-from app.settings import Settings
-from keystore import Keystore
-from keystore.errors import KeystoreError
+from seglock.app import __version__
+from seglock.app.bootstrap import first_start
+from seglock.app.engine import resolve_device
+from seglock.app.errors import error_response, install_error_handlers
+from seglock.app.middleware import RequestMiddleware
+from seglock.app.observability import Metrics
+from seglock.app.ratelimit import RateLimiter
+from seglock.app.registry import Registry, RegistryError
+from seglock.app.routes import admin, health, segment
+from seglock.app.settings import Settings
+from seglock.keystore import Keystore
+from seglock.keystore.errors import KeystoreError
 
 log = logging.getLogger("seglock.app")
 

@@ -12,7 +12,7 @@ import time
 
 from starlette.exceptions import HTTPException
 
-from app.observability import Metrics, access_log
+from seglock.app.observability import Metrics, access_log
 
 REQUEST_ID_HEADER = b"x-request-id"
 

@@ -23,14 +23,14 @@ from typing import Any
 import filelock
 import torch
 
-from app.engine import DynamicBatcher, ModelRunner
-from app.observability import Metrics
-from app.settings import Settings
-from client.transforms import BlockKey
-from keystore import Keystore
-from keystore.errors import KeystoreError
-from models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
-from models.inputs import model_input
+from seglock.app.engine import DynamicBatcher, ModelRunner
+from seglock.app.observability import Metrics
+from seglock.app.settings import Settings
+from seglock.client.transforms import BlockKey
+from seglock.keystore import Keystore
+from seglock.keystore.errors import KeystoreError
+from seglock.models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
+from seglock.models.inputs import model_input
 
 log = logging.getLogger("seglock.registry")
 

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from fastapi import Request
 
-from app.errors import forbidden, rate_limited, unauthorized
-from app.ratelimit import retry_after_header
-from keystore.tokens import Grant
+from seglock.app.errors import forbidden, rate_limited, unauthorized
+from seglock.app.ratelimit import retry_after_header
+from seglock.keystore.tokens import Grant
 
 Principal = Grant
 

@@ -15,23 +15,21 @@ import os
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"  # one core, set before numpy loads its thread pool
 
-import argparse  # noqa: E402
-import io  # noqa: E402
-import json  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import io
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Callable
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
+import httpx
+import numpy as np
+from PIL import Image
 
-import httpx  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from client import imaging  # noqa: E402
-from client.sdk import ModelInfo, _encrypted_upload, _mask_from, _model_array, _plain_upload  # noqa: E402
-from client.transforms import BlockKey, encrypt_blocks, encrypt_per_image  # noqa: E402
+from seglock.client import imaging
+from seglock.client.sdk import ModelInfo, _encrypted_upload, _mask_from, _model_array, _plain_upload
+from seglock.client.transforms import BlockKey, encrypt_blocks, encrypt_per_image
 
 TARGET_MS = 5.0
 MODES = ("none", "cp", "shf", "np", "ffx", "per-image")

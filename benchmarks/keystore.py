@@ -14,10 +14,6 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, sys.path[0] is this folder, whose file names (keystore.py, client.py) would
-# shadow seglock's packages: put the repository root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"
 
@@ -30,7 +26,7 @@ import tempfile  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from keystore import Keystore  # noqa: E402
+from seglock.keystore import Keystore  # noqa: E402
 
 VERIFY_TARGET_US = 50.0
 WRITE_TARGET_MS = 100.0

@@ -3,7 +3,7 @@
     python benchmarks/reproduce.py --quick [--out runs/quick]              # synthetic data, tiny, 2 CPU cores
     python benchmarks/reproduce.py --data /data/VOCdevkit --out runs/paper  # VOC2012, DeepLabv3-ResNet50, GPU
 
-Steps (each writes JSON into OUT, then `models.report.write_report(OUT, OUT/report)` lays them out):
+Steps (each writes JSON into OUT, then `seglock.models.report.write_report(OUT, OUT/report)` lays them out):
   1. data      --quick: synthetic scenes (`seglock data synth`); otherwise the data set given
   2. baseline  a plain model: mIoU with plain images
   3. cp        CP trained in the loop at every tap (paper 000 Table II), and the baseline protected post hoc
@@ -24,23 +24,19 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, sys.path[0] is this folder, whose file names (keystore.py, ...) would shadow
-# seglock's packages: put the repository root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+import argparse
+import json
+import platform
+import shlex
+import shutil
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable
 
-import argparse  # noqa: E402
-import json  # noqa: E402
-import platform  # noqa: E402
-import shlex  # noqa: E402
-import shutil  # noqa: E402
-import time  # noqa: E402
-from dataclasses import asdict, dataclass, field, replace  # noqa: E402
-from pathlib import Path  # noqa: E402
-from typing import Any, Callable  # noqa: E402
+import torch
 
-import torch  # noqa: E402
-
-from models.report import json_ready  # noqa: E402
+from seglock.models.report import json_ready
 
 # Paper 000 Fig. 4: ResNet feature maps 1-6.
 RESNET_TAPS = ("stem", "layer1", "layer2", "layer3", "layer4", "head")
@@ -144,7 +140,7 @@ def make_data(run: Run) -> str:
     s = run.settings
     if s.data is not None:
         return s.data
-    from models.data import write_synth_dataset
+    from seglock.models.data import write_synth_dataset
 
     folder = run.out / "data"
     if not (folder / "splits.json").is_file():
@@ -156,7 +152,7 @@ def make_data(run: Run) -> str:
 def train_model(run: Run, data: str, name: str, *, protect: str = "none", tap: str | None = None,
                 block_size: int | None = None, sub_block: int | None = None, arch: str | None = None) -> tuple[Path, Path | None]:
     """(artifact folder, key file or None); trains only if the artifact is not there yet."""
-    from models.train import TrainConfig, train
+    from seglock.models.train import TrainConfig, train
 
     s = run.settings
     out = run.out / "models" / name
@@ -183,8 +179,8 @@ def train_model(run: Run, data: str, name: str, *, protect: str = "none", tap: s
 
 def protect_post_hoc(run: Run, baseline: Path, tap: str) -> tuple[Path, Path]:
     """The baseline protected at `tap` with a fresh key: `seglock models protect`, without a keystore."""
-    from models import load_artifact, protect, save_artifact
-    from models.keyfile import write_key_file
+    from seglock.models import load_artifact, protect, save_artifact
+    from seglock.models.keyfile import write_key_file
 
     name = f"cp-posthoc-{tap}"
     out = run.out / "models" / name
@@ -203,8 +199,8 @@ def protect_post_hoc(run: Run, baseline: Path, tap: str) -> tuple[Path, Path]:
 
 def evaluate(run: Run, data: str, model: Path, key_file: Path | None, conditions: list[str],
              **extra: Any) -> dict[str, Any]:
-    from models.evaluate import evaluate_conditions
-    from models.keyfile import read_key_file
+    from seglock.models.evaluate import evaluate_conditions
+    from seglock.models.keyfile import read_key_file
 
     key = read_key_file(key_file).key if key_file is not None else None
     result = evaluate_conditions(model, data, key=key, conditions=conditions, device=run.settings.device,
@@ -216,9 +212,9 @@ def majority_floor(data: str, size: int) -> dict[str, Any]:
     """The mIoU of predicting the evaluation split's most frequent class everywhere: a model with no function."""
     import numpy as np
 
-    from models.data import detect_format, open_dataset
-    from models.evaluate import DEFAULT_SPLITS
-    from models.metrics import MetricAccumulator
+    from seglock.models.data import detect_format, open_dataset
+    from seglock.models.evaluate import DEFAULT_SPLITS
+    from seglock.models.metrics import MetricAccumulator
 
     kind = detect_format(data)
     dataset = open_dataset(data, DEFAULT_SPLITS[kind], kind=kind, size=size)
@@ -298,11 +294,11 @@ def best_cp(run: Run) -> str:
 
 
 def attacks(run: Run, data: str, cp_models: dict[str, tuple[Path, Path]], baseline: Path) -> None:
-    from models.attacks import finetune_attack, key_space_attack, random_key_attack, weight_matching_attack
-    from models.attacks.weight_matching import train_reference
-    from models.errors import ModelError
-    from models.keyfile import read_key_file
-    from models.artifact import read_manifest
+    from seglock.models.attacks import finetune_attack, key_space_attack, random_key_attack, weight_matching_attack
+    from seglock.models.attacks.weight_matching import train_reference
+    from seglock.models.errors import ModelError
+    from seglock.models.keyfile import read_key_file
+    from seglock.models.artifact import read_manifest
     from safetensors.torch import save_file
 
     s = run.settings
@@ -363,7 +359,7 @@ def _labelled(result: dict[str, Any], *, variant: str, label: str | None) -> dic
 
 
 def _device(s: Settings) -> str:
-    from models.train import resolve_device
+    from seglock.models.train import resolve_device
 
     return str(resolve_device(s.device))
 
@@ -440,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
         "steps": run.steps,
     }
     (out / "run.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    from models.report import write_report
+    from seglock.models.report import write_report
 
     written = write_report(out, out / "report")
     run.say(f"done in {wall / 60:.1f} min; report: {written['report']} ({len(written['tables'])} tables, "

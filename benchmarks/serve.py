@@ -13,10 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, sys.path[0] is this folder, whose file names (keystore.py, client.py) would
-# shadow seglock's packages: put the repository root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 import argparse
 import asyncio
 import base64
@@ -35,13 +31,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from app.engine import resolve_device
-from app.registry import import_artifact
-from keystore import Keystore
-from models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
-from models.artifact import IMAGENET_NORMALIZATION
-from models.data import generate_scene
-from models.inputs import scaled_input
+from seglock.app.engine import resolve_device
+from seglock.app.registry import import_artifact
+from seglock.keystore import Keystore
+from seglock.models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
+from seglock.models.artifact import IMAGENET_NORMALIZATION
+from seglock.models.data import generate_scene
+from seglock.models.inputs import scaled_input
 
 TAPS = {"tiny": "dec2", "vit_seg": "head", "lraspp_mobilenet_v3_large": "features16"}
 
@@ -163,7 +159,7 @@ def main() -> int:
     data = buffer.getvalue()
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--home", str(home), "--port", str(port), "--no-demo",
+        [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port), "--no-demo",
          "--device", str(device), "--max-batch", str(args.max_batch), "--max-wait-ms", "10",
          "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"

@@ -13,10 +13,6 @@ from __future__ import annotations
 import os
 import sys
 
-# Run as a script, sys.path[0] is this folder, whose file names (keystore.py, client.py) would
-# shadow seglock's packages: put the repository root there instead.
-sys.path[0] = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"  # one core, set before numpy and torch load their thread pools
 
@@ -29,7 +25,7 @@ import numpy as np  # noqa: E402
 import pyffx  # noqa: E402
 import torch  # noqa: E402
 
-from client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, encrypt_per_image  # noqa: E402
+from seglock.client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, encrypt_per_image  # noqa: E402
 
 BUDGET_MS = {"shf": 1.0, "np": 1.0, "ffx": 1.0, "per-image": 5.0}
 

@@ -1,11 +1,11 @@
 """seglock's client side: the HTTP SDK, the `seglock-client` command, and the block transforms.
 
-    from client import SegLockClient
+    from seglock.client import SegLockClient
     with SegLockClient("http://127.0.0.1:8000", token) as client:
         mask = client.segment("photo.jpg", "demo-shf")     # HxW uint8 class indices
 
 Imports only numpy, Pillow, httpx (and pyffx for FFX tables): never torch or the server.
-The SDK names load on first use, so `import client.transforms` (training, the server) does
+The SDK names load on first use, so `import seglock.client.transforms` (training, the server) does
 not pay for httpx.
 """
 
@@ -15,26 +15,26 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "SegLockClient": "client.sdk",
-    "AsyncSegLockClient": "client.sdk",
-    "ModelInfo": "client.sdk",
-    "RetryPolicy": "client.sdk",
-    "SegLockError": "client.errors",
-    "AuthenticationError": "client.errors",
-    "PermissionDenied": "client.errors",
-    "ModelNotFound": "client.errors",
-    "KeyVersionConflict": "client.errors",
-    "InvalidInput": "client.errors",
-    "Overloaded": "client.errors",
-    "RateLimited": "client.errors",
-    "ServerError": "client.errors",
-    "ConnectionFailed": "client.errors",
+    "SegLockClient": "seglock.client.sdk",
+    "AsyncSegLockClient": "seglock.client.sdk",
+    "ModelInfo": "seglock.client.sdk",
+    "RetryPolicy": "seglock.client.sdk",
+    "SegLockError": "seglock.client.errors",
+    "AuthenticationError": "seglock.client.errors",
+    "PermissionDenied": "seglock.client.errors",
+    "ModelNotFound": "seglock.client.errors",
+    "KeyVersionConflict": "seglock.client.errors",
+    "InvalidInput": "seglock.client.errors",
+    "Overloaded": "seglock.client.errors",
+    "RateLimited": "seglock.client.errors",
+    "ServerError": "seglock.client.errors",
+    "ConnectionFailed": "seglock.client.errors",
 }
 
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:
-    from client.errors import (
+    from seglock.client.errors import (
         AuthenticationError,
         ConnectionFailed,
         InvalidInput,
@@ -46,7 +46,7 @@ if TYPE_CHECKING:
         SegLockError,
         ServerError,
     )
-    from client.sdk import AsyncSegLockClient, ModelInfo, RetryPolicy, SegLockClient
+    from seglock.client.sdk import AsyncSegLockClient, ModelInfo, RetryPolicy, SegLockClient
 
 
 def __getattr__(name: str) -> Any:

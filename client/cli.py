@@ -23,9 +23,9 @@ from typing import Any, Sequence, TextIO
 import numpy as np
 from PIL import Image
 
-from client import imaging
-from client.errors import AuthenticationError, InvalidInput, ModelNotFound, PermissionDenied, SegLockError
-from client.sdk import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, TOKEN_ENV, ModelInfo, SegLockClient
+from seglock.client import imaging
+from seglock.client.errors import AuthenticationError, InvalidInput, ModelNotFound, PermissionDenied, SegLockError
+from seglock.client.sdk import DEFAULT_CONCURRENCY, DEFAULT_TIMEOUT, TOKEN_ENV, ModelInfo, SegLockClient
 
 PROG = "seglock-client"
 URL_ENV = "SEGLOCK_URL"

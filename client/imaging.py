@@ -16,7 +16,7 @@ from typing import IO, Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from client.errors import InvalidInput, ServerError
+from seglock.client.errors import InvalidInput, ServerError
 
 ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, IO[bytes]]
 

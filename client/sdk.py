@@ -30,8 +30,8 @@ from urllib.parse import quote
 import httpx
 import numpy as np
 
-from client import imaging
-from client.errors import (
+from seglock.client import imaging
+from seglock.client.errors import (
     RETRYABLE_STATUSES,
     AuthenticationError,
     ConnectionFailed,
@@ -42,8 +42,8 @@ from client.errors import (
     ServerError,
     error_for_status,
 )
-from client.imaging import ImageInput
-from client.transforms import BlockKey, TransformError, encrypt_blocks, encrypt_per_image
+from seglock.client.imaging import ImageInput
+from seglock.client.transforms import BlockKey, TransformError, encrypt_blocks, encrypt_per_image
 
 PLAIN_MODES = ("none", "cp")
 BLOCK_MODES = ("shf", "np", "ffx")

@@ -232,7 +232,7 @@ pass "read the initial admin and client tokens from the home volume"
 in_server python -c '
 import io, sys
 from PIL import Image
-from models.data.synth import generate_scene
+from seglock.models.data.synth import generate_scene
 image, _ = generate_scene(seed=7, index=0, size=128)
 buffer = io.BytesIO()
 Image.fromarray(image).save(buffer, format="PNG")
@@ -269,7 +269,7 @@ in_server python -c '
 import base64, io, sys
 import numpy as np
 from PIL import Image
-from models.data.synth import generate_scene
+from seglock.models.data.synth import generate_scene
 _, truth = generate_scene(seed=7, index=0, size=128)
 cp, plain = (np.asarray(Image.open(io.BytesIO(base64.b64decode(a)))) for a in sys.argv[1:3])
 accuracy, agreement = float((cp == truth).mean()), float((cp == plain).mean())

@@ -1,8 +1,8 @@
 """seglock's encrypted keystore: model keys with versions, hashed API tokens with grants, audit log.
 
-One file, `HOME/keystore.json` (0600): an AES-256-GCM envelope (see `keystore.envelope`) under a
+One file, `HOME/keystore.json` (0600): an AES-256-GCM envelope (see `seglock.keystore.envelope`) under a
 master key from `SEGLOCK_MASTER_KEY(_FILE)`, `SEGLOCK_MASTER_PASSPHRASE(_FILE)` (scrypt), or a
-developer's `HOME/master.key` (see `keystore.master`). Imports cryptography, filelock, stdlib only.
+developer's `HOME/master.key` (see `seglock.keystore.master`). Imports cryptography, filelock, stdlib only.
 
 Opening::
 
@@ -49,13 +49,13 @@ actor=..., detail=...)` adds one (outcome "ok" | "denied" | "error"); `ks.audit_
 
 Master key: `ks.change_master_key(MasterKey | None, scrypt=None)` re-encrypts atomically.
 `ks.status()` is a JSON-ready summary. Errors: `KeystoreError` and the subclasses in
-`keystore.errors`; `.user_error` marks the caller's to fix. A failed open never writes the file.
+`seglock.keystore.errors`; `.user_error` marks the caller's to fix. A failed open never writes the file.
 Records' reprs never show material, secrets or hashes. Operators should back up keystore.json
 and its master key separately; a backup keeps material destroyed after it was taken.
 """
 
-from keystore.audit import AuditEntry
-from keystore.errors import (
+from seglock.keystore.audit import AuditEntry
+from seglock.keystore.errors import (
     InvalidRecord,
     KeyStateError,
     KeystoreCorrupt,
@@ -71,10 +71,10 @@ from keystore.errors import (
     UnsupportedFormatVersion,
     WrongMasterKey,
 )
-from keystore.master import MasterKey, ScryptParams, master_key_from_env
-from keystore.model_keys import KeyVersion
-from keystore.store import KEYSTORE_FILENAME, Keystore
-from keystore.tokens import SCOPES, Grant, TokenCheck, TokenRecord
+from seglock.keystore.master import MasterKey, ScryptParams, master_key_from_env
+from seglock.keystore.model_keys import KeyVersion
+from seglock.keystore.store import KEYSTORE_FILENAME, Keystore
+from seglock.keystore.tokens import SCOPES, Grant, TokenCheck, TokenRecord
 
 __all__ = [
     "AuditEntry",

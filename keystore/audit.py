@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
-from keystore.errors import InvalidRecord
+from seglock.keystore.errors import InvalidRecord
 
 OUTCOMES = ("ok", "denied", "error")
 MAX_FIELD = 500

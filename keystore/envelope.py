@@ -30,7 +30,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from keystore.errors import (
+from seglock.keystore.errors import (
     KeystoreCorrupt,
     KeystoreTampered,
     KeystoreTruncated,
@@ -38,7 +38,7 @@ from keystore.errors import (
     UnsupportedFormatVersion,
     WrongMasterKey,
 )
-from keystore.master import ScryptParams
+from seglock.keystore.master import ScryptParams
 
 FORMAT = "seglock-keystore"
 FORMAT_VERSION = 1

@@ -20,8 +20,8 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from keystore import fsio
-from keystore.errors import MasterKeyError, WrongMasterKey
+from seglock.keystore import fsio
+from seglock.keystore.errors import MasterKeyError, WrongMasterKey
 
 log = logging.getLogger("seglock.keystore")
 

@@ -1,7 +1,7 @@
 """Model keys: per model, a list of versions, each pending -> active -> retiring -> destroyed.
 
-Kinds: "cp" (channel permutation, paper 000; material `models.protect.CPKey.to_dict()`) and
-"block" (shf/np/ffx, paper 001; material `client.transforms.BlockKey.to_dict()`: method,
+Kinds: "cp" (channel permutation, paper 000; material `seglock.models.protect.CPKey.to_dict()`) and
+"block" (shf/np/ffx, paper 001; material `seglock.client.transforms.BlockKey.to_dict()`: method,
 block size, permutation, FFX password). Per-image models (paper 003) have no stored key.
 A destroyed version keeps its metadata (so version numbers are never reused) but not its material.
 """
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
-from keystore.errors import InvalidRecord
+from seglock.keystore.errors import InvalidRecord
 
 KINDS = ("cp", "block")
 STATES = ("pending", "active", "retiring", "destroyed")

@@ -23,9 +23,9 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import filelock
 
-from keystore import envelope, fsio
-from keystore.audit import AuditEntry, make_entry
-from keystore.errors import (
+from seglock.keystore import envelope, fsio
+from seglock.keystore.audit import AuditEntry, make_entry
+from seglock.keystore.errors import (
     InvalidRecord,
     KeyStateError,
     KeystoreCorrupt,
@@ -38,15 +38,15 @@ from keystore.errors import (
     TokenNotFound,
     WrongMasterKey,
 )
-from keystore.master import (
+from seglock.keystore.master import (
     MASTER_KEY_FILENAME,
     MasterKey,
     ScryptParams,
     read_master_key_file,
     resolve_master_key,
 )
-from keystore.model_keys import KeyVersion, checked_material, new_key_id
-from keystore.tokens import (
+from seglock.keystore.model_keys import KeyVersion, checked_material, new_key_id
+from seglock.keystore.tokens import (
     describe_token_id,
     SCOPES,
     TokenCheck,

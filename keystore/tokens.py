@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any, Collection, Iterable
 
-from keystore.errors import InvalidRecord
+from seglock.keystore.errors import InvalidRecord
 
 SCOPES = ("segment", "admin")
 ALL_MODELS = "*"

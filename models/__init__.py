@@ -6,15 +6,15 @@
     serving = fold_key(model, "layer4", new_key)                 # a plain copy with the key inside
     keyed = apply_key(model, "layer4", new_key)                  # CP at the tap in forward (training, attacks)
 
-`models.taps` and `models.protect` here are the functions of those names; import the rest of those
-modules with `from models.taps import Tap` and `from models.protect import CPKey`.
+`seglock.models.taps` and `seglock.models.protect` here are the functions of those names; import the rest of those
+modules with `from seglock.models.taps import Tap` and `from seglock.models.protect import CPKey`.
 """
 
-from models.architectures import build_model, list_architectures
-from models.artifact import KeyRef, Manifest, load_artifact, read_manifest, save_artifact
-from models.errors import ArtifactError, ModelError
-from models.protect import CPKey, KeyedModel, apply_key, fold_key, protect, rekey, rekey_state_dict
-from models.taps import Tap, get_tap, taps
+from seglock.models.architectures import build_model, list_architectures
+from seglock.models.artifact import KeyRef, Manifest, load_artifact, read_manifest, save_artifact
+from seglock.models.errors import ArtifactError, ModelError
+from seglock.models.protect import CPKey, KeyedModel, apply_key, fold_key, protect, rekey, rekey_state_dict
+from seglock.models.taps import Tap, get_tap, taps
 
 __all__ = [
     "ArtifactError",

@@ -43,10 +43,10 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from models.architectures import build_model, list_architectures
-from models.architectures.weights import load_state_exactly
-from models.errors import ArtifactError, ModelError
-from models.taps import get_tap
+from seglock.models.architectures import build_model, list_architectures
+from seglock.models.architectures.weights import load_state_exactly
+from seglock.models.errors import ArtifactError, ModelError
+from seglock.models.taps import get_tap
 
 __all__ = [
     "FORMAT_VERSION",

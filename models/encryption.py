@@ -1,6 +1,6 @@
 """Block-wise (paper 001) and per-image (paper 003) input encryption of training batches, in torch.
 
-The key -> index maths is written once, in `client.transforms` (`BlockKey.gather_index`,
+The key -> index maths is written once, in `seglock.client.transforms` (`BlockKey.gather_index`,
 `.selection_mask`, `.ffx_table`, `PerImageKey.gather_index`); this module only applies those
 indices with torch, on whatever device the batch lives on, and gives exactly the SDK's values.
 
@@ -22,10 +22,10 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from client.transforms import CHANNELS, PER_IMAGE, BlockKey, PerImageKey, TransformError, input_scale
-from client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
-from client.transforms.per_image import DEFAULT_BLOCK_SIZE, DEFAULT_SUB_BLOCK, check_geometry
-from client.transforms.randomness import RandBytes
+from seglock.client.transforms import CHANNELS, PER_IMAGE, BlockKey, PerImageKey, TransformError, input_scale
+from seglock.client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
+from seglock.client.transforms.per_image import DEFAULT_BLOCK_SIZE, DEFAULT_SUB_BLOCK, check_geometry
+from seglock.client.transforms.randomness import RandBytes
 
 __all__ = [
     "BlockEncryption",

@@ -9,7 +9,7 @@ Conditions (paper 000 section IV-B and Fig. 9; paper 001 Table 1):
     random:N   N wrong keys drawn like real ones: random permutations of the tap's channels (cp),
                `BlockKey.generate` with the model's method and block size (shf/np/ffx); keyless
                modes (none, per-image) have no key to guess
-Metrics are `models.metrics` on the argmax predictions at the model's input size: aAcc, mIoU,
+Metrics are `seglock.models.metrics` on the argmax predictions at the model's input size: aAcc, mIoU,
 mAcc (percent) and per-class IoU and Acc. Wrong keys and per-image keys come from a generator
 seeded by `seed`, so a report can be made again; a wrong key equal to the model's is redrawn.
 """
@@ -28,15 +28,15 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.transforms import BlockKey
-from models.artifact import Manifest, load_artifact
-from models.data import DatasetError, detect_format, open_dataset
-from models.errors import ModelError
-from models.inputs import BLOCK_MODES, model_input
-from models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
-from models.metrics import MetricAccumulator
-from models.protect import CPKey, fold_key
-from models.train import resolve_device
+from seglock.client.transforms import BlockKey
+from seglock.models.artifact import Manifest, load_artifact
+from seglock.models.data import DatasetError, detect_format, open_dataset
+from seglock.models.errors import ModelError
+from seglock.models.inputs import BLOCK_MODES, model_input
+from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
+from seglock.models.metrics import MetricAccumulator
+from seglock.models.protect import CPKey, fold_key
+from seglock.models.train import resolve_device
 
 __all__ = [
     "CONDITIONS",
@@ -152,7 +152,7 @@ def evaluate_model(
     batch_size: int = 8,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """aAcc, mIoU, mAcc, per-class IoU/Acc (`models.metrics`) of `model` under one condition.
+    """aAcc, mIoU, mAcc, per-class IoU/Acc (`seglock.models.metrics`) of `model` under one condition.
 
     condition: "correct" (with the model's `key`), "plain" (no key), or "wrong" (with `key`, a
     key that is not the model's; the same computation as "correct", named for what it is).

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from client.transforms import BlockKey
-from models.encryption import encrypt_blocks_torch, encrypt_per_image_torch, to_model_input
+from seglock.client.transforms import BlockKey
+from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch, to_model_input
 
 BLOCK_MODES = ("shf", "np", "ffx")
 

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from client.transforms import BlockKey, TransformError
-from models.errors import ModelError
-from models.protect import CPKey
+from seglock.client.transforms import BlockKey, TransformError
+from seglock.models.errors import ModelError
+from seglock.models.protect import CPKey
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "KeyFile", "KeyFileError", "key_kind", "read_key_file", "write_key_file"]
 

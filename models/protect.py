@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.errors import ModelError
-from models.taps import Tap, get_tap
+from seglock.models.errors import ModelError
+from seglock.models.taps import Tap, get_tap
 
 __all__ = [
     "CPKey",

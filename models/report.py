@@ -1,14 +1,14 @@
 """Reports: the JSON results of a runs folder laid out as the papers' tables, and PNG plots.
 
 A runs folder holds JSON files (any depth). Each is recognised by its content:
-- an evaluation (`seglock evaluate --json`, `models.evaluate.evaluate_conditions`): "conditions" and
+- an evaluation (`seglock evaluate --json`, `seglock.models.evaluate.evaluate_conditions`): "conditions" and
   "protection"; an optional "variant" ("trained" or "posthoc") says how a cp model got its key;
 - an attack (`seglock attack ... --out`): "kind" = "key-space", "random-key", "finetune" or "weight-matching";
 - a run summary (`benchmarks/reproduce.py`): "kind" = "run" (command, settings, wall time);
 - the data's floor: "kind" = "floor", the mIoU of predicting the most frequent class everywhere,
   which is what a model that has lost all function scores (about 3.5 on VOC2012's 21 classes).
 
-Tables (mIoU in percent, as `models.metrics` gives it; paper 001 prints fractions):
+Tables (mIoU in percent, as `seglock.models.metrics` gives it; paper 001 prints fractions):
 - Table II of paper 000 (000_03ca646f856607f9.txt): cp per tap, correct key vs no key (+ wrong keys),
   trained with CP and protected post hoc, and the baseline;
 - Table III of paper 000: SHF per block size, correct vs no key;
@@ -180,8 +180,8 @@ def _cp_by_tap(runs: Runs) -> dict[str, dict[str, Mapping[str, Any]]]:
 def _tap_order(architecture: str | None) -> list[str]:
     """The architecture's taps from input to output (an empty list where it cannot be built)."""
     try:
-        from models.architectures import build_model
-        from models.taps import taps
+        from seglock.models.architectures import build_model
+        from seglock.models.taps import taps
 
         return list(taps(build_model(architecture, 2)))
     except Exception:  # an unknown or unbuildable architecture: keep the order the files gave

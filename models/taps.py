@@ -33,8 +33,8 @@ from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 from torchvision.models.segmentation.fcn import FCNHead
 from torchvision.models.segmentation.lraspp import LRASPPHead
 
-from models.architectures import get_architecture
-from models.errors import ModelError
+from seglock.models.architectures import get_architecture
+from seglock.models.errors import ModelError
 
 __all__ = ["Tap", "get_tap", "taps"]
 

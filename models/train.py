@@ -12,7 +12,7 @@ Where the key acts:
   loop), so its saved weights need the key at the tap.
 - `shf`, `np`, `ffx`: every batch is encrypted with the one block key after augmentation.
 - `per-image`: every image of every batch is encrypted with fresh keys (paper 003).
-Then `models.inputs.scaled_input` divides by the mode's input scale and normalises.
+Then `seglock.models.inputs.scaled_input` divides by the mode's input scale and normalises.
 
 `fit` is the loop on datasets and a model; `train` is the whole command: data, model, key,
 `fit`, key storage (keystore or 0600 key file), artifact. A run checkpoints after every epoch
@@ -40,20 +40,20 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from client.transforms import BlockKey
-from client.transforms.errors import TransformError
-from client.transforms.geometry import check_divisible
-from client.transforms.per_image import check_geometry
-from models.architectures import build_model
-from models.artifact import IMAGENET_NORMALIZATION, KeyRef, Manifest, save_artifact
-from models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
-from models.data.folder import FolderDataset
-from models.errors import ModelError
-from models.inputs import BLOCK_MODES, encrypt_for_mode, scaled_input
-from models.keyfile import KeyFileError, read_key_file, write_key_file
-from models.metrics import IGNORE_INDEX, MetricAccumulator
-from models.protect import CPKey, apply_key
-from models.taps import get_tap
+from seglock.client.transforms import BlockKey
+from seglock.client.transforms.errors import TransformError
+from seglock.client.transforms.geometry import check_divisible
+from seglock.client.transforms.per_image import check_geometry
+from seglock.models.architectures import build_model
+from seglock.models.artifact import IMAGENET_NORMALIZATION, KeyRef, Manifest, save_artifact
+from seglock.models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
+from seglock.models.data.folder import FolderDataset
+from seglock.models.errors import ModelError
+from seglock.models.inputs import BLOCK_MODES, encrypt_for_mode, scaled_input
+from seglock.models.keyfile import KeyFileError, read_key_file, write_key_file
+from seglock.models.metrics import IGNORE_INDEX, MetricAccumulator
+from seglock.models.protect import CPKey, apply_key
+from seglock.models.taps import get_tap
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -571,7 +571,7 @@ def _run_key(checkpoint_dir: Path, model: nn.Module, protection: Mapping[str, An
 
 class KeySink(Protocol):
     """Where a run's key goes when it is not a key file: the server side's keystore
-    (`app.registry.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
+    (`seglock.app.registry.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
 
     def check(self, name: str) -> None:
         """Raise (a ValueError) before training if `name` cannot be stored."""

@@ -23,10 +23,10 @@ import pytest
 import torch
 from PIL import Image
 
-from client.transforms import BlockKey
-from models import build_model, protect, save_artifact
-from models.artifact import IMAGENET_NORMALIZATION
-from models.inputs import encrypt_for_mode, scaled_input
+from seglock.client.transforms import BlockKey
+from seglock.models import build_model, protect, save_artifact
+from seglock.models.artifact import IMAGENET_NORMALIZATION
+from seglock.models.inputs import encrypt_for_mode, scaled_input
 from tests.server_fixtures import CLASSES, INPUT, MASTER_KEY, open_keystore
 from tests.server_fixtures import scene as noise
 
@@ -163,9 +163,9 @@ def make_client_artifacts(root: Path) -> dict[str, tuple[Path, object]]:
 @pytest.fixture(scope="module")
 def hosted(tmp_path_factory):
     """A loopback server hosting every mode: {"url", "tokens", "recorder", "home", "keys"}."""
-    from app.main import create_app
-    from app.registry import import_artifact
-    from app.settings import Settings
+    from seglock.app.main import create_app
+    from seglock.app.registry import import_artifact
+    from seglock.app.settings import Settings
 
     root = tmp_path_factory.mktemp("client-server")
     home = root / "home"

@@ -19,9 +19,9 @@ import pytest
 import torch
 from PIL import Image
 
-from client.transforms import BlockKey
-from keystore import Keystore
-from models import build_model, protect, save_artifact
+from seglock.client.transforms import BlockKey
+from seglock.keystore import Keystore
+from seglock.models import build_model, protect, save_artifact
 
 INPUT = 32
 CLASSES = ["background", "disc", "square"]
@@ -107,7 +107,7 @@ def live_server(home: Path, *args: str, ready_s: float = 180):
     log_path = home.parent / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu",
+            [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu",
              *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -6,8 +6,8 @@ import torchvision
 from safetensors.torch import save_file
 from torch import nn
 
-from models import ModelError, build_model, list_architectures, taps
-from models.taps import get_tap
+from seglock.models import ModelError, build_model, list_architectures, taps
+from seglock.models.taps import get_tap
 
 NUM_CLASSES = 3
 SMALL_VIT = {"image_size": [32, 32], "embed_dim": 32, "depth": 1, "num_heads": 2, "head_channels": 32}

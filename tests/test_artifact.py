@@ -9,9 +9,9 @@ from datetime import datetime, timezone
 import pytest
 import torch
 
-from models import ArtifactError, build_model, load_artifact, protect, read_manifest, save_artifact
-from models.artifact import Manifest
-from models.protect import apply_key
+from seglock.models import ArtifactError, build_model, load_artifact, protect, read_manifest, save_artifact
+from seglock.models.artifact import Manifest
+from seglock.models.protect import apply_key
 
 CLASSES = ["background", "road", "car"]
 

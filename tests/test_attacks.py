@@ -12,17 +12,17 @@ import numpy as np
 import pytest
 import torch
 
-from app.cli import main
-from client.transforms import BlockKey
-from models import build_model, load_artifact, protect, save_artifact
-from models.attacks.assignment import hungarian, linear_assignment
-from models.attacks.key_space import brute_force, key_space, key_space_table, log2_factorial, np_selected_count
-from models.attacks.weight_matching import match_key, reference_tensors, weight_cost
-from models.data import write_synth_dataset
-from models.errors import ModelError
-from models.keyfile import write_key_file
-from models.taps import get_tap
-from models.train import TrainConfig, train
+from seglock.app.cli import main
+from seglock.client.transforms import BlockKey
+from seglock.models import build_model, load_artifact, protect, save_artifact
+from seglock.models.attacks.assignment import hungarian, linear_assignment
+from seglock.models.attacks.key_space import brute_force, key_space, key_space_table, log2_factorial, np_selected_count
+from seglock.models.attacks.weight_matching import match_key, reference_tensors, weight_cost
+from seglock.models.data import write_synth_dataset
+from seglock.models.errors import ModelError
+from seglock.models.keyfile import write_key_file
+from seglock.models.taps import get_tap
+from seglock.models.train import TrainConfig, train
 
 SIZE = 64
 TAP = "enc3"  # 64 channels at tiny's default width

@@ -6,8 +6,8 @@ import json
 import stat
 import threading
 
-from app.bootstrap import INITIAL_TOKENS, PENDING, first_start
-from keystore import Keystore
+from seglock.app.bootstrap import INITIAL_TOKENS, PENDING, first_start
+from seglock.keystore import Keystore
 from tests.server_fixtures import MASTER_KEY
 
 ENV = {"SEGLOCK_MASTER_KEY": MASTER_KEY}

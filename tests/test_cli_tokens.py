@@ -9,8 +9,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from app.cli import main
-from keystore import Keystore
+from seglock.app.cli import main
+from seglock.keystore import Keystore
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 OTHER = base64.b64encode(bytes(range(50, 82))).decode()

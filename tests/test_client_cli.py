@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import SegLockClient
-from client.cli import main
-from client.imaging import VOC_COLORMAP
+from seglock.client import SegLockClient
+from seglock.client.cli import main
+from seglock.client.imaging import VOC_COLORMAP
 from tests.server_fixtures import scene as noise
 from tests.client_fixtures import hosted, png  # noqa: F401 - hosted is a fixture
 

@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import SegLockClient
-from client.transforms import BlockKey
-from models import zoo
-from models.data import generate_scene
-from models.data.synth import scene_stem, split_stems
-from models.metrics import confusion_matrix, segmentation_metrics
+from seglock.client import SegLockClient
+from seglock.client.transforms import BlockKey
+from seglock.models import zoo
+from seglock.models.data import generate_scene
+from seglock.models.data.synth import scene_stem, split_stems
+from seglock.models.metrics import confusion_matrix, segmentation_metrics
 from tests.server_fixtures import live_server, png_bytes
 
 # models/zoo/README.md, "Accuracy": `seglock evaluate` with the right key on the val split

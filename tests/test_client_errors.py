@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from client import (
+from seglock.client import (
     AsyncSegLockClient,
     AuthenticationError,
     ConnectionFailed,
@@ -29,9 +29,9 @@ from client import (
     SegLockError,
     ServerError,
 )
-from client.errors import error_for_status, parse_retry_after
-from client.imaging import mask_image
-from client.transforms import BlockKey
+from seglock.client.errors import error_for_status, parse_retry_after
+from seglock.client.imaging import mask_image
+from seglock.client.transforms import BlockKey
 
 
 TOKEN = "slk_abcdefabcdef_" + "5" * 64

@@ -1,4 +1,4 @@
-"""client.imaging: decoding and resizing exactly as the server does, palettes, overlays, encodings."""
+"""seglock.client.imaging: decoding and resizing exactly as the server does, palettes, overlays, encodings."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.imageio import decode_upload
-from client import InvalidInput, ServerError
-from client.imaging import (
+from seglock.app.imageio import decode_upload
+from seglock.client import InvalidInput, ServerError
+from seglock.client.imaging import (
     VOC_COLORMAP,
     array_to_rgb,
     decode_mask_png,

@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 BLOCKED = ("torch", "torchvision", "fastapi", "starlette", "uvicorn", "pydantic", "pydantic_settings",
-           "safetensors", "cryptography", "filelock", "app", "models", "keystore")
+           "safetensors", "cryptography", "filelock", "seglock.app", "seglock.models", "seglock.keystore")
 
 SCRIPT = textwrap.dedent('''
     import importlib.abc, sys
@@ -18,17 +18,17 @@ SCRIPT = textwrap.dedent('''
 
     class Block(importlib.abc.MetaPathFinder):
         def find_spec(self, name, path=None, target=None):
-            if name.split(".")[0] in BLOCKED:
+            if name.split(".")[0] in BLOCKED or ".".join(name.split(".")[:2]) in BLOCKED:
                 raise ImportError(f"{name} is blocked in this test")
             return None
 
     sys.meta_path.insert(0, Block())
 
     import httpx, numpy as np
-    import client
-    from client import AsyncSegLockClient, SegLockClient, Overloaded
-    from client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, encrypt_per_image
-    import client.cli
+    import seglock.client
+    from seglock.client import AsyncSegLockClient, SegLockClient, Overloaded
+    from seglock.client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, encrypt_per_image
+    import seglock.client.cli
 
     image = np.arange(8 * 8 * 3, dtype=np.uint8).reshape(8, 8, 3)
     for method in ("shf", "np", "ffx"):
@@ -38,7 +38,7 @@ SCRIPT = textwrap.dedent('''
 
     models = {"models": [{"name": "m", "num_classes": 2, "input_size": [8, 8], "protection": {"mode": "per-image",
               "block_size": 8, "sub_block": 4}}]}
-    from client.imaging import mask_image
+    from seglock.client.imaging import mask_image
     import io
     answer = io.BytesIO()
     mask_image(np.ones((8, 8), np.uint8)).save(answer, format="PNG")
@@ -51,10 +51,11 @@ SCRIPT = textwrap.dedent('''
     with SegLockClient("http://x", "slk_a_b", transport=httpx.MockTransport(handler)) as sdk:
         assert sdk.segment(np.zeros((16, 12, 3), np.uint8), "m").shape == (16, 12)
     try:
-        client.cli.main(["--help"])
+        seglock.client.cli.main(["--help"])
     except SystemExit as exc:
         assert exc.code == 0
-    leaked = sorted(name for name in sys.modules if name.split(".")[0] in BLOCKED)
+    leaked = sorted(name for name in sys.modules
+                    if name.split(".")[0] in BLOCKED or ".".join(name.split(".")[:2]) in BLOCKED)
     assert not leaked, leaked
     print("sdk-ok")
 ''')

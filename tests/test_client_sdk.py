@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from client import (
+from seglock.client import (
     AsyncSegLockClient,
     AuthenticationError,
     InvalidInput,
@@ -19,8 +19,8 @@ from client import (
     RetryPolicy,
     SegLockClient,
 )
-from client.imaging import resize_rgb
-from client.transforms import encrypt_blocks
+from seglock.client.imaging import resize_rgb
+from seglock.client.transforms import encrypt_blocks
 from tests.server_fixtures import INPUT
 from tests.server_fixtures import scene as noise
 from tests.client_fixtures import hosted, png, run  # noqa: F401 - hosted is a fixture
@@ -207,7 +207,7 @@ def test_segment_many_returns_or_raises_the_errors_of_single_images(client):
 
 
 def test_a_rate_limited_client_waits_as_the_server_says_and_gets_every_mask(hosted):
-    from app.ratelimit import RateLimiter
+    from seglock.app.ratelimit import RateLimiter
 
     waits: list[float] = []
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from models.data import (
+from seglock.models.data import (
     CityscapesDataset,
     DatasetError,
     FolderDataset,

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import CLIError
-from app.commands import data as data_command
-from models.data import DatasetError
-from models.data.synth import CLASS_NAMES, MAX_CLASSES, generate_scene, split_stems, write_synth_dataset
+from seglock.app.cli import CLIError
+from seglock.app.commands import data as data_command
+from seglock.models.data import DatasetError
+from seglock.models.data.synth import CLASS_NAMES, MAX_CLASSES, generate_scene, split_stems, write_synth_dataset
 
 
 def _scenes(seed, n, size, classes):

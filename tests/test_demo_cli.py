@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.cli import main
-from app.commands.demo import synthetic_picture
+from seglock.app.cli import main
+from seglock.app.commands.demo import synthetic_picture
 
 FILES = ("plain.png", "shf.png", "np.png", "ffx.png", "per-image.png")
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, input_scale
-from client.transforms.per_image import _encrypt_per_image_with_key
-from models.encryption import (
+from seglock.client.transforms import BlockKey, decrypt_blocks, encrypt_blocks, input_scale
+from seglock.client.transforms.per_image import _encrypt_per_image_with_key
+from seglock.models.encryption import (
     BlockEncryption,
     PerImageEncryption,
     decrypt_blocks_torch,

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from app.engine import DynamicBatcher, EngineStopped, ModelRunner, Overloaded, autocast_dtype, resolve_device
+from seglock.app.engine import DynamicBatcher, EngineStopped, ModelRunner, Overloaded, autocast_dtype, resolve_device
 
 
 class ArgmaxOfInput(nn.Module):

@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from app.cli import main
-from client.transforms import BlockKey, encrypt_blocks
-from keystore import Keystore
-from models import KeyRef, build_model, fold_key, load_artifact, protect, save_artifact
-from models.data import open_dataset, write_synth_dataset
-from models.evaluate import (
+from seglock.app.cli import main
+from seglock.client.transforms import BlockKey, encrypt_blocks
+from seglock.keystore import Keystore
+from seglock.models import KeyRef, build_model, fold_key, load_artifact, protect, save_artifact
+from seglock.models.data import open_dataset, write_synth_dataset
+from seglock.models.evaluate import (
     EvaluateError,
     evaluate_conditions,
     evaluate_model,
@@ -19,11 +19,11 @@ from models.evaluate import (
     summarize,
     wrong_keys,
 )
-from models.inputs import model_input
-from models.keyfile import write_key_file
-from models.metrics import confusion_matrix, segmentation_metrics
-from models.protect import CPKey
-from models.zoo import zoo_dir
+from seglock.models.inputs import model_input
+from seglock.models.keyfile import write_key_file
+from seglock.models.metrics import confusion_matrix, segmentation_metrics
+from seglock.models.protect import CPKey
+from seglock.models.zoo import zoo_dir
 
 CENTRED = {"mean": [0.5] * 3, "std": [0.5] * 3}
 METRICS = ("aAcc", "mIoU", "mAcc", "IoU", "Acc", "pixels")

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.errors import APIError
-from app.imageio import decode_upload, encode_mask_png, resize_mask
+from seglock.app.errors import APIError
+from seglock.app.imageio import decode_upload, encode_mask_png, resize_mask
 
 LIMIT = 10_000_000
 

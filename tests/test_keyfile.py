@@ -6,9 +6,9 @@ import stat
 
 import pytest
 
-from client.transforms import BlockKey
-from models.keyfile import KeyFile, KeyFileError, read_key_file, write_key_file
-from models.protect import CPKey
+from seglock.client.transforms import BlockKey
+from seglock.models.keyfile import KeyFile, KeyFileError, read_key_file, write_key_file
+from seglock.models.protect import CPKey
 
 
 def _mode(path):

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 
-from keystore import Keystore
+from seglock.keystore import Keystore
 
 MASTER = base64.b64encode(os.urandom(32)).decode()
 ENV = {"SEGLOCK_MASTER_KEY": MASTER}
@@ -15,7 +15,7 @@ ENV = {"SEGLOCK_MASTER_KEY": MASTER}
 # Waits for "go" on stdin so both writers start together, then makes 100 tokens, one write each.
 WRITER = """
 import sys
-from keystore import Keystore
+from seglock.keystore import Keystore
 ks = Keystore.open(sys.argv[1])
 prefix = sys.argv[2]
 print("ready", flush=True)

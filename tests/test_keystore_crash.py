@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from keystore import Keystore
+from seglock.keystore import Keystore
 
 MASTER = base64.b64encode(os.urandom(32)).decode()
 ENV = {"SEGLOCK_MASTER_KEY": MASTER}
@@ -21,7 +21,7 @@ ENV = {"SEGLOCK_MASTER_KEY": MASTER}
 # Each write adds token w<i>; "ack i" is printed only after write i returned.
 WRITER = """
 import os, sys
-from keystore import Keystore
+from seglock.keystore import Keystore
 ks = Keystore.open(sys.argv[1])
 i = int(sys.argv[2])
 os.write(1, b"ready\\n")

@@ -11,7 +11,7 @@ import json
 
 import pytest
 
-from keystore import (
+from seglock.keystore import (
     Keystore,
     KeystoreCorrupt,
     KeystoreNotFound,
@@ -20,7 +20,7 @@ from keystore import (
     UnsupportedFormatVersion,
     WrongMasterKey,
 )
-from keystore import envelope
+from seglock.keystore import envelope
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 OTHER = base64.b64encode(bytes(range(1, 33))).decode()

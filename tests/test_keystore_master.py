@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from keystore import (
+from seglock.keystore import (
     Keystore,
     KeystoreExists,
     MasterKey,
@@ -17,7 +17,7 @@ from keystore import (
     ScryptParams,
     WrongMasterKey,
 )
-from keystore.master import master_key_from_env
+from seglock.keystore.master import master_key_from_env
 
 KEY_BYTES = bytes(range(32))
 MASTER = base64.b64encode(KEY_BYTES).decode()

@@ -9,9 +9,9 @@ import secrets
 
 import pytest
 
-from app.cli import main
-from keystore import Keystore, KeystoreError, MasterKey, ScryptParams
-from keystore.tokens import hash_secret
+from seglock.app.cli import main
+from seglock.keystore import Keystore, KeystoreError, MasterKey, ScryptParams
+from seglock.keystore.tokens import hash_secret
 
 FAST = ScryptParams(n=2**4, r=8, p=1)
 

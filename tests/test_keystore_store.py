@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from keystore import (
+from seglock.keystore import (
     Grant,
     InvalidRecord,
     KeyStateError,
@@ -18,7 +18,7 @@ from keystore import (
     ModelKeyNotFound,
     TokenNotFound,
 )
-from keystore.audit import AuditEntry
+from seglock.keystore.audit import AuditEntry
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 

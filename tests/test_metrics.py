@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from models.metrics import MetricAccumulator, confusion_matrix, segmentation_metrics
+from seglock.models.metrics import MetricAccumulator, confusion_matrix, segmentation_metrics
 
 # Three classes, six pixels: rows of the confusion matrix are ground truth, columns prediction.
 TARGET = np.array([[0, 0, 1], [1, 2, 2]])

@@ -7,15 +7,15 @@ import stat
 import pytest
 import torch
 
-from app.cli import main
-from app.registry import key_from_material, revisions
-from keystore import Keystore
-from models import build_model, fold_key, load_artifact, read_manifest, save_artifact
-from models.data import open_dataset, write_synth_dataset
-from models.evaluate import evaluate_conditions
-from models.inputs import model_input
-from models.keyfile import read_key_file
-from models.zoo import zoo_dir
+from seglock.app.cli import main
+from seglock.app.registry import key_from_material, revisions
+from seglock.keystore import Keystore
+from seglock.models import build_model, fold_key, load_artifact, read_manifest, save_artifact
+from seglock.models.data import open_dataset, write_synth_dataset
+from seglock.models.evaluate import evaluate_conditions
+from seglock.models.inputs import model_input
+from seglock.models.keyfile import read_key_file
+from seglock.models.zoo import zoo_dir
 
 PLAIN = zoo_dir() / "demo-plain"
 

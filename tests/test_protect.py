@@ -14,8 +14,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models import ModelError, build_model, fold_key, protect, rekey, taps
-from models.protect import CPKey, apply_key, rekey_state_dict
+from seglock.models import ModelError, build_model, fold_key, protect, rekey, taps
+from seglock.models.protect import CPKey, apply_key, rekey_state_dict
 
 ATOL = 1e-4  # |logit difference| allowed where the maths is exact
 SIZE = 32  # input side: the smallest the ResNets keep a spatial map at in layer4 and the head

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.ratelimit import RateLimiter, retry_after_header
-from app.registry import import_artifact
-from app.settings import Settings
+from seglock.app.main import create_app
+from seglock.app.ratelimit import RateLimiter, retry_after_header
+from seglock.app.registry import import_artifact
+from seglock.app.settings import Settings
 from tests.server_fixtures import MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from app.observability import Metrics
-from app.registry import Registry, import_artifact, key_material, models_dir, reconcile, revisions
-from app.settings import Settings
-from models import KeyRef, load_artifact, rekey, save_artifact
-from models.protect import CPKey
+from seglock.app.observability import Metrics
+from seglock.app.registry import Registry, import_artifact, key_material, models_dir, reconcile, revisions
+from seglock.app.settings import Settings
+from seglock.models import KeyRef, load_artifact, rekey, save_artifact
+from seglock.models.protect import CPKey
 from tests.server_fixtures import make_artifacts, open_keystore, scene
 
 

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from app.cli import main
-from models.attacks.key_space import key_space_table
-from models.report import load_runs, render_tables, write_report
+from seglock.app.cli import main
+from seglock.models.attacks.key_space import key_space_table
+from seglock.models.report import load_runs, render_tables, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -12,13 +12,13 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.imageio import resize_mask, resize_rgb
-from app.main import create_app
-from app.registry import import_artifact, revisions
-from app.settings import Settings
-from client.transforms import BlockKey, encrypt_blocks, encrypt_per_image
-from models import load_artifact
-from models.inputs import model_input
+from seglock.app.imageio import resize_mask, resize_rgb
+from seglock.app.main import create_app
+from seglock.app.registry import import_artifact, revisions
+from seglock.app.settings import Settings
+from seglock.client.transforms import BlockKey, encrypt_blocks, encrypt_per_image
+from seglock.models import load_artifact
+from seglock.models.inputs import model_input
 from tests.server_fixtures import MASTER_KEY, make_artifacts, npy_bytes, open_keystore, png_bytes, scene
 
 

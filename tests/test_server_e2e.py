@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from models.data import generate_scene
+from seglock.models.data import generate_scene
 from tests.server_fixtures import MASTER_KEY, live_server, png_bytes
 
 
@@ -78,7 +78,7 @@ def test_token_revoked_by_the_cli_in_another_process_stops_working(live):
                       headers=bearer(admin)).json()
     assert httpx.get(f"{base}/v1/models", headers=bearer(made["token"])).status_code == 200
     env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY}
-    done = subprocess.run([sys.executable, "-m", "app.cli", "tokens", "revoke", made["id"], "--home",
+    done = subprocess.run([sys.executable, "-m", "seglock.app.cli", "tokens", "revoke", made["id"], "--home",
                            str(live["home"])], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     assert httpx.get(f"{base}/v1/models", headers=bearer(made["token"])).status_code == 401

@@ -8,16 +8,16 @@ import stat
 import pytest
 import torch
 
-from app.cli import main
-from app.registry import HomeKeySink
-from client.transforms import BlockKey
-from keystore import Keystore
-from models import apply_key, fold_key, load_artifact
-from models.data import write_synth_dataset
-from models.inputs import model_input
-from models.keyfile import read_key_file
-from models.protect import CPKey
-from models.train import CHECKPOINT_DIR, TrainConfig, TrainError, fit, lr_factor, train
+from seglock.app.cli import main
+from seglock.app.registry import HomeKeySink
+from seglock.client.transforms import BlockKey
+from seglock.keystore import Keystore
+from seglock.models import apply_key, fold_key, load_artifact
+from seglock.models.data import write_synth_dataset
+from seglock.models.inputs import model_input
+from seglock.models.keyfile import read_key_file
+from seglock.models.protect import CPKey
+from seglock.models.train import CHECKPOINT_DIR, TrainConfig, TrainError, fit, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def _config(scenes, **overrides):
 
 
 def _batch(scenes, n=8):
-    from models.data import open_dataset
+    from seglock.models.data import open_dataset
 
     data = open_dataset(scenes, "val", size=64)
     images, masks = zip(*(data[i] for i in range(n)))
@@ -63,7 +63,7 @@ def test_best_epoch_is_the_lowest_validation_loss_and_its_weights_are_saved(plai
     assert manifest.mode == "none" and manifest.key is None and manifest.name == "m"
     assert manifest.class_names == tuple(json.loads((scenes / "classes.json").read_text()))
     assert manifest.input_size == (64, 64)
-    from models.data import open_dataset
+    from seglock.models.data import open_dataset
 
     images, masks = zip(*open_dataset(scenes, "val", size=64))
     with torch.no_grad():
@@ -181,8 +181,8 @@ def test_cosine_schedule_restarts_every_ten_epochs():
 
 
 def test_fit_refuses_a_key_that_does_not_fit(scenes):
-    from models import build_model
-    from models.data import open_dataset
+    from seglock.models import build_model
+    from seglock.models.data import open_dataset
 
     data = open_dataset(scenes, "train", size=64)
     model = build_model("tiny", 6)

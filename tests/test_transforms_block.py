@@ -12,7 +12,7 @@ import pyffx
 import pytest
 import torch
 
-from client.transforms import (
+from seglock.client.transforms import (
     BlockKey,
     TransformError,
     decrypt_blocks,
@@ -403,5 +403,5 @@ def test_gather_index_and_its_inverse_compose_to_the_identity():
 
 
 def test_client_transforms_import_without_torch():
-    code = "import sys, client.transforms; sys.exit(1 if 'torch' in sys.modules else 0)"
+    code = "import sys, seglock.client.transforms; sys.exit(1 if 'torch' in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

@@ -8,9 +8,9 @@ import hashlib
 import numpy as np
 import pytest
 
-from client.transforms import PerImageKey, encrypt_per_image
-from client.transforms.per_image import _encrypt_per_image_with_key
-from client.transforms.randomness import random_permutations
+from seglock.client.transforms import PerImageKey, encrypt_per_image
+from seglock.client.transforms.per_image import _encrypt_per_image_with_key
+from seglock.client.transforms.randomness import random_permutations
 
 
 def picture(height: int = 32, width: int = 48, batch: int | None = None, seed: int = 0) -> np.ndarray:

@@ -5,12 +5,12 @@ import json
 import pytest
 import torch
 
-from keystore import Keystore
-from models import fold_key, load_artifact, read_manifest
-from models.data import open_dataset, write_synth_dataset
-from models.inputs import model_input
-from models.keyfile import read_key_file
-from models.zoo import DEMO_MODELS, key_file, zoo_dir
+from seglock.keystore import Keystore
+from seglock.models import fold_key, load_artifact, read_manifest
+from seglock.models.data import open_dataset, write_synth_dataset
+from seglock.models.inputs import model_input
+from seglock.models.keyfile import read_key_file
+from seglock.models.zoo import DEMO_MODELS, key_file, zoo_dir
 
 MAX_BYTES = 10 * 1024 * 1024
 MODES = {"demo-plain": "none", "demo-cp": "cp", "demo-shf": "shf", "demo-per-image": "per-image"}
@@ -78,7 +78,7 @@ def test_demo_cp_with_its_bundled_key_gives_exactly_demo_plains_masks(images):
 
 
 def test_a_fresh_home_imports_every_demo(tmp_path):
-    from app.bootstrap import import_demo_models
+    from seglock.app.bootstrap import import_demo_models
 
     with Keystore.open(tmp_path, create=True) as store:
         assert import_demo_models(tmp_path, store) == list(DEMO_MODELS)

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import CLIError
+from seglock.app.cli import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -123,8 +123,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def resolve(args: argparse.Namespace) -> Any:
     """Resolve --model (a folder, or a model name in --home) in place; the owner's key or None."""
-    from app.commands.models import key_from_file, key_from_home, resolve_artifact
-    from models import ModelError, read_manifest
+    from seglock.app.commands.models import key_from_file, key_from_home, resolve_artifact
+    from seglock.models import ModelError, read_manifest
 
     args.model = str(resolve_artifact(args.model, getattr(args, "home", None)))
     try:
@@ -140,7 +140,7 @@ def resolve(args: argparse.Namespace) -> Any:
 
 def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
     """The summary line (stderr when JSON goes to stdout), the JSON on stdout and/or to --out."""
-    from models.report import json_ready
+    from seglock.models.report import json_ready
 
     text = json.dumps(json_ready(report), indent=2, allow_nan=False, default=str) + "\n"
     targets = [t for t in (args.out, args.json) if t]
@@ -161,7 +161,7 @@ def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
 
 def _guard(run):
     """Turn the models part's errors into one-line CLI errors."""
-    from models.errors import ModelError
+    from seglock.models.errors import ModelError
 
     try:
         return run()
@@ -170,13 +170,13 @@ def _guard(run):
 
 
 def _key_space(args: argparse.Namespace) -> int:
-    from models.attacks import key_space_attack
+    from seglock.models.attacks import key_space_attack
 
     if args.data and not args.model:
         raise CLIError("--data gives the timed image of --model: give --model too")
     size = (args.image_size, args.image_size) if args.image_size else None
     if args.model:
-        from app.commands.models import resolve_artifact
+        from seglock.app.commands.models import resolve_artifact
 
         args.model = str(resolve_artifact(args.model, None))
     report = _guard(lambda: key_space_attack(args.model, args.data, seconds_per_try=args.seconds_per_try,
@@ -192,7 +192,7 @@ def _key_space(args: argparse.Namespace) -> int:
 
 
 def _random_key(args: argparse.Namespace) -> int:
-    from models.attacks import random_key_attack
+    from seglock.models.attacks import random_key_attack
 
     if args.n < 1:
         raise CLIError("--n must be at least 1")
@@ -213,7 +213,7 @@ def _random_key(args: argparse.Namespace) -> int:
 
 
 def _finetune(args: argparse.Namespace) -> int:
-    from models.attacks import finetune_attack
+    from seglock.models.attacks import finetune_attack
 
     key = resolve(args)
     report = _guard(lambda: finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
@@ -228,7 +228,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _weight_matching(args: argparse.Namespace) -> int:
-    from models.attacks import weight_matching_attack
+    from seglock.models.attacks import weight_matching_attack
 
     if args.method != "weights" and args.reference:
         raise CLIError(f"--reference applies to --method weights; '{args.method}' matches against the data")

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from app.cli import CLIError
+from seglock.app.cli import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -67,7 +67,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 def _synth(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from models.data import DatasetError, write_synth_dataset
+    from seglock.models.data import DatasetError, write_synth_dataset
 
     with tqdm(total=args.n, desc="synth", unit="scene", file=sys.stderr, disable=None) as bar:
         try:
@@ -85,7 +85,7 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from models.data import DatasetError, describe, detect_format, open_dataset
+    from seglock.models.data import DatasetError, describe, detect_format, open_dataset
 
     try:
         kind = args.kind or detect_format(args.root)

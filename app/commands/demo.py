@@ -12,8 +12,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 
-from app.cli import CLIError
-from client.transforms import BlockKey, PerImageKey, decrypt_blocks, encrypt_blocks, input_scale
+from seglock.app.cli import CLIError
+from seglock.client.transforms import BlockKey, PerImageKey, decrypt_blocks, encrypt_blocks, input_scale
 
 PER_IMAGE_BLOCK = 16  # paper 003: the ViT patch size
 PER_IMAGE_SUB_BLOCK = 4

@@ -6,9 +6,9 @@ import argparse
 import sys
 from typing import Any
 
-from app.cli import CLIError
-from app.commands.models import key_from_file, key_from_home, resolve_artifact
-from app.commands.train import finite_json, write_json
+from seglock.app.cli import CLIError
+from seglock.app.commands.models import key_from_file, key_from_home, resolve_artifact
+from seglock.app.commands.train import finite_json, write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,8 +41,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models import ModelError, read_manifest
-    from models.evaluate import evaluate_conditions, parse_conditions
+    from seglock.models import ModelError, read_manifest
+    from seglock.models.evaluate import evaluate_conditions, parse_conditions
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")

@@ -10,9 +10,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
 
-from app.cli import CLIError
-from keystore import Keystore, KeystoreError
-from keystore.master import NEW_ENV_PREFIX, master_key_from_env
+from seglock.app.cli import CLIError
+from seglock.keystore import Keystore, KeystoreError
+from seglock.keystore.master import NEW_ENV_PREFIX, master_key_from_env
 
 CLI_ACTOR = "cli"
 DEFAULT_HOME = "seglock-home"  # as `seglock serve`

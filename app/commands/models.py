@@ -3,7 +3,7 @@
 protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
             (DESIGN "Protection modes": no accuracy lost, no training)
 list        the models of a home (the revision in use) and/or artifact folders
-import      copy an artifact into a home (app.registry.import_artifact: cp keys are replaced)
+import      copy an artifact into a home (seglock.app.registry.import_artifact: cp keys are replaced)
 rotate-key  re-key a home's cp model: the flow of the server's admin route (Registry.rotate_key)
 """
 
@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from app.cli import CLIError
-from app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
+from seglock.app.cli import CLIError
+from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
 
 KEYED_MODES = ("cp", "shf", "np", "ffx")
 
@@ -98,8 +98,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
-    from models import ArtifactError, read_manifest
+    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
+    from seglock.models import ArtifactError, read_manifest
 
     if not MODEL_NAME.match(name):
         raise CLIError(f"invalid model name {name!r}")
@@ -127,7 +127,7 @@ def resolve_artifact(model: str, home: str | None) -> Path:
     if (path / "manifest.json").is_file():
         return path
     if home is not None and "/" not in model:
-        from keystore import Keystore
+        from seglock.keystore import Keystore
 
         with keystore_call(lambda: Keystore.open(home)) as store:
             return current_revision(Path(home), model, store)
@@ -137,8 +137,8 @@ def resolve_artifact(model: str, home: str | None) -> Path:
 
 def key_from_file(path: str, manifest) -> Any:
     """The key in a key file, checked against the manifest it is for."""
-    from models.evaluate import EvaluateError, check_key
-    from models.keyfile import KeyFileError, read_key_file
+    from seglock.models.evaluate import EvaluateError, check_key
+    from seglock.models.keyfile import KeyFileError, read_key_file
 
     try:
         found = read_key_file(path)
@@ -157,8 +157,8 @@ def key_from_file(path: str, manifest) -> Any:
 
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
-    from app.registry import key_from_material
-    from keystore import Keystore, ModelKeyNotFound
+    from seglock.app.registry import key_from_material
+    from seglock.keystore import Keystore, ModelKeyNotFound
 
     if manifest.mode not in KEYED_MODES:
         return None
@@ -186,7 +186,7 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
 
 
 def _default_name(out: Path) -> str:
-    from app.registry import MODEL_NAME
+    from seglock.app.registry import MODEL_NAME
 
     name = out.resolve().name
     if not MODEL_NAME.match(name):
@@ -198,10 +198,10 @@ def _default_name(out: Path) -> str:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    from app.registry import MODEL_NAME
-    from models import KeyRef, ModelError, load_artifact, protect, save_artifact
-    from models.keyfile import KeyFileError, write_key_file
-    from models.protect import CPKey
+    from seglock.app.registry import MODEL_NAME
+    from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
+    from seglock.models.keyfile import KeyFileError, write_key_file
+    from seglock.models.protect import CPKey
 
     out = Path(args.out)
     name = args.name or _default_name(out)
@@ -236,7 +236,7 @@ def _protect(args: argparse.Namespace) -> int:
 
         key_ref = KeyRef(id=f"file-{secrets.token_hex(6)}", version=1)  # random: says nothing about the key
     else:
-        from keystore import Keystore
+        from seglock.keystore import Keystore
 
         with keystore_call(lambda: Keystore.open(args.home, create=True)) as store:
             version = keystore_call(lambda: store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR))
@@ -260,8 +260,8 @@ def _protect(args: argparse.Namespace) -> int:
 
 
 def _check_home_free(home: Path, name: str) -> None:
-    from app.registry import revisions
-    from keystore import Keystore
+    from seglock.app.registry import revisions
+    from seglock.keystore import Keystore
 
     with keystore_call(lambda: Keystore.open(home, create=True)) as store:
         taken = bool(store.model_key_versions(name))
@@ -270,7 +270,7 @@ def _check_home_free(home: Path, name: str) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from models import ArtifactError, read_manifest
+    from seglock.models import ArtifactError, read_manifest
 
     rows: list[dict[str, Any]] = []
     if args.home or not args.dirs:
@@ -306,9 +306,9 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 
 
 def _home_rows(home: Path) -> list[dict[str, Any]]:
-    from app.registry import MODEL_NAME, models_dir
-    from keystore import Keystore, KeystoreError
-    from models import read_manifest
+    from seglock.app.registry import MODEL_NAME, models_dir
+    from seglock.keystore import Keystore, KeystoreError
+    from seglock.models import read_manifest
 
     folder = models_dir(home)
     if not folder.is_dir():
@@ -336,9 +336,9 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from app.registry import RegistryError, import_artifact
-    from keystore import Keystore
-    from models import ArtifactError, read_manifest
+    from seglock.app.registry import RegistryError, import_artifact
+    from seglock.keystore import Keystore
+    from seglock.models import ArtifactError, read_manifest
 
     home = home_of(args)
     try:
@@ -373,11 +373,11 @@ def _rotate(args: argparse.Namespace) -> int:
 
     import torch
 
-    from app.observability import Metrics
-    from app.registry import MODEL_NAME, Registry, RegistryError
-    from app.settings import Settings
-    from keystore import Keystore
-    from models import ModelError
+    from seglock.app.observability import Metrics
+    from seglock.app.registry import MODEL_NAME, Registry, RegistryError
+    from seglock.app.settings import Settings
+    from seglock.keystore import Keystore
+    from seglock.models import ModelError
 
     home = home_of(args)
     if not MODEL_NAME.match(args.model):

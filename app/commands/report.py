@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from app.cli import CLIError
+from seglock.app.cli import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from models.report import write_report
+    from seglock.models.report import write_report
 
     try:
         summary = write_report(args.runs_dir, args.out)

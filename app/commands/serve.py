@@ -8,7 +8,7 @@ import os
 
 from pydantic import ValidationError
 
-from app.cli import CLIError
+from seglock.app.cli import CLIError
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -46,7 +46,7 @@ def run(args: argparse.Namespace) -> int:
             os.environ[f"SEGLOCK_{env}"] = str(value)
     if args.no_demo:
         os.environ["SEGLOCK_IMPORT_DEMO"] = "false"
-    from app.settings import Settings
+    from seglock.app.settings import Settings
 
     try:
         settings = Settings()
@@ -59,9 +59,9 @@ def run(args: argparse.Namespace) -> int:
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30)
     if settings.workers > 1:
-        uvicorn.run("app.main:create_app", factory=True, workers=settings.workers, **options)
+        uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
     else:
-        from app.main import create_app
+        from seglock.app.main import create_app
 
         uvicorn.run(create_app(settings), **options)
     return 0

@@ -9,9 +9,9 @@ import sys
 import time
 from datetime import datetime, timezone
 
-from app.cli import CLIError
-from app.commands.keystore import CLI_ACTOR, add_home_argument, format_time, keystore_call, open_keystore
-from keystore.tokens import ALL_MODELS, SCOPES, is_token_id, parse_token
+from seglock.app.cli import CLIError
+from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, format_time, keystore_call, open_keystore
+from seglock.keystore.tokens import ALL_MODELS, SCOPES, is_token_id, parse_token
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
 _UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from app.cli import CLIError
+from seglock.app.cli import CLIError
 
 PROTECTIONS = ("none", "cp", "shf", "np", "ffx", "per-image")
 
@@ -101,10 +101,10 @@ def finite_json(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from app.registry import HomeKeySink
-    from models.errors import ModelError
-    from models.keyfile import KeyFileError
-    from models.train import TrainConfig, train
+    from seglock.app.registry import HomeKeySink
+    from seglock.models.errors import ModelError
+    from seglock.models.keyfile import KeyFileError
+    from seglock.models.train import TrainConfig, train
 
     config = TrainConfig(
         data=args.data, arch=args.arch, protect=args.protect, tap=args.tap, block_size=args.block_size,

@@ -9,10 +9,10 @@ from typing import Literal
 from fastapi import APIRouter, Depends, Request, Response
 from pydantic import BaseModel, Field
 
-from app.errors import not_found
-from app.security import Principal, require_scope
-from keystore.errors import TokenNotFound
-from keystore.tokens import describe_token_id
+from seglock.app.errors import not_found
+from seglock.app.security import Principal, require_scope
+from seglock.keystore.errors import TokenNotFound
+from seglock.keystore.tokens import describe_token_id
 
 router = APIRouter(prefix="/admin", tags=["admin"])
 admin_only = require_scope("admin")

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from app.errors import forbidden
+from seglock.app.errors import forbidden
 
 router = APIRouter(tags=["health"])
 

@@ -7,12 +7,12 @@ import asyncio
 from fastapi import APIRouter, Depends, Header, Request
 from fastapi.responses import Response
 
-from app import inference
-from app.engine import EngineStopped, Overloaded
-from app.errors import bad_request, forbidden, overloaded, unsupported_media
-from app.imageio import decode_upload
-from app.registry import BLOCK_MODES, HostedModel
-from app.security import Principal, require_scope
+from seglock.app import inference
+from seglock.app.engine import EngineStopped, Overloaded
+from seglock.app.errors import bad_request, forbidden, overloaded, unsupported_media
+from seglock.app.imageio import decode_upload
+from seglock.app.registry import BLOCK_MODES, HostedModel
+from seglock.app.security import Principal, require_scope
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 

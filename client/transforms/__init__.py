@@ -1,10 +1,10 @@
 """Client-side image encryption: block-wise SHF/NP/FFX (paper 001) and per-image keys (paper 003).
 
-numpy only (plus pyffx for FFX tables); the torch training path in `models.encryption` reuses
+numpy only (plus pyffx for FFX tables); the torch training path in `seglock.models.encryption` reuses
 the index maths exposed by `BlockKey` and `PerImageKey`.
 """
 
-from client.transforms.block import (
+from seglock.client.transforms.block import (
     block_shuffle,
     decrypt_blocks,
     encrypt_blocks,
@@ -12,10 +12,10 @@ from client.transforms.block import (
     ffx_encrypt,
     negative_positive,
 )
-from client.transforms.errors import TransformError
-from client.transforms.geometry import CHANNELS
-from client.transforms.keys import METHODS, PER_IMAGE, BlockKey, input_scale, reference_permutation
-from client.transforms.per_image import PerImageKey, encrypt_per_image
+from seglock.client.transforms.errors import TransformError
+from seglock.client.transforms.geometry import CHANNELS
+from seglock.client.transforms.keys import METHODS, PER_IMAGE, BlockKey, input_scale, reference_permutation
+from seglock.client.transforms.per_image import PerImageKey, encrypt_per_image
 
 __all__ = [
     "BlockKey",

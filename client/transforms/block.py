@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from client.transforms.errors import TransformError
-from client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
-from client.transforms.geometry import CHANNELS, check_divisible, check_images
-from client.transforms.keys import BlockKey
+from seglock.client.transforms.errors import TransformError
+from seglock.client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
+from seglock.client.transforms.geometry import CHANNELS, check_divisible, check_images
+from seglock.client.transforms.keys import BlockKey
 
 
 def encrypt_blocks(images: np.ndarray, key: BlockKey) -> np.ndarray:

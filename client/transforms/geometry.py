@@ -6,7 +6,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from client.transforms.errors import TransformError
+from seglock.client.transforms.errors import TransformError
 
 CHANNELS = 3  # colour images only: the papers' blocks are M x M x 3
 

@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from client.transforms import ffx as _ffx
-from client.transforms.errors import TransformError
-from client.transforms.geometry import CHANNELS, block_vector_index, check_block_size
-from client.transforms.randomness import RandBytes, random_permutations
+from seglock.client.transforms import ffx as _ffx
+from seglock.client.transforms.errors import TransformError
+from seglock.client.transforms.geometry import CHANNELS, block_vector_index, check_block_size
+from seglock.client.transforms.randomness import RandBytes, random_permutations
 
 METHODS = ("shf", "np", "ffx")
 PER_IMAGE = "per-image"

@@ -12,14 +12,14 @@ import os
 
 import numpy as np
 
-from client.transforms.errors import TransformError
-from client.transforms.geometry import (
+from seglock.client.transforms.errors import TransformError
+from seglock.client.transforms.geometry import (
     CHANNELS,
     check_block_size,
     check_divisible,
     check_images,
 )
-from client.transforms.randomness import RandBytes, random_permutations
+from seglock.client.transforms.randomness import RandBytes, random_permutations
 
 DEFAULT_BLOCK_SIZE = 16  # the ViT patch size of the SETR models in paper 003
 DEFAULT_SUB_BLOCK = 4

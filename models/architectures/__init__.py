@@ -26,11 +26,11 @@ from typing import Any
 
 from torch import nn
 
-from models.architectures import torchvision_models as tvm
-from models.architectures.tiny import TinySegNet
-from models.architectures.vit import ViTSeg
-from models.architectures.weights import load_backbone_weights, load_weights, read_state_dict
-from models.errors import ModelError
+from seglock.models.architectures import torchvision_models as tvm
+from seglock.models.architectures.tiny import TinySegNet
+from seglock.models.architectures.vit import ViTSeg
+from seglock.models.architectures.weights import load_backbone_weights, load_weights, read_state_dict
+from seglock.models.errors import ModelError
 
 __all__ = [
     "Architecture",
@@ -44,7 +44,7 @@ __all__ = [
 @dataclass(frozen=True)
 class Architecture:
     name: str
-    family: str  # "resnet", "mobilenet", "tiny" or "vit": the tap layout (models.taps)
+    family: str  # "resnet", "mobilenet", "tiny" or "vit": the tap layout (seglock.models.taps)
     build: Callable[..., nn.Module]  # build(num_classes, **kwargs)
     has_backbone: bool  # a classification backbone's weights file can be loaded into `model.backbone`
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.errors import ModelError
+from seglock.models.errors import ModelError
 
 
 class TokensToMap(nn.Module):

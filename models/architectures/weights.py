@@ -11,7 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from models.errors import ModelError
+from seglock.models.errors import ModelError
 
 _PICKLE_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 # Keys of a classification network's own head, which a segmentation backbone does not have.

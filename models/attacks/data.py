@@ -9,10 +9,10 @@ from pathlib import Path
 import numpy as np
 from torch.utils.data import Dataset, Subset
 
-from models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
-from models.data.folder import FolderDataset
-from models.errors import ModelError
-from models.train import DEFAULT_SPLITS, HOLDOUT_EVERY
+from seglock.models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
+from seglock.models.data.folder import FolderDataset
+from seglock.models.errors import ModelError
+from seglock.models.train import DEFAULT_SPLITS, HOLDOUT_EVERY
 
 __all__ = ["AttackError", "attacker_subset", "check_fraction"]
 

@@ -16,11 +16,11 @@ from typing import Any
 
 import torch
 
-from models.artifact import load_artifact, save_artifact
-from models.attacks.data import attacker_subset, check_fraction
-from models.evaluate import check_key, evaluate_model, evaluation_data
-from models.inputs import BLOCK_MODES
-from models.train import fit, resolve_device
+from seglock.models.artifact import load_artifact, save_artifact
+from seglock.models.attacks.data import attacker_subset, check_fraction
+from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
+from seglock.models.inputs import BLOCK_MODES
+from seglock.models.train import fit, resolve_device
 
 __all__ = ["finetune_attack", "headline"]
 

@@ -27,8 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.inputs import model_input
-from models.metrics import confusion_matrix, segmentation_metrics
+from seglock.models.inputs import model_input
+from seglock.models.metrics import confusion_matrix, segmentation_metrics
 
 __all__ = [
     "BLOCK_SIZES",
@@ -244,9 +244,9 @@ def key_space_attack(
     With an artifact and no `seconds_per_try`, the rate is measured on one image of `data_dir`'s
     evaluation split (or a random image of the model's input size when no data is given).
     """
-    from models.artifact import load_artifact
-    from models.protect import CPKey, apply_key
-    from models.taps import taps as model_taps
+    from seglock.models.artifact import load_artifact
+    from seglock.models.protect import CPKey, apply_key
+    from seglock.models.taps import taps as model_taps
 
     result: dict[str, Any] = {"kind": "key-space", "model": None, "protection": None}
     tap_channels: dict[str, int] = {}
@@ -276,7 +276,7 @@ def key_space_attack(
 
 def _one_image(data_dir: str | None, manifest: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if data_dir is not None:
-        from models.evaluate import evaluation_data
+        from seglock.models.evaluate import evaluation_data
 
         dataset, _ = evaluation_data(data_dir, manifest)
         return dataset[0]

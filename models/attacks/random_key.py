@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from models.evaluate import evaluate_conditions
+from seglock.models.evaluate import evaluate_conditions
 
 __all__ = ["random_key_attack"]
 

@@ -38,15 +38,15 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
-from models.architectures import build_model, read_state_dict
-from models.artifact import load_artifact, read_manifest
-from models.attacks.assignment import SOLVER, linear_assignment
-from models.attacks.data import AttackError, attacker_subset, check_fraction
-from models.attacks.finetune import headline
-from models.errors import ModelError
-from models.inputs import model_input
-from models.protect import CPKey
-from models.taps import Tap, get_tap
+from seglock.models.architectures import build_model, read_state_dict
+from seglock.models.artifact import load_artifact, read_manifest
+from seglock.models.attacks.assignment import SOLVER, linear_assignment
+from seglock.models.attacks.data import AttackError, attacker_subset, check_fraction
+from seglock.models.attacks.finetune import headline
+from seglock.models.errors import ModelError
+from seglock.models.inputs import model_input
+from seglock.models.protect import CPKey
+from seglock.models.taps import Tap, get_tap
 
 __all__ = [
     "METHODS",
@@ -351,7 +351,7 @@ def train_reference(
     progress: bool = True,
 ) -> nn.Module:
     """The attacker's own plain model of the stolen architecture, trained on its fraction D' from scratch."""
-    from models.train import fit
+    from seglock.models.train import fit
 
     train_part, val_part, _ = attacker_subset(data_dir, tuple(manifest.input_size), fraction, seed=seed)
     torch.manual_seed(seed)
@@ -391,8 +391,8 @@ def weight_matching_attack(
     plain model the attacker trains on `fraction` of the training data for `epochs`.
     method "activations": against class statistics on `fraction` of the training data.
     """
-    from models.evaluate import check_key, evaluate_model, evaluation_data
-    from models.train import resolve_device
+    from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
+    from seglock.models.train import resolve_device
 
     started = time.perf_counter()
     if method not in METHODS:

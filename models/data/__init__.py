@@ -8,13 +8,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data.augment import RandomResizedCropFlip, as_generator, random_resized_crop_params, resize_pair
-from models.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_SPLITS, CityscapesDataset, train_id_table
-from models.data.dataset import DEFAULT_SIZE, IGNORE_INDEX, SegmentationDataset, describe
-from models.data.errors import DatasetError
-from models.data.folder import FOLDER_SPLITS, FolderDataset
-from models.data.synth import CLASS_NAMES, generate_scene, write_synth_dataset
-from models.data.voc import VOC_CLASSES, VOC_SPLITS, VOC2012Dataset, find_voc_root
+from seglock.models.data.augment import RandomResizedCropFlip, as_generator, random_resized_crop_params, resize_pair
+from seglock.models.data.cityscapes import CITYSCAPES_CLASSES, CITYSCAPES_SPLITS, CityscapesDataset, train_id_table
+from seglock.models.data.dataset import DEFAULT_SIZE, IGNORE_INDEX, SegmentationDataset, describe
+from seglock.models.data.errors import DatasetError
+from seglock.models.data.folder import FOLDER_SPLITS, FolderDataset
+from seglock.models.data.synth import CLASS_NAMES, generate_scene, write_synth_dataset
+from seglock.models.data.voc import VOC_CLASSES, VOC_SPLITS, VOC2012Dataset, find_voc_root
 
 FORMATS = {"folder": FolderDataset, "voc": VOC2012Dataset, "cityscapes": CityscapesDataset}
 SPLITS = {"folder": FOLDER_SPLITS, "voc": VOC_SPLITS, "cityscapes": CITYSCAPES_SPLITS}

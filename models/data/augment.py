@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from models.data.errors import DatasetError
+from seglock.models.data.errors import DatasetError
 
 Size = tuple[int, int]  # (height, width)
 

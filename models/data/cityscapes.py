@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from models.data.augment import RandomResizedCropFlip
-from models.data.dataset import DEFAULT_SIZE, IGNORE_INDEX, Augment, Sample, SegmentationDataset, missing_list
-from models.data.errors import DatasetError
+from seglock.models.data.augment import RandomResizedCropFlip
+from seglock.models.data.dataset import DEFAULT_SIZE, IGNORE_INDEX, Augment, Sample, SegmentationDataset, missing_list
+from seglock.models.data.errors import DatasetError
 
 CITYSCAPES_CLASSES = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign",

@@ -1,7 +1,7 @@
 """The torch Dataset every loader builds: (image, mask) pairs at a fixed size.
 
 Items are `(image, mask)`: image a uint8 tensor H x W x 3 (channels last, the layout the block
-transforms of `client.transforms` encrypt), mask an int64 tensor H x W of class indices with
+transforms of `seglock.client.transforms` encrypt), mask an int64 tensor H x W of class indices with
 255 = ignore. Training code encrypts and normalises after this, so augmentation always sees
 plain pixels.
 """
@@ -17,8 +17,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from models.data.augment import Size, as_size, resize_pair
-from models.data.errors import DatasetError
+from seglock.models.data.augment import Size, as_size, resize_pair
+from seglock.models.data.errors import DatasetError
 
 IGNORE_INDEX = 255
 DEFAULT_SIZE = 256  # paper 000, section IV-A-1: images and ground truths resized to 256 x 256

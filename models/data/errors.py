@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from models.errors import ModelError
+from seglock.models.errors import ModelError
 
 
 class DatasetError(ModelError):

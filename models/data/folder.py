@@ -14,9 +14,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.data.augment import RandomResizedCropFlip
-from models.data.dataset import DEFAULT_SIZE, Augment, Sample, SegmentationDataset, missing_list
-from models.data.errors import DatasetError
+from seglock.models.data.augment import RandomResizedCropFlip
+from seglock.models.data.dataset import DEFAULT_SIZE, Augment, Sample, SegmentationDataset, missing_list
+from seglock.models.data.errors import DatasetError
 
 FOLDER_SPLITS = ("all", "train", "val")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")

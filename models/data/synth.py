@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from PIL import Image
 
-from models.data.errors import DatasetError
+from seglock.models.data.errors import DatasetError
 
 CLASS_NAMES = (
     "background",

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from models.data.augment import RandomResizedCropFlip
-from models.data.dataset import DEFAULT_SIZE, Augment, Sample, SegmentationDataset, missing_list
-from models.data.errors import DatasetError
+from seglock.models.data.augment import RandomResizedCropFlip
+from seglock.models.data.dataset import DEFAULT_SIZE, Augment, Sample, SegmentationDataset, missing_list
+from seglock.models.data.errors import DatasetError
 
 VOC_CLASSES = (
     "background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair",

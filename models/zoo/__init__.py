@@ -2,7 +2,7 @@
 
 Each is an artifact folder `models/zoo/<name>/` (manifest.json + weights.safetensors). The keyed
 demos ship their key as a PUBLIC key file `models/zoo/keys/<name>.json`: a server's first start
-imports them and re-keys demo-cp to a fresh key (app.bootstrap). How each was made, and what it
+imports them and re-keys demo-cp to a fresh key (seglock.app.bootstrap). How each was made, and what it
 scores with the right key, without it and with wrong keys: models/zoo/README.md.
 """
 
