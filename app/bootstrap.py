@@ -16,7 +16,7 @@ from pathlib import Path
 
 import filelock
 
-from seglock.app.registry import BLOCK_MODES, import_artifact, models_dir
+from seglock.app.registry import import_artifact, models_dir
 from seglock.keystore import Keystore
 from seglock.models import read_manifest
 
@@ -51,7 +51,7 @@ def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
         key_path = zoo_dir() / "keys" / f"{name}.json"
         key = read_key_file(key_path).key if key_path.exists() else None
         import_artifact(home, keystore, source, name=name, key=key, actor="bootstrap")
-        if manifest.mode in BLOCK_MODES:
+        if manifest.mode.is_block:
             log.warning("demo model %s keeps its bundled %s key: an input key cannot change without "
                         "re-training, so do not use this demo for anything that matters", name, manifest.mode)
         imported.append(name)

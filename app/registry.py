@@ -26,6 +26,7 @@ import torch
 from seglock.app.engine import DynamicBatcher, ModelRunner
 from seglock.app.observability import Metrics
 from seglock.app.settings import Settings
+from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
@@ -36,8 +37,6 @@ log = logging.getLogger("seglock.registry")
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REVISION = re.compile(r"^r(\d+)$")
-BLOCK_MODES = ("shf", "np", "ffx")
-KEYED_MODES = ("cp",) + BLOCK_MODES
 
 
 class RegistryError(Exception):
@@ -59,7 +58,7 @@ class HostedModel:
     block_key: BlockKey | None = None  # shf/np/ffx: the key clients encrypt with
 
     @property
-    def mode(self) -> str:
+    def mode(self) -> Mode:
         return self.manifest.mode
 
     @property
@@ -127,11 +126,11 @@ class HomeKeySink:
 
 def key_material(mode: str, key: CPKey | BlockKey) -> tuple[str, dict[str, Any]]:
     """(keystore kind, material dict) of a model key."""
-    return ("cp" if mode == "cp" else "block"), key.to_dict()
+    return ("cp" if mode == Mode.CP else "block"), key.to_dict()
 
 
 def key_from_material(mode: str, material: dict[str, Any]) -> CPKey | BlockKey:
-    return CPKey.from_dict(material) if mode == "cp" else BlockKey.from_dict(material)
+    return CPKey.from_dict(material) if mode == Mode.CP else BlockKey.from_dict(material)
 
 
 def reconcile(home: Path, keystore: Keystore, name: str) -> Path:
@@ -141,7 +140,7 @@ def reconcile(home: Path, keystore: Keystore, name: str) -> Path:
         raise RegistryError(404, f"model {name} has no artifact under {models_dir(home) / name}")
     manifests = {rev: read_manifest(path) for rev, path in found.items()}
     newest = max(found)
-    if manifests[newest].mode not in KEYED_MODES:
+    if not manifests[newest].mode.has_model_key:
         keep = newest
     else:
         active = keystore.active_model_key(name)
@@ -175,12 +174,12 @@ def import_artifact(home: Path, keystore: Keystore, source: Path, *, name: str |
         raise RegistryError(400, f"invalid model name {name!r}")
     if revisions(home, name):
         raise RegistryError(409, f"model {name} already exists in {home}")
-    if manifest.mode in KEYED_MODES and key is None:
+    if manifest.mode.has_model_key and key is None:
         raise RegistryError(400, f"model {name} is {manifest.mode}-protected: its key file is needed to import it")
-    if manifest.mode == "cp":
+    if manifest.mode is Mode.CP:
         key = rekey(model, manifest.protection["tap"], key)
     key_ref = None
-    if manifest.mode in KEYED_MODES:
+    if manifest.mode.has_model_key:
         kind, material = key_material(manifest.mode, key)
         version = keystore.add_model_key(name, kind, material, activate=True, actor=actor)
         key_ref = KeyRef(id=version.id, version=version.version)
@@ -211,7 +210,7 @@ class Registry:
             hosted = self._models[name]
         except KeyError:
             raise RegistryError(404, f"unknown model {name!r}") from None
-        if hosted.mode == "cp":
+        if hosted.mode is Mode.CP:
             self._follow_rotation(hosted)
         return hosted
 
@@ -275,10 +274,10 @@ class Registry:
     def _serving_module(self, name: str, path: Path):
         model, manifest = load_artifact(path)
         block_key = None
-        if manifest.mode in KEYED_MODES:
+        if manifest.mode.has_model_key:
             stored = self.keystore.get_model_key(name, manifest.key.version)
             key = key_from_material(manifest.mode, stored.material)
-            if manifest.mode == "cp":
+            if manifest.mode is Mode.CP:
                 model = fold_key(model, manifest.protection["tap"], key)  # zero cost at inference
             else:
                 block_key = key
@@ -296,9 +295,9 @@ class Registry:
 
     async def rotate_key(self, name: str, *, actor: str) -> dict[str, Any]:
         hosted = self.get(name)
-        if hosted.mode in BLOCK_MODES:
+        if hosted.mode.is_block:
             raise RegistryError(409, f"model {name} is {hosted.mode}-protected: a new input key needs re-training")
-        if hosted.mode != "cp":
+        if hosted.mode is not Mode.CP:
             raise RegistryError(400, f"model {name} ({hosted.mode}) has no key to rotate")
         lock = self._rotation_locks.setdefault(name, asyncio.Lock())
         async with lock:

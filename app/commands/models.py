@@ -18,8 +18,7 @@ from typing import Any
 
 from seglock.app.cli import CLIError
 from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
-
-KEYED_MODES = ("cp", "shf", "np", "ffx")
+from seglock.client.modes import Mode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,7 +97,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
+    from seglock.app.registry import MODEL_NAME, revisions
     from seglock.models import ArtifactError, read_manifest
 
     if not MODEL_NAME.match(name):
@@ -111,7 +110,7 @@ def current_revision(home: Path, name: str, keystore=None) -> Path:
         manifests = {rev: read_manifest(path) for rev, path in found.items()}
     except ArtifactError as exc:
         raise CLIError(str(exc)) from None
-    if manifests[newest].mode not in REGISTRY_KEYED or keystore is None:
+    if not manifests[newest].mode.has_model_key or keystore is None:
         return found[newest]
     active = keystore.active_model_key(name)
     matching = [rev for rev, m in manifests.items()
@@ -144,7 +143,7 @@ def key_from_file(path: str, manifest) -> Any:
         found = read_key_file(path)
     except KeyFileError as exc:
         raise CLIError(str(exc)) from None
-    if manifest.mode not in KEYED_MODES:
+    if not manifest.mode.has_model_key:
         raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
     if found.model is not None and found.model != manifest.name:
         raise CLIError(f"key file {path} is for model {found.model!r}, not {manifest.name!r}")
@@ -160,7 +159,7 @@ def key_from_home(home: str | Path, manifest) -> Any:
     from seglock.app.registry import key_from_material
     from seglock.keystore import Keystore, ModelKeyNotFound
 
-    if manifest.mode not in KEYED_MODES:
+    if not manifest.mode.has_model_key:
         return None
     if manifest.key is None:
         raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
@@ -216,8 +215,8 @@ def _protect(args: argparse.Namespace) -> int:
         model, manifest = load_artifact(args.model)
     except ModelError as exc:
         raise CLIError(str(exc)) from None
-    if manifest.mode != "none":
-        hint = "; to change a cp model's key use rotate-key" if manifest.mode == "cp" else ""
+    if manifest.mode is not Mode.NONE:
+        hint = "; to change a cp model's key use rotate-key" if manifest.mode is Mode.CP else ""
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
@@ -244,7 +243,7 @@ def _protect(args: argparse.Namespace) -> int:
     try:
         saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
                               input_size=list(manifest.input_size), normalization=manifest.normalization,
-                              protection={"mode": "cp", "tap": args.tap}, key=key_ref)
+                              protection={"mode": Mode.CP.value, "tap": args.tap}, key=key_ref)
     except ModelError as exc:
         raise CLIError(str(exc)) from None
     total = time.perf_counter() - started
@@ -348,7 +347,7 @@ def _import(args: argparse.Namespace) -> int:
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
-    elif manifest.mode in KEYED_MODES:
+    elif manifest.mode.has_model_key:
         if not (home / "keystore.json").exists():
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
@@ -363,8 +362,8 @@ def _import(args: argparse.Namespace) -> int:
         print(f"made a new keystore in {home}", file=sys.stderr)
     result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
               "key_version": None if imported.key is None else imported.key.version,
-              "rekeyed": imported.mode == "cp"}
-    note = "; re-keyed to a fresh key" if imported.mode == "cp" else ""
+              "rekeyed": imported.mode is Mode.CP}
+    note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
     return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
