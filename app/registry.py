@@ -26,7 +26,7 @@ import torch
 from seglock.app.engine import DynamicBatcher, ModelRunner
 from seglock.app.observability import Metrics
 from seglock.app.settings import Settings
-from seglock.client.modes import Mode
+from seglock.client.modes import Mode, check_model_name, is_model_name
 from seglock.client.transforms import BlockKey
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
@@ -35,7 +35,6 @@ from seglock.models.inputs import model_input
 
 log = logging.getLogger("seglock.registry")
 
-MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 _REVISION = re.compile(r"^r(\d+)$")
 
 
@@ -170,8 +169,10 @@ def import_artifact(home: Path, keystore: Keystore, source: Path, *, name: str |
     """
     model, manifest = load_artifact(source)
     name = name or manifest.name
-    if not MODEL_NAME.match(name):
-        raise RegistryError(400, f"invalid model name {name!r}")
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise RegistryError(400, str(exc)) from None
     if revisions(home, name):
         raise RegistryError(409, f"model {name} already exists in {home}")
     if manifest.mode.has_model_key and key is None:
@@ -244,7 +245,7 @@ class Registry:
         folder = models_dir(self.home)
         folder.mkdir(parents=True, exist_ok=True)
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and MODEL_NAME.match(child.name):
+            if child.is_dir() and is_model_name(child.name):
                 try:
                     self.load(child.name)
                 except Exception as exc:  # one broken model must not keep the others offline

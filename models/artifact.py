@@ -43,7 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
-from seglock.client.modes import Mode
+from seglock.client.modes import Mode, is_model_name
 from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
 from seglock.models.errors import ArtifactError, ModelError
@@ -78,7 +78,6 @@ PROTECTION_MODES: dict[Mode, dict[str, type]] = {
 }
 _SECRET_WORDS = ("perm", "secret", "password", "passphrase", "material", "seed", "token", "private", "nonce", "key")
 _LONGEST_INT_LIST = 16  # a longer list of integers looks like a permutation: refuse it
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _META_PREFIX = "seglock."
@@ -206,7 +205,7 @@ class Manifest:
 
 
 def _check_manifest(m: Manifest) -> None:
-    if not isinstance(m.name, str) or not _NAME.fullmatch(m.name):
+    if not is_model_name(m.name):
         raise ArtifactError(f"artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {m.name!r}")
     if m.format_version != FORMAT_VERSION:
         raise ArtifactError(f"manifest format_version {m.format_version!r} is not supported")

@@ -40,7 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from seglock.client.modes import Mode
+from seglock.client.modes import Mode, is_model_name
 from seglock.client.transforms import BlockKey
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import check_divisible
@@ -86,7 +86,6 @@ HOLDOUT_EVERY = 10  # a folder data set without splits.json: every 10th stem val
 _CHECKPOINT_FILE = "last.pt"
 _CHECKPOINT_KEY = "key.json"
 _CHECKPOINT_FORMAT = "seglock-checkpoint"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class TrainError(ModelError):
@@ -526,7 +525,7 @@ def training_data(config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
 
 def _default_name(out_dir: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "-", out_dir.resolve().name).lstrip("._-")[:64]
-    if not name or not _NAME.fullmatch(name):
+    if not is_model_name(name):
         raise TrainError(f"cannot make a model name from {out_dir}: pass a name (--name)")
     return name
 
@@ -596,7 +595,7 @@ def train(
     protection = config.protection()
     mode = protection["mode"]
     name = config.name or _default_name(out_dir)
-    if not _NAME.fullmatch(name):
+    if not is_model_name(name):
         raise TrainError(f"model name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {name!r}")
     if key_sink is not None and key_out is not None:
         raise TrainError("give the key one place: a home's keystore or a key file, not both")

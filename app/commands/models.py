@@ -18,7 +18,7 @@ from typing import Any
 
 from seglock.app.cli import CLIError
 from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
-from seglock.client.modes import Mode
+from seglock.client.modes import Mode, check_model_name, is_model_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,11 +97,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import MODEL_NAME, revisions
+    from seglock.app.registry import revisions
     from seglock.models import ArtifactError, read_manifest
 
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
+    _check_name(name)
     found = revisions(home, name)
     if not found:
         raise CLIError(f"{home} has no model {name!r}")
@@ -176,6 +175,13 @@ def key_from_home(home: str | Path, manifest) -> Any:
     return key_from_material(manifest.mode, stored.material)
 
 
+def _check_name(name: str) -> None:
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
@@ -185,10 +191,8 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
 
 
 def _default_name(out: Path) -> str:
-    from seglock.app.registry import MODEL_NAME
-
     name = out.resolve().name
-    if not MODEL_NAME.match(name):
+    if not is_model_name(name):
         raise CLIError(f"cannot use {name!r} as a model name: pass --name")
     return name
 
@@ -197,15 +201,13 @@ def _default_name(out: Path) -> str:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    from seglock.app.registry import MODEL_NAME
     from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
     from seglock.models.keyfile import KeyFileError, write_key_file
     from seglock.models.protect import CPKey
 
     out = Path(args.out)
     name = args.name or _default_name(out)
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
+    _check_name(name)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{out} already exists and is not empty")
     key_out = Path(args.key_out) if args.key_out else None
@@ -305,7 +307,7 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 
 
 def _home_rows(home: Path) -> list[dict[str, Any]]:
-    from seglock.app.registry import MODEL_NAME, models_dir
+    from seglock.app.registry import models_dir
     from seglock.keystore import Keystore, KeystoreError
     from seglock.models import read_manifest
 
@@ -322,7 +324,7 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
     rows = []
     try:
         for child in sorted(folder.iterdir()):
-            if child.is_dir() and MODEL_NAME.match(child.name):
+            if child.is_dir() and is_model_name(child.name):
                 try:
                     path = current_revision(home, child.name, store)
                 except CLIError:
@@ -373,14 +375,13 @@ def _rotate(args: argparse.Namespace) -> int:
     import torch
 
     from seglock.app.observability import Metrics
-    from seglock.app.registry import MODEL_NAME, Registry, RegistryError
+    from seglock.app.registry import Registry, RegistryError
     from seglock.app.settings import Settings
     from seglock.keystore import Keystore
     from seglock.models import ModelError
 
     home = home_of(args)
-    if not MODEL_NAME.match(args.model):
-        raise CLIError(f"invalid model name {args.model!r}")
+    _check_name(args.model)
     settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
     with keystore_call(lambda: Keystore.open(home)) as store:
         registry = Registry(settings, store, Metrics(), torch.device("cpu"))
