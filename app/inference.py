@@ -10,7 +10,7 @@ import json
 import numpy as np
 import torch
 
-from seglock.app.errors import conflict, unprocessable, unsupported_media
+from seglock.app.errors import StaleKeyVersion, unprocessable, unsupported_media
 from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
 from seglock.app.registry import HostedModel
 from seglock.client.modes import Mode
@@ -21,14 +21,14 @@ from seglock.client.transforms.ffx import FFX_MAX
 def check_key_version(hosted: HostedModel, header: str | None) -> None:
     """Encrypted block inputs must name the key they were made with, and it must be current."""
     if header is None:
-        raise conflict(f"encrypted input for {hosted.name} needs X-Seglock-Key-Version "
+        raise StaleKeyVersion(f"encrypted input for {hosted.name} needs X-Seglock-Key-Version "
                        f"(current: {hosted.key_version})")
     try:
         version = int(header)
     except ValueError:
-        raise conflict(f"X-Seglock-Key-Version must be an integer (current: {hosted.key_version})") from None
+        raise StaleKeyVersion(f"X-Seglock-Key-Version must be an integer (current: {hosted.key_version})") from None
     if version != hosted.key_version:
-        raise conflict(f"key version {version} is stale; the current key version of {hosted.name} is "
+        raise StaleKeyVersion(f"key version {version} is stale; the current key version of {hosted.name} is "
                        f"{hosted.key_version}: fetch the client key again")
 
 

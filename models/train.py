@@ -569,7 +569,7 @@ def _run_key(checkpoint_dir: Path, model: nn.Module, protection: Mapping[str, An
 
 class KeySink(Protocol):
     """Where a run's key goes when it is not a key file: the server side's keystore
-    (`seglock.app.registry.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
+    (`seglock.app.home.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
 
     def check(self, name: str) -> None:
         """Raise (a ValueError) before training if `name` cannot be stored."""

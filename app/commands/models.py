@@ -3,8 +3,8 @@
 protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
             (DESIGN "Protection modes": no accuracy lost, no training)
 list        the models of a home (the revision in use) and/or artifact folders
-import      copy an artifact into a home (seglock.app.registry.import_artifact: cp keys are replaced)
-rotate-key  re-key a home's cp model: the flow of the server's admin route (Registry.rotate_key)
+import      copy an artifact into a home (seglock.app.home.Home.import_artifact: cp keys are replaced)
+rotate-key  re-key a home's cp model: the flow of the server's admin route (Home.rotate_key)
 """
 
 from __future__ import annotations
@@ -97,26 +97,14 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import revisions
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.models import ArtifactError
 
-    _check_name(name)
-    found = revisions(home, name)
-    if not found:
-        raise CLIError(f"{home} has no model {name!r}")
-    newest = max(found)
     try:
-        manifests = {rev: read_manifest(path) for rev, path in found.items()}
-    except ArtifactError as exc:
+        return Home(home, keystore).serving_revision(name)
+    except (ServiceError, ArtifactError) as exc:
         raise CLIError(str(exc)) from None
-    if not manifests[newest].mode.has_model_key or keystore is None:
-        return found[newest]
-    active = keystore.active_model_key(name)
-    matching = [rev for rev, m in manifests.items()
-                if active is not None and m.key is not None and m.key.version == active.version]
-    if not matching:
-        raise CLIError(f"no revision of {name} in {home} matches its active key")
-    return found[max(matching)]
 
 
 def resolve_artifact(model: str, home: str | None) -> Path:
@@ -155,24 +143,17 @@ def key_from_file(path: str, manifest) -> Any:
 
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
-    from seglock.app.registry import key_from_material
-    from seglock.keystore import Keystore, ModelKeyNotFound
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
 
     if not manifest.mode.has_model_key:
         return None
-    if manifest.key is None:
-        raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
     with keystore_call(lambda: Keystore.open(home)) as store:
         try:
-            stored = store.get_model_key(manifest.name, manifest.key.version)
-        except ModelKeyNotFound:
-            raise CLIError(f"the keystore in {home} has no key {manifest.name} v{manifest.key.version}") from None
-    if stored.id != manifest.key.id:
-        raise CLIError(f"the keystore in {home} holds another key as {manifest.name} v{manifest.key.version} "
-                       f"(id {stored.id}, the manifest names {manifest.key.id})")
-    if stored.material is None:
-        raise CLIError(f"key {manifest.name} v{manifest.key.version} in {home} was destroyed")
-    return key_from_material(manifest.mode, stored.material)
+            return Home(home, store).model_key(manifest)
+        except ServiceError as exc:
+            raise CLIError(str(exc)) from None
 
 
 def _check_name(name: str) -> None:
@@ -261,12 +242,12 @@ def _protect(args: argparse.Namespace) -> int:
 
 
 def _check_home_free(home: Path, name: str) -> None:
-    from seglock.app.registry import revisions
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
 
     with keystore_call(lambda: Keystore.open(home, create=True)) as store:
-        taken = bool(store.model_key_versions(name))
-    if taken or revisions(home, name):
+        taken = Home(home, store).is_taken(name)
+    if taken:
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
 
 
@@ -307,12 +288,11 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 
 
 def _home_rows(home: Path) -> list[dict[str, Any]]:
-    from seglock.app.registry import models_dir
+    from seglock.app.home import Home
     from seglock.keystore import Keystore, KeystoreError
     from seglock.models import read_manifest
 
-    folder = models_dir(home)
-    if not folder.is_dir():
+    if not Home(home).models_dir.is_dir():
         if not (home / "keystore.json").exists():
             raise CLIError(f"{home} is not a seglock home (no keystore.json, no models/)")
         return []
@@ -323,13 +303,12 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
         store = None  # still list what is on disk; the revision in use is then the newest
     rows = []
     try:
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and is_model_name(child.name):
-                try:
-                    path = current_revision(home, child.name, store)
-                except CLIError:
-                    continue
-                rows.append(_row(read_manifest(path), path, int(path.name[1:])))
+        for name in Home(home).model_names():
+            try:
+                path = current_revision(home, name, store)
+            except CLIError:
+                continue
+            rows.append(_row(read_manifest(path), path, int(path.name[1:])))
     finally:
         if store is not None:
             store.close()
@@ -337,7 +316,8 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from seglock.app.registry import RegistryError, import_artifact
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
     from seglock.models import ArtifactError, read_manifest
 
@@ -356,9 +336,9 @@ def _import(args: argparse.Namespace) -> int:
     made = not (home / "keystore.json").exists()
     with keystore_call(lambda: Keystore.open(home, create=True)) as store:
         try:
-            imported = keystore_call(lambda: import_artifact(home, store, Path(args.model), name=args.name,
-                                                             key=key, actor=CLI_ACTOR))
-        except (RegistryError, ArtifactError) as exc:
+            imported = keystore_call(lambda: Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                               key=key, actor=CLI_ACTOR))
+        except (ServiceError, ArtifactError) as exc:
             raise CLIError(str(exc)) from None
     if made:
         print(f"made a new keystore in {home}", file=sys.stderr)
@@ -370,27 +350,19 @@ def _import(args: argparse.Namespace) -> int:
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import torch
-
-    from seglock.app.observability import Metrics
-    from seglock.app.registry import Registry, RegistryError
-    from seglock.app.settings import Settings
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
     from seglock.models import ModelError
 
     home = home_of(args)
     _check_name(args.model)
-    settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
     with keystore_call(lambda: Keystore.open(home)) as store:
-        registry = Registry(settings, store, Metrics(), torch.device("cpu"))
+        started = time.perf_counter()
         try:
-            registry.load(args.model)  # the one model, through the same reconcile and load as the server
-            result = keystore_call(lambda: asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR)))
-        except (RegistryError, ModelError) as exc:
+            rotation = keystore_call(lambda: Home(home, store).rotate_key(args.model))
+        except (ServiceError, ModelError) as exc:
             raise CLIError(str(exc)) from None
-        finally:
-            registry.close()
+    result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
     return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
                                f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")

@@ -101,7 +101,7 @@ def finite_json(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seglock.app.registry import HomeKeySink
+    from seglock.app.home import HomeKeySink
     from seglock.models.errors import ModelError
     from seglock.models.keyfile import KeyFileError
     from seglock.models.train import TrainConfig, train

@@ -32,7 +32,7 @@ _SEGMENT_BODY = {
 
 
 def hosted_for(request: Request, name: str, principal: Principal) -> HostedModel:
-    hosted = request.app.state.registry.get(name)  # RegistryError(404) for unknown names
+    hosted = request.app.state.registry.get(name)  # ModelNotFound (404) for unknown names
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     return hosted
