@@ -28,7 +28,6 @@ import re
 import secrets
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from seglock.client import fsio
 from seglock.client.transforms import BlockKey
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import check_divisible
@@ -297,16 +297,8 @@ def _state_copy(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def _save_checkpoint(folder: Path, payload: dict[str, Any]) -> None:
     """Atomic and 0600: a crash leaves the previous checkpoint or the new one, never half of one."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{_CHECKPOINT_FILE}.", dir=folder)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, folder / _CHECKPOINT_FILE)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
+    with fsio.atomic_writer(folder / _CHECKPOINT_FILE, mode=fsio.SECRET_FILE_MODE) as tmp:
+        torch.save(payload, tmp)
 
 
 def _load_checkpoint(folder: Path) -> dict[str, Any] | None:
