@@ -47,6 +47,7 @@ from seglock.client.transforms.per_image import check_geometry
 from seglock.models.architectures import build_model
 from seglock.models.artifact import IMAGENET_NORMALIZATION, KeyRef, Manifest, save_artifact
 from seglock.models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
+from seglock.models.device import resolve_device
 from seglock.models.data.folder import FolderDataset
 from seglock.models.errors import ModelError
 from seglock.models.inputs import BLOCK_MODES, encrypt_for_mode, scaled_input
@@ -223,25 +224,6 @@ def check_input_geometry(protection: Mapping[str, Any], size: int | tuple[int, i
             check_geometry(height, width, protection["block_size"], protection["sub_block"])
     except TransformError as exc:
         raise TrainError(f"input size {height}x{width} does not fit {mode}: {exc}") from None
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """"auto" -> cuda when available, else cpu; a CUDA device that is not there is an error."""
-    if isinstance(device, torch.device):
-        return device
-    spec = str(device).strip().lower()
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(spec)
-    except RuntimeError:
-        raise TrainError(f"unknown device {device!r}: use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise TrainError(f"device {device!r} asked for but CUDA is not available")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise TrainError(f"device {device!r}: only {torch.cuda.device_count()} CUDA devices")
-    return resolved
 
 
 def lr_factor(step: int, total_steps: int, steps_per_epoch: int, schedule: str) -> float:

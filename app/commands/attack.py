@@ -102,7 +102,7 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--key-file", metavar="FILE", help="the owner's key file, to compare against")
         where.add_argument("--home", metavar="DIR", help="the home whose keystore holds the owner's key")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of wrong keys, the attacker's subset, training")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write the JSON report to OUT; alone or with '-', print it on stdout")

@@ -41,7 +41,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--schedule", default="poly", choices=("poly", "cosine"),
                         help="poly: paper 000 eq. (8); cosine: warm restarts every 10 epochs (paper 001)")
     parser.add_argument("--size", type=int, default=256, metavar="PX", help="input side in pixels (default 256)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (default: on for CUDA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")

@@ -20,7 +20,8 @@ from seglock.models.artifact import load_artifact, save_artifact
 from seglock.models.attacks.data import attacker_subset, check_fraction
 from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.inputs import BLOCK_MODES
-from seglock.models.train import fit, resolve_device
+from seglock.models.device import resolve_device
+from seglock.models.train import fit
 
 __all__ = ["finetune_attack", "headline"]
 

@@ -392,7 +392,7 @@ def weight_matching_attack(
     method "activations": against class statistics on `fraction` of the training data.
     """
     from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
-    from seglock.models.train import resolve_device
+    from seglock.models.device import resolve_device
 
     started = time.perf_counter()
     if method not in METHODS:
