@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -89,21 +88,11 @@ def write_json(target: str, data: Any) -> None:
         raise CLIError(f"cannot write {target}: {exc.strerror}") from None
 
 
-def finite_json(value: Any) -> Any:
-    """NaN -> None, recursively: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     from seglock.app.registry import HomeKeySink
     from seglock.models.errors import ModelError
     from seglock.models.keyfile import KeyFileError
+    from seglock.models.report import json_ready
     from seglock.models.train import TrainConfig, train
 
     config = TrainConfig(
@@ -132,5 +121,5 @@ def run(args: argparse.Namespace) -> int:
           f"best epoch {result.best_epoch}/{config.epochs}{shown} -> {result.artifact}{where}",
           file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        write_json(args.json, finite_json({**result.summary(), "config": config.to_dict()}))
+        write_json(args.json, json_ready({**result.summary(), "config": config.to_dict()}))
     return 0
