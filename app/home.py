@@ -19,6 +19,8 @@ adds loaded modules, batchers and hot swaps on top of it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import shutil
@@ -46,6 +48,7 @@ from seglock.keystore.errors import KeystoreError, ModelKeyNotFound
 from seglock.client import fsio
 from seglock.models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
 from seglock.models import at_rest
+from seglock.models.artifact import MANIFEST_FILE
 from seglock.models.errors import ArtifactError
 
 log = logging.getLogger("seglock.home")
@@ -221,6 +224,22 @@ class Home:
     def load_revision(self, name: str, path: Path) -> tuple[nn.Module, Manifest]:
         """(model with its stored weights, manifest) of a revision of `name`, decrypted in memory."""
         return load_artifact(path, unseal=self._unsealer(name, path))
+
+    def export_revision(self, name: str, path: Path, out: Path) -> Manifest:
+        """Write a revision of `name` to `out` as a plain artifact: the same manifest and the very
+        weights bytes the home encrypted (a cp model's keyed weights, not the folded ones), checked
+        against the manifest's SHA-256 and loaded once before the folder is swapped in."""
+        manifest = read_manifest(path)
+        data = (path / manifest.weights.file).read_bytes()
+        if at_rest.is_sealed(data):
+            data = self._unsealer(name, path)(data)
+        if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
+            raise ArtifactError(f"the weights of {name} r{_revision_number(path)} do not match their manifest's SHA-256")
+        with fsio.atomic_directory(out, mode=0o755) as tmp:
+            (tmp / manifest.weights.file).write_bytes(data)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+            load_artifact(tmp)  # the folder opens as an artifact on its own
+        return manifest
 
     def is_encrypted(self, path: Path) -> bool:
         """True when a revision's weights file is in the at-rest format."""
