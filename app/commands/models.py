@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
-from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, home_of, open_keystore, print_result
 
 KEYED_MODES = ("cp", "shf", "np", "ffx")
 
@@ -28,8 +28,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="protect, list, import and re-key model artifacts",
         description="Model artifacts (manifest.json + weights.safetensors) and their keys, offline.",
     )
-    actions = parser.add_subparsers(dest="models_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "models_command")
 
     protect = actions.add_parser(
         "protect", help="make a plain model a cp model with a fresh key (no training, no accuracy lost)",
@@ -88,18 +87,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rotate.set_defaults(handler=_rotate)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 # -- helpers shared with `seglock evaluate` --------------------------------------------------------
 
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED
+    from seglock.app.registry import MODEL_NAME, revisions
+    from seglock.models import read_manifest
 
     if not MODEL_NAME.match(name):
         raise CLIError(f"invalid model name {name!r}")
@@ -107,10 +102,7 @@ def current_revision(home: Path, name: str, keystore=None) -> Path:
     if not found:
         raise CLIError(f"{home} has no model {name!r}")
     newest = max(found)
-    try:
-        manifests = {rev: read_manifest(path) for rev, path in found.items()}
-    except ArtifactError as exc:
-        raise CLIError(str(exc)) from None
+    manifests = {rev: read_manifest(path) for rev, path in found.items()}
     if manifests[newest].mode not in REGISTRY_KEYED or keystore is None:
         return found[newest]
     active = keystore.active_model_key(name)
@@ -127,9 +119,7 @@ def resolve_artifact(model: str, home: str | None) -> Path:
     if (path / "manifest.json").is_file():
         return path
     if home is not None and "/" not in model:
-        from seglock.keystore import Keystore
-
-        with keystore_call(lambda: Keystore.open(home)) as store:
+        with open_keystore(home) as store:
             return current_revision(Path(home), model, store)
     raise CLIError(f"{model} is not an artifact folder (no manifest.json)"
                    + ("" if home else "; to name a model in a home, give --home"))
@@ -138,12 +128,9 @@ def resolve_artifact(model: str, home: str | None) -> Path:
 def key_from_file(path: str, manifest) -> Any:
     """The key in a key file, checked against the manifest it is for."""
     from seglock.models.evaluate import EvaluateError, check_key
-    from seglock.models.keyfile import KeyFileError, read_key_file
+    from seglock.models.keyfile import read_key_file
 
-    try:
-        found = read_key_file(path)
-    except KeyFileError as exc:
-        raise CLIError(str(exc)) from None
+    found = read_key_file(path)
     if manifest.mode not in KEYED_MODES:
         raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
     if found.model is not None and found.model != manifest.name:
@@ -158,13 +145,13 @@ def key_from_file(path: str, manifest) -> Any:
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
     from seglock.app.registry import key_from_material
-    from seglock.keystore import Keystore, ModelKeyNotFound
+    from seglock.keystore import ModelKeyNotFound
 
     if manifest.mode not in KEYED_MODES:
         return None
     if manifest.key is None:
         raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with open_keystore(home) as store:
         try:
             stored = store.get_model_key(manifest.name, manifest.key.version)
         except ModelKeyNotFound:
@@ -175,14 +162,6 @@ def key_from_home(home: str | Path, manifest) -> Any:
     if stored.material is None:
         raise CLIError(f"key {manifest.name} v{manifest.key.version} in {home} was destroyed")
     return key_from_material(manifest.mode, stored.material)
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(line)
-    return 0
 
 
 def _default_name(out: Path) -> str:
@@ -199,8 +178,8 @@ def _default_name(out: Path) -> str:
 
 def _protect(args: argparse.Namespace) -> int:
     from seglock.app.registry import MODEL_NAME
-    from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
-    from seglock.models.keyfile import KeyFileError, write_key_file
+    from seglock.models import KeyRef, load_artifact, protect, save_artifact
+    from seglock.models.keyfile import write_key_file
     from seglock.models.protect import CPKey
 
     out = Path(args.out)
@@ -212,41 +191,27 @@ def _protect(args: argparse.Namespace) -> int:
     key_out = Path(args.key_out) if args.key_out else None
     if key_out is not None and key_out.exists():
         raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
-    try:
-        model, manifest = load_artifact(args.model)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    model, manifest = load_artifact(args.model)
     if manifest.mode != "none":
         hint = "; to change a cp model's key use rotate-key" if manifest.mode == "cp" else ""
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
     started = time.perf_counter()
-    try:
-        key: CPKey = protect(model, args.tap)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    key: CPKey = protect(model, args.tap)
     seconds = time.perf_counter() - started
     if key_out is not None:
-        try:
-            write_key_file(key_out, key, model=name)
-        except KeyFileError as exc:
-            raise CLIError(str(exc)) from None
+        write_key_file(key_out, key, model=name)
         import secrets
 
         key_ref = KeyRef(id=f"file-{secrets.token_hex(6)}", version=1)  # random: says nothing about the key
     else:
-        from seglock.keystore import Keystore
-
-        with keystore_call(lambda: Keystore.open(args.home, create=True)) as store:
-            version = keystore_call(lambda: store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR))
+        with open_keystore(args.home, create=True) as store:
+            version = store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR)
         key_ref = KeyRef(id=version.id, version=version.version)
-    try:
-        saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
-                              input_size=list(manifest.input_size), normalization=manifest.normalization,
-                              protection={"mode": "cp", "tap": args.tap}, key=key_ref)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
+                          input_size=list(manifest.input_size), normalization=manifest.normalization,
+                          protection={"mode": "cp", "tap": args.tap}, key=key_ref)
     total = time.perf_counter() - started
     stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
     result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": args.tap,
@@ -254,33 +219,29 @@ def _protect(args: argparse.Namespace) -> int:
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return _emit(args, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
-                               f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
-                               f"key in {stored}")
+    return print_result(args.json, result,
+                        f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+                        f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
+                        f"key in {stored}")
 
 
 def _check_home_free(home: Path, name: str) -> None:
     from seglock.app.registry import revisions
-    from seglock.keystore import Keystore
 
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+    with open_keystore(home, create=True) as store:
         taken = bool(store.model_key_versions(name))
     if taken or revisions(home, name):
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
 
 
 def _list(args: argparse.Namespace) -> int:
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.models import read_manifest
 
     rows: list[dict[str, Any]] = []
     if args.home or not args.dirs:
         rows += _home_rows(home_of(args))
     for folder in args.dirs:
-        try:
-            manifest = read_manifest(folder)
-        except ArtifactError as exc:
-            raise CLIError(str(exc)) from None
-        rows.append(_row(manifest, Path(folder), None))
+        rows.append(_row(read_manifest(folder), Path(folder), None))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -294,7 +255,7 @@ def _list(args: argparse.Namespace) -> int:
                          "-" if r["revision"] is None else f"r{r['revision']}", r["path"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -308,7 +269,7 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 def _home_rows(home: Path) -> list[dict[str, Any]]:
     from seglock.app.registry import MODEL_NAME, models_dir
     from seglock.keystore import Keystore, KeystoreError
-    from seglock.models import read_manifest
+    from seglock.models import ArtifactError, read_manifest
 
     folder = models_dir(home)
     if not folder.is_dir():
@@ -326,7 +287,7 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
             if child.is_dir() and MODEL_NAME.match(child.name):
                 try:
                     path = current_revision(home, child.name, store)
-                except CLIError:
+                except (CLIError, ArtifactError):
                     continue
                 rows.append(_row(read_manifest(path), path, int(path.name[1:])))
     finally:
@@ -336,15 +297,11 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from seglock.app.registry import RegistryError, import_artifact
-    from seglock.keystore import Keystore
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.app.registry import import_artifact
+    from seglock.models import read_manifest
 
     home = home_of(args)
-    try:
-        manifest = read_manifest(args.model)
-    except ArtifactError as exc:
-        raise CLIError(str(exc)) from None
+    manifest = read_manifest(args.model)
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
@@ -353,19 +310,16 @@ def _import(args: argparse.Namespace) -> int:
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
-        try:
-            imported = keystore_call(lambda: import_artifact(home, store, Path(args.model), name=args.name,
-                                                             key=key, actor=CLI_ACTOR))
-        except (RegistryError, ArtifactError) as exc:
-            raise CLIError(str(exc)) from None
+    with open_keystore(home, create=True) as store:
+        imported = import_artifact(home, store, Path(args.model), name=args.name, key=key, actor=CLI_ACTOR)
     if made:
         print(f"made a new keystore in {home}", file=sys.stderr)
     result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
               "key_version": None if imported.key is None else imported.key.version,
               "rekeyed": imported.mode == "cp"}
     note = "; re-keyed to a fresh key" if imported.mode == "cp" else ""
-    return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+    return print_result(args.json, result,
+                        f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -374,23 +328,19 @@ def _rotate(args: argparse.Namespace) -> int:
     import torch
 
     from seglock.app.observability import Metrics
-    from seglock.app.registry import MODEL_NAME, Registry, RegistryError
+    from seglock.app.registry import MODEL_NAME, Registry
     from seglock.app.settings import Settings
-    from seglock.keystore import Keystore
-    from seglock.models import ModelError
 
     home = home_of(args)
     if not MODEL_NAME.match(args.model):
         raise CLIError(f"invalid model name {args.model!r}")
     settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with open_keystore(home) as store:
         registry = Registry(settings, store, Metrics(), torch.device("cpu"))
         try:
             registry.load(args.model)  # the one model, through the same reconcile and load as the server
-            result = keystore_call(lambda: asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR)))
-        except (RegistryError, ModelError) as exc:
-            raise CLIError(str(exc)) from None
+            result = asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR))
         finally:
             registry.close()
-    return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
-                               f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")
+    return print_result(args.json, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
+                                           f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")
