@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
@@ -95,7 +95,7 @@ class ModelInfo:
         return self.mode in BLOCK_MODES or self.mode == PER_IMAGE
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ModelInfo":
+    def from_dict(cls, data: Any) -> ModelInfo:
         try:
             protection = dict(data["protection"])
             height, width = (int(v) for v in data["input_size"])
@@ -182,6 +182,8 @@ def _encrypted_upload(model_array: np.ndarray, image_size: tuple[int, int], info
     """shf/np/ffx with the cached (version, key); per-image with fresh keys made and dropped here."""
     try:
         if info.mode in BLOCK_MODES:
+            if key is None:
+                raise TransformError("no client key was fetched")
             version, block_key = key
             encrypted = encrypt_blocks(model_array, block_key)
             headers = {KEY_VERSION_HEADER: str(version)}
@@ -202,7 +204,7 @@ def _encrypted_upload(model_array: np.ndarray, image_size: tuple[int, int], info
 
 def _mask_from(response: httpx.Response, upload: _Upload) -> np.ndarray:
     mask = imaging.decode_mask_png(response.content)
-    if upload.model_size is not None:
+    if upload.model_size is not None and upload.image_size is not None:  # set together
         if mask.shape != tuple(upload.model_size):
             raise ServerError(f"the server answered a {mask.shape} mask for a {upload.model_size} input",
                               code="bad_mask")
@@ -248,7 +250,7 @@ class _BearerToken(httpx.Auth):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def auth_flow(self, request: httpx.Request):
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
 
@@ -365,7 +367,7 @@ class SegLockClient(_ClientBase):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "SegLockClient":
+    def __enter__(self) -> SegLockClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -398,7 +400,8 @@ class SegLockClient(_ClientBase):
         raise AssertionError("unreachable")
 
     def iter_segment(self, images: Iterable[ImageInput], model: str, *,
-                     concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[tuple[int, np.ndarray | SegLockError]]:
+                     concurrency: int = DEFAULT_CONCURRENCY
+                     ) -> Generator[tuple[int, np.ndarray | SegLockError], None, None]:
         """(index, mask or SegLockError) for each image, in the order they finish.
 
         At most `concurrency` requests are in flight; `images` is read lazily, so it may be a
@@ -417,7 +420,7 @@ class SegLockClient(_ClientBase):
 
         source = enumerate(images)
         with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="seglock") as pool:
-            pending: set[concurrent.futures.Future] = set()
+            pending: set[concurrent.futures.Future[tuple[int, np.ndarray | SegLockError]]] = set()
             try:
                 while True:
                     for index, image in source:
@@ -491,6 +494,7 @@ class SegLockClient(_ClientBase):
             response, error, retryable, retry_after = self._outcome(result)
             if response is not None:
                 return response
+            assert error is not None  # _outcome gives a response or an error
             if not retryable or retry >= self.retry_policy.retries:
                 raise error
             self._sleep(self.retry_policy.delay(retry, retry_after))
@@ -518,7 +522,7 @@ class AsyncSegLockClient(_ClientBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncSegLockClient":
+    async def __aenter__(self) -> AsyncSegLockClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -550,7 +554,7 @@ class AsyncSegLockClient(_ClientBase):
 
     async def iter_segment(self, images: Iterable[ImageInput], model: str, *,
                            concurrency: int = DEFAULT_CONCURRENCY
-                           ) -> AsyncIterator[tuple[int, np.ndarray | SegLockError]]:
+                           ) -> AsyncGenerator[tuple[int, np.ndarray | SegLockError], None]:
         """(index, mask or SegLockError) as each image finishes; at most `concurrency` in flight."""
         concurrency = _check_concurrency(concurrency)
         info = await self._model(model)
@@ -564,7 +568,7 @@ class AsyncSegLockClient(_ClientBase):
                 return index, exc
 
         source = enumerate(images)
-        pending: set[asyncio.Task] = set()
+        pending: set[asyncio.Task[tuple[int, np.ndarray | SegLockError]]] = set()
         try:
             while True:
                 for index, image in source:
@@ -633,6 +637,7 @@ class AsyncSegLockClient(_ClientBase):
             response, error, retryable, retry_after = self._outcome(result)
             if response is not None:
                 return response
+            assert error is not None  # _outcome gives a response or an error
             if not retryable or retry >= self.retry_policy.retries:
                 raise error
             await self._sleep(self.retry_policy.delay(retry, retry_after))
