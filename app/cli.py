@@ -42,7 +42,7 @@ USER_ERROR_TYPES = (
     ("seglock.models.errors", "ModelError"),  # artifacts, data sets, training, evaluation, attacks
     ("seglock.models.keyfile", "KeyFileError"),
     ("seglock.client.transforms.errors", "TransformError"),
-    ("seglock.app.registry", "RegistryError"),
+    ("seglock.app.errors", "ServiceError"),  # ModelNotFound, ... of the home and the registry
 )
 
 

@@ -21,7 +21,7 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory layout on CUDA")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
@@ -40,6 +40,6 @@ class Settings(BaseSettings):
     @classmethod
     def _device_spec(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
-        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")

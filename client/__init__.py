@@ -18,6 +18,7 @@ _EXPORTS = {
     "SegLockClient": "seglock.client.sdk",
     "AsyncSegLockClient": "seglock.client.sdk",
     "ModelInfo": "seglock.client.sdk",
+    "Mode": "seglock.client.modes",
     "RetryPolicy": "seglock.client.sdk",
     "SegLockError": "seglock.client.errors",
     "AuthenticationError": "seglock.client.errors",
@@ -33,7 +34,7 @@ _EXPORTS = {
 
 __all__ = [  # _EXPORTS' names, written out so that linters and type checkers see them
     "AsyncSegLockClient", "AuthenticationError", "ConnectionFailed", "InvalidInput", "KeyVersionConflict",
-    "ModelInfo", "ModelNotFound", "Overloaded", "PermissionDenied", "RateLimited", "RetryPolicy",
+    "Mode", "ModelInfo", "ModelNotFound", "Overloaded", "PermissionDenied", "RateLimited", "RetryPolicy",
     "SegLockClient", "SegLockError", "ServerError",
 ]
 
@@ -50,6 +51,7 @@ if TYPE_CHECKING:
         SegLockError,
         ServerError,
     )
+    from seglock.client.modes import Mode
     from seglock.client.sdk import AsyncSegLockClient, ModelInfo, RetryPolicy, SegLockClient
 
 

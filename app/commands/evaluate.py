@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keys.add_argument("--home", metavar="DIR", help="take the model's key from this home's keystore")
     parser.add_argument("--conditions", default="correct,plain,random:100",
                         help="comma-separated: correct, plain, random:N (default correct,plain,random:100)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the wrong keys and per-image keys, for a repeatable report (default 0)")

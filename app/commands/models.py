@@ -3,8 +3,8 @@
 protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
             (DESIGN "Protection modes": no accuracy lost, no training)
 list        the models of a home (the revision in use) and/or artifact folders
-import      copy an artifact into a home (seglock.app.registry.import_artifact: cp keys are replaced)
-rotate-key  re-key a home's cp model: the flow of the server's admin route (Registry.rotate_key)
+import      copy an artifact into a home (seglock.app.home.Home.import_artifact: cp keys are replaced)
+rotate-key  re-key a home's cp model: the flow of the server's admin route (Home.rotate_key)
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
-from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, home_of, open_keystore, print_result
-
-KEYED_MODES = ("cp", "shf", "np", "ffx")
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, home_of, print_result
+from seglock.client.modes import Mode, check_model_name, is_model_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -92,25 +91,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED
-    from seglock.app.registry import MODEL_NAME, revisions
-    from seglock.models import read_manifest
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.models import ArtifactError
 
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
-    found = revisions(home, name)
-    if not found:
-        raise CLIError(f"{home} has no model {name!r}")
-    newest = max(found)
-    manifests = {rev: read_manifest(path) for rev, path in found.items()}
-    if manifests[newest].mode not in REGISTRY_KEYED or keystore is None:
-        return found[newest]
-    active = keystore.active_model_key(name)
-    matching = [rev for rev, m in manifests.items()
-                if active is not None and m.key is not None and m.key.version == active.version]
-    if not matching:
-        raise CLIError(f"no revision of {name} in {home} matches its active key")
-    return found[max(matching)]
+    try:
+        return Home(home, keystore).serving_revision(name)
+    except (ServiceError, ArtifactError) as exc:
+        raise CLIError(str(exc)) from None
 
 
 def resolve_artifact(model: str, home: str | None) -> Path:
@@ -119,7 +107,9 @@ def resolve_artifact(model: str, home: str | None) -> Path:
     if (path / "manifest.json").is_file():
         return path
     if home is not None and "/" not in model:
-        with open_keystore(home) as store:
+        from seglock.keystore import Keystore
+
+        with Keystore.open(home) as store:
             return current_revision(Path(home), model, store)
     raise CLIError(f"{model} is not an artifact folder (no manifest.json)"
                    + ("" if home else "; to name a model in a home, give --home"))
@@ -128,10 +118,13 @@ def resolve_artifact(model: str, home: str | None) -> Path:
 def key_from_file(path: str, manifest) -> Any:
     """The key in a key file, checked against the manifest it is for."""
     from seglock.models.evaluate import EvaluateError, check_key
-    from seglock.models.keyfile import read_key_file
+    from seglock.models.keyfile import KeyFileError, read_key_file
 
-    found = read_key_file(path)
-    if manifest.mode not in KEYED_MODES:
+    try:
+        found = read_key_file(path)
+    except KeyFileError as exc:
+        raise CLIError(str(exc)) from None
+    if not manifest.mode.has_model_key:
         raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
     if found.model is not None and found.model != manifest.name:
         raise CLIError(f"key file {path} is for model {found.model!r}, not {manifest.name!r}")
@@ -144,31 +137,29 @@ def key_from_file(path: str, manifest) -> Any:
 
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
-    from seglock.app.registry import key_from_material
-    from seglock.keystore import ModelKeyNotFound
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
 
-    if manifest.mode not in KEYED_MODES:
+    if not manifest.mode.has_model_key:
         return None
-    if manifest.key is None:
-        raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
-    with open_keystore(home) as store:
+    with Keystore.open(home) as store:
         try:
-            stored = store.get_model_key(manifest.name, manifest.key.version)
-        except ModelKeyNotFound:
-            raise CLIError(f"the keystore in {home} has no key {manifest.name} v{manifest.key.version}") from None
-    if stored.id != manifest.key.id:
-        raise CLIError(f"the keystore in {home} holds another key as {manifest.name} v{manifest.key.version} "
-                       f"(id {stored.id}, the manifest names {manifest.key.id})")
-    if stored.material is None:
-        raise CLIError(f"key {manifest.name} v{manifest.key.version} in {home} was destroyed")
-    return key_from_material(manifest.mode, stored.material)
+            return Home(home, store).model_key(manifest)
+        except ServiceError as exc:
+            raise CLIError(str(exc)) from None
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _default_name(out: Path) -> str:
-    from seglock.app.registry import MODEL_NAME
-
     name = out.resolve().name
-    if not MODEL_NAME.match(name):
+    if not is_model_name(name):
         raise CLIError(f"cannot use {name!r} as a model name: pass --name")
     return name
 
@@ -177,41 +168,53 @@ def _default_name(out: Path) -> str:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    from seglock.app.registry import MODEL_NAME
-    from seglock.models import KeyRef, load_artifact, protect, save_artifact
-    from seglock.models.keyfile import write_key_file
+    from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
+    from seglock.models.keyfile import KeyFileError, write_key_file
     from seglock.models.protect import CPKey
 
     out = Path(args.out)
     name = args.name or _default_name(out)
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
+    _check_name(name)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{out} already exists and is not empty")
     key_out = Path(args.key_out) if args.key_out else None
     if key_out is not None and key_out.exists():
         raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
-    model, manifest = load_artifact(args.model)
-    if manifest.mode != "none":
-        hint = "; to change a cp model's key use rotate-key" if manifest.mode == "cp" else ""
+    try:
+        model, manifest = load_artifact(args.model)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
+    if manifest.mode is not Mode.NONE:
+        hint = "; to change a cp model's key use rotate-key" if manifest.mode is Mode.CP else ""
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
     started = time.perf_counter()
-    key: CPKey = protect(model, args.tap)
+    try:
+        key: CPKey = protect(model, args.tap)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
     seconds = time.perf_counter() - started
     if key_out is not None:
-        write_key_file(key_out, key, model=name)
+        try:
+            write_key_file(key_out, key, model=name)
+        except KeyFileError as exc:
+            raise CLIError(str(exc)) from None
         import secrets
 
         key_ref = KeyRef(id=f"file-{secrets.token_hex(6)}", version=1)  # random: says nothing about the key
     else:
-        with open_keystore(args.home, create=True) as store:
+        from seglock.keystore import Keystore
+
+        with Keystore.open(args.home, create=True) as store:
             version = store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR)
         key_ref = KeyRef(id=version.id, version=version.version)
-    saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
-                          input_size=list(manifest.input_size), normalization=manifest.normalization,
-                          protection={"mode": "cp", "tap": args.tap}, key=key_ref)
+    try:
+        saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
+                              input_size=list(manifest.input_size), normalization=manifest.normalization,
+                              protection={"mode": Mode.CP.value, "tap": args.tap}, key=key_ref)
+    except ModelError as exc:
+        raise CLIError(str(exc)) from None
     total = time.perf_counter() - started
     stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
     result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": args.tap,
@@ -219,29 +222,33 @@ def _protect(args: argparse.Namespace) -> int:
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return print_result(args.json, result,
-                        f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
-                        f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
-                        f"key in {stored}")
+    return print_result(args.json, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+                               f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
+                               f"key in {stored}")
 
 
 def _check_home_free(home: Path, name: str) -> None:
-    from seglock.app.registry import revisions
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
 
-    with open_keystore(home, create=True) as store:
-        taken = bool(store.model_key_versions(name))
-    if taken or revisions(home, name):
+    with Keystore.open(home, create=True) as store:
+        taken = Home(home, store).is_taken(name)
+    if taken:
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
 
 
 def _list(args: argparse.Namespace) -> int:
-    from seglock.models import read_manifest
+    from seglock.models import ArtifactError, read_manifest
 
     rows: list[dict[str, Any]] = []
     if args.home or not args.dirs:
         rows += _home_rows(home_of(args))
     for folder in args.dirs:
-        rows.append(_row(read_manifest(folder), Path(folder), None))
+        try:
+            manifest = read_manifest(folder)
+        except ArtifactError as exc:
+            raise CLIError(str(exc)) from None
+        rows.append(_row(manifest, Path(folder), None))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -255,7 +262,7 @@ def _list(args: argparse.Namespace) -> int:
                          "-" if r["revision"] is None else f"r{r['revision']}", r["path"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
 
 
@@ -267,12 +274,11 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 
 
 def _home_rows(home: Path) -> list[dict[str, Any]]:
-    from seglock.app.registry import MODEL_NAME, models_dir
+    from seglock.app.home import Home
     from seglock.keystore import Keystore, KeystoreError
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.models import read_manifest
 
-    folder = models_dir(home)
-    if not folder.is_dir():
+    if not Home(home).models_dir.is_dir():
         if not (home / "keystore.json").exists():
             raise CLIError(f"{home} is not a seglock home (no keystore.json, no models/)")
         return []
@@ -283,13 +289,12 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
         store = None  # still list what is on disk; the revision in use is then the newest
     rows = []
     try:
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and MODEL_NAME.match(child.name):
-                try:
-                    path = current_revision(home, child.name, store)
-                except (CLIError, ArtifactError):
-                    continue
-                rows.append(_row(read_manifest(path), path, int(path.name[1:])))
+        for name in Home(home).model_names():
+            try:
+                path = current_revision(home, name, store)
+            except CLIError:
+                continue
+            rows.append(_row(read_manifest(path), path, int(path.name[1:])))
     finally:
         if store is not None:
             store.close()
@@ -297,50 +302,53 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from seglock.app.registry import import_artifact
-    from seglock.models import read_manifest
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
+    from seglock.models import ArtifactError, read_manifest
 
     home = home_of(args)
-    manifest = read_manifest(args.model)
+    try:
+        manifest = read_manifest(args.model)
+    except ArtifactError as exc:
+        raise CLIError(str(exc)) from None
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
-    elif manifest.mode in KEYED_MODES:
+    elif manifest.mode.has_model_key:
         if not (home / "keystore.json").exists():
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
-    with open_keystore(home, create=True) as store:
-        imported = import_artifact(home, store, Path(args.model), name=args.name, key=key, actor=CLI_ACTOR)
+    with Keystore.open(home, create=True) as store:
+        try:
+            imported = Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                               key=key, actor=CLI_ACTOR)
+        except (ServiceError, ArtifactError) as exc:
+            raise CLIError(str(exc)) from None
     if made:
         print(f"made a new keystore in {home}", file=sys.stderr)
     result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
               "key_version": None if imported.key is None else imported.key.version,
-              "rekeyed": imported.mode == "cp"}
-    note = "; re-keyed to a fresh key" if imported.mode == "cp" else ""
-    return print_result(args.json, result,
-                        f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+              "rekeyed": imported.mode is Mode.CP}
+    note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
+    return print_result(args.json, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import torch
-
-    from seglock.app.observability import Metrics
-    from seglock.app.registry import MODEL_NAME, Registry
-    from seglock.app.settings import Settings
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
+    from seglock.models import ModelError
 
     home = home_of(args)
-    if not MODEL_NAME.match(args.model):
-        raise CLIError(f"invalid model name {args.model!r}")
-    settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
-    with open_keystore(home) as store:
-        registry = Registry(settings, store, Metrics(), torch.device("cpu"))
+    _check_name(args.model)
+    with Keystore.open(home) as store:
+        started = time.perf_counter()
         try:
-            registry.load(args.model)  # the one model, through the same reconcile and load as the server
-            result = asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR))
-        finally:
-            registry.close()
+            rotation = Home(home, store).rotate_key(args.model)
+        except (ServiceError, ModelError) as exc:
+            raise CLIError(str(exc)) from None
+    result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
     return print_result(args.json, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
-                                           f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")
+                               f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")

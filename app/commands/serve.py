@@ -78,6 +78,9 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
+    from seglock.models.device import resolve_device
+
+    resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
     for name, value in flag_values(args).items():  # worker processes (--workers N) read the environment
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

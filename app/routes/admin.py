@@ -50,7 +50,7 @@ async def revoke_token(token_id: str, keystore: KeystoreDep, principal: AdminGra
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining")
 async def rotate_key(name: str, registry: RegistryDep, audit: AuditDep, principal: AdminGrant) -> dict:
     try:
-        result = await registry.rotate_key(name, actor=principal.token_id)
+        result = await registry.rotate_key(name)
     except Exception:
         audit(principal, "rotate-key", name, "failed")
         raise

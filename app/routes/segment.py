@@ -13,7 +13,8 @@ from seglock.app.deps import AuditDep, RegistryDep, SegmentGrant, SettingsDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, forbidden, overloaded, unsupported_media
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import BLOCK_MODES, HostedModel, Registry
+from seglock.app.registry import HostedModel, Registry
+from seglock.client.modes import Mode
 from seglock.keystore.tokens import Grant
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
@@ -33,7 +34,7 @@ _SEGMENT_BODY = {
 
 
 def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
-    hosted = registry.get(name)  # RegistryError(404) for unknown names
+    hosted = registry.get(name)  # ModelNotFound (404) for unknown names
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     return hosted
@@ -47,7 +48,7 @@ async def list_models(registry: RegistryDep, principal: SegmentGrant) -> dict:
 @router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)")
 async def client_key(name: str, registry: RegistryDep, audit: AuditDep, principal: SegmentGrant) -> dict:
     hosted = hosted_for(registry, name, principal)
-    if hosted.mode not in BLOCK_MODES:
+    if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
     audit(principal, "client-key", name, "ok")
     return {"model": name, "key_version": hosted.key_version, "key": hosted.block_key.to_dict()}
@@ -69,9 +70,9 @@ async def segment(
     data = await read_image_field(request)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
-        if hosted.mode not in inference.INPUT_ENCRYPTED_MODES:
+        if not hosted.mode.encrypts_input:
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
-        if hosted.mode in BLOCK_MODES:
+        if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
     upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
     tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
@@ -108,7 +109,7 @@ async def read_image_field(request: Request) -> bytes:
 
 
 def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "per-image")
+    return value is not None and value.strip().lower() in ("1", "true", "yes", Mode.PER_IMAGE)
 
 
 def _wants_json(accept: str | None) -> bool:
