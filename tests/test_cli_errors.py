@@ -6,7 +6,7 @@ import pytest
 
 from seglock.app import cli
 from seglock.app.cli import CLIError, main, user_error_message
-from seglock.app.registry import RegistryError
+from seglock.app.errors import ModelExists
 from seglock.app.settings import Settings
 from seglock.keystore.errors import KeystoreCorrupt, WrongMasterKey
 from seglock.models.data import DatasetError
@@ -20,7 +20,7 @@ from seglock.models.keyfile import KeyFileError
     ArtifactError("x has no manifest.json"),
     DatasetError("cannot tell the data format of x"),
     KeyFileError("x is not a key file"),
-    RegistryError(409, "model m already exists"),
+    ModelExists("model m already exists"),
     FileNotFoundError("no JSON results under runs/"),
 ])
 def test_user_errors_keep_their_message(error):
