@@ -6,16 +6,15 @@ import asyncio
 import time
 from typing import Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Response
 from pydantic import BaseModel, Field
 
+from seglock.app.deps import AdminGrant, AuditDep, KeystoreDep, RegistryDep
 from seglock.app.errors import not_found
-from seglock.app.security import Principal, require_scope
 from seglock.keystore.errors import TokenNotFound
 from seglock.keystore.tokens import describe_token_id
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-admin_only = require_scope("admin")
 
 
 class TokenRequest(BaseModel):
@@ -26,8 +25,7 @@ class TokenRequest(BaseModel):
 
 
 @router.post("/tokens", status_code=201, summary="Make a token; its secret is shown only in this answer")
-async def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    keystore = request.app.state.keystore
+async def create_token(body: TokenRequest, keystore: KeystoreDep, principal: AdminGrant) -> dict:
     expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
     record, token = await asyncio.to_thread(
         keystore.create_token, body.name, body.scopes, body.models,
@@ -36,13 +34,12 @@ async def create_token(body: TokenRequest, request: Request, principal: Principa
 
 
 @router.get("/tokens", summary="List tokens (never their secrets)")
-async def list_tokens(request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    return {"tokens": [record.public_dict() for record in request.app.state.keystore.list_tokens()]}
+async def list_tokens(keystore: KeystoreDep, principal: AdminGrant) -> dict:
+    return {"tokens": [record.public_dict() for record in keystore.list_tokens()]}
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token; effective on the next request")
-async def revoke_token(token_id: str, request: Request, principal: Principal = Depends(admin_only)) -> Response:
-    keystore = request.app.state.keystore
+async def revoke_token(token_id: str, keystore: KeystoreDep, principal: AdminGrant) -> Response:
     try:
         await asyncio.to_thread(keystore.revoke_token, token_id, actor=principal.token_id)
     except TokenNotFound:
@@ -51,12 +48,11 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 
 
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining")
-async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
+async def rotate_key(name: str, registry: RegistryDep, audit: AuditDep, principal: AdminGrant) -> dict:
     try:
-        result = await state.registry.rotate_key(name)
+        result = await registry.rotate_key(name)
     except Exception:
-        state.audit(principal, "rotate-key", name, "failed")
+        audit(principal, "rotate-key", name, "failed")
         raise
-    state.audit(principal, "rotate-key", name, "ok")
+    audit(principal, "rotate-key", name, "ok")
     return result
