@@ -19,6 +19,10 @@ Protection modes and their required public parameters: none; cp: tap (channels i
 shf, np, ffx: block_size; per-image: block_size, sub_block. Other public parameters may be added,
 but no field may be named like key material (key, perm, secret, password, seed, token, ...) or hold
 a long list of integers: saving and loading refuse such a manifest.
+
+Inside a home the weights file is encrypted at rest (`seglock.models.at_rest`; `save_artifact(...,
+seal=)`, `load_artifact(..., unseal=)`, given by `seglock.app.home.Home`); the manifest is the same
+and its sha256/bytes describe the plain safetensors bytes. Elsewhere artifacts are plain files.
 """
 
 from __future__ import annotations
