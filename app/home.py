@@ -41,13 +41,22 @@ from seglock.app.errors import (
     NeedsRetraining,
     NotRotatable,
 )
+from seglock.client import fsio
 from seglock.client.modes import Mode, check_model_name, is_model_name
 from seglock.client.transforms import BlockKey
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError, ModelKeyNotFound
-from seglock.client import fsio
-from seglock.models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
-from seglock.models import at_rest
+from seglock.models import (
+    CPKey,
+    KeyRef,
+    Manifest,
+    at_rest,
+    fold_key,
+    load_artifact,
+    read_manifest,
+    rekey,
+    save_artifact,
+)
 from seglock.models.artifact import MANIFEST_FILE
 from seglock.models.errors import ArtifactError
 
@@ -215,7 +224,7 @@ class Home:
         aad = at_rest.associated_data(name, revision)
         return lambda plain: at_rest.seal(plain, key, aad)
 
-    def _unsealer(self, name: str, path: Path) -> Callable[[bytes], bytes]:
+    def unsealer(self, name: str, path: Path) -> Callable[[bytes], bytes]:
         """What `load_artifact` decrypts a revision's weights with, in memory (looked up only when sealed)."""
         revision = _revision_number(path)
         aad = at_rest.associated_data(name, revision)
@@ -223,7 +232,7 @@ class Home:
 
     def load_revision(self, name: str, path: Path) -> tuple[nn.Module, Manifest]:
         """(model with its stored weights, manifest) of a revision of `name`, decrypted in memory."""
-        return load_artifact(path, unseal=self._unsealer(name, path))
+        return load_artifact(path, unseal=self.unsealer(name, path))
 
     def export_revision(self, name: str, path: Path, out: Path) -> Manifest:
         """Write a revision of `name` to `out` as a plain artifact: the same manifest and the very
@@ -232,9 +241,10 @@ class Home:
         manifest = read_manifest(path)
         data = (path / manifest.weights.file).read_bytes()
         if at_rest.is_sealed(data):
-            data = self._unsealer(name, path)(data)
+            data = self.unsealer(name, path)(data)
         if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
-            raise ArtifactError(f"the weights of {name} r{_revision_number(path)} do not match their manifest's SHA-256")
+            raise ArtifactError(f"the weights of {name} r{_revision_number(path)} do not match "
+                                "their manifest's SHA-256")
         with fsio.atomic_directory(out, mode=0o755) as tmp:
             (tmp / manifest.weights.file).write_bytes(data)
             (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")

@@ -408,7 +408,8 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
         if unseal is None:
             raise ArtifactError(
                 f"the weights of {path} are encrypted at rest (a seglock home's revision): serve them from "
-                "their home, or write a plain artifact with `seglock models export --model NAME --home HOME --out DIR`"
+                "their home, or write a plain artifact with "
+                "`seglock models export --model NAME --home HOME --out DIR`"
             )
         data = unseal(data)
     if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:

@@ -21,8 +21,7 @@ from safetensors.torch import load_file, save
 from seglock.app.cli import main
 from seglock.app.home import Home
 from seglock.keystore import Keystore
-from seglock.models import CPKey, fold_key, load_artifact, read_manifest, save_artifact
-from seglock.models import at_rest
+from seglock.models import CPKey, at_rest, fold_key, load_artifact, read_manifest, save_artifact
 from seglock.models.data import generate_scene
 from seglock.models.errors import ArtifactError
 from seglock.models.keyfile import read_key_file
@@ -267,7 +266,7 @@ def test_a_copied_models_folder_of_a_served_home_yields_no_weight_tensor(tmp_pat
         assert rotated.status_code == 200, rotated.text
         shutil.copytree(home_path / "models", tmp_path / "after-rotation")
         for model, masks_before in before.items():
-            for image, mask in zip(scenes, masks_before):
+            for image, mask in zip(scenes, masks_before, strict=True):
                 np.testing.assert_array_equal(_segment(base, model, image, client), mask)  # byte-identical
     # what the thief might look for: the bundled weights, and the home's keyed and folded weights
     known: dict[str, bytes] = {}

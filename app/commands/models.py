@@ -404,7 +404,7 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
     if not (home / "keystore.json").exists():
         raise CLIError(f"{home} is not a seglock home (no keystore.json)")
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         target = Home(home, store)
         try:
             path = target.serving_revision(args.model)
@@ -428,8 +428,9 @@ def _export(args: argparse.Namespace) -> int:
               "key": None if manifest.key is None else {"id": manifest.key.id, "version": manifest.key.version},
               "key_stored": stored}
     keyed = "" if stored is None else f"; key in {stored}"
-    return _emit(args, result, f"exported {args.model} r{result['revision']} ({manifest.mode}) from {home} -> {out} "
-                               f"(plain file, sha256 {manifest.weights.sha256[:12]}){keyed}")
+    return print_result(args.json, result,
+                        f"exported {args.model} r{result['revision']} ({manifest.mode}) from {home} -> {out} "
+                        f"(plain file, sha256 {manifest.weights.sha256[:12]}){keyed}")
 
 
 def _encrypt(args: argparse.Namespace) -> int:
@@ -441,7 +442,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     home = home_of(args)
     if not (home / "keystore.json").exists():
         raise CLIError(f"{home} is not a seglock home (no keystore.json)")
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         target = Home(home, store)
         if args.model is not None:
             _check_name(args.model)
@@ -451,10 +452,10 @@ def _encrypt(args: argparse.Namespace) -> int:
         done: dict[str, list[int]] = {}
         for name in names:
             try:
-                done[name] = keystore_call(lambda: target.encrypt_at_rest(name, actor=CLI_ACTOR))
+                done[name] = target.encrypt_at_rest(name, actor=CLI_ACTOR)
             except (ServiceError, ModelError) as exc:
                 raise CLIError(f"model {name}: {exc}") from None
     count = sum(len(revs) for revs in done.values())
     result = {"home": str(home), "encrypted": done, "revisions": count}
     listed = ", ".join(f"{n} r{r}" for n, revs in done.items() for r in revs) or "none (all already encrypted)"
-    return _emit(args, result, f"encrypted at rest in {home}: {listed}")
+    return print_result(args.json, result, f"encrypted at rest in {home}: {listed}")
