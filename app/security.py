@@ -59,3 +59,13 @@ def require_scope(scope: str):
 
     dependency.__name__ = f"require_{scope}"
     return dependency
+
+
+def require_token(request: Request) -> Principal:
+    """A dependency that admits any valid token, whatever its scopes (for `GET /v1/whoami`)."""
+    keystore = request.app.state.keystore
+    check = keystore.check_token(bearer_token(request), scope="segment")
+    if check.ok or check.reason == "scope":  # a valid token without the segment scope
+        request.state.token_id = check.grant.token_id
+        return check.grant
+    raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))

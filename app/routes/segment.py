@@ -16,7 +16,7 @@ from seglock.app.security import Principal, require_scope
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
-_SEGMENT_BODY = {
+IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
@@ -25,6 +25,9 @@ _SEGMENT_BODY = {
                                      "description": "PNG, JPEG, WebP, or .npy (encrypted tensors)"}},
         }}},
     },
+}
+_SEGMENT_BODY = {
+    **IMAGE_BODY,
     "responses": {"200": {"content": {"image/png": {}, "application/json": {}},
                           "description": "class-index mask (palette PNG) or JSON"}},
 }
