@@ -233,7 +233,9 @@ function drawOverlay(canvas, image, mask, opacity) {
   const ctx = canvas.getContext("2d");
   ctx.imageSmoothingEnabled = false;
   ctx.clearRect(0, 0, canvas.width, canvas.height);
+  ctx.filter = "grayscale(100%)";  // the image in grey, so the class colours stand out
   ctx.drawImage(image, 0, 0, canvas.width, canvas.height);
+  ctx.filter = "none";
   ctx.globalAlpha = opacity;
   ctx.drawImage(mask.colours, 0, 0, canvas.width, canvas.height);
   ctx.globalAlpha = 1;
