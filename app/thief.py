@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-
 from seglock.app import inference
 from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
 from seglock.app.registry import HostedModel, models_dir

@@ -11,7 +11,7 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome")
 DRIVER_NAMES = ("chromedriver",)
@@ -39,7 +39,7 @@ def missing_reason() -> str | None:
 
 
 @contextlib.contextmanager
-def chromium(width: int = 1280, height: int = 800) -> Iterator["object"]:
+def chromium(width: int = 1280, height: int = 800) -> Iterator[object]:
     """A headless Chromium driven by Selenium, with a fresh profile that is removed afterwards."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
-
 from seglock.app.bootstrap import import_demo_models
 from seglock.app.main import create_app
 from seglock.app.routes.console import CONTENT_SECURITY_POLICY
 from seglock.app.settings import Settings
 from seglock.models.data.synth import generate_scene
+
 from tests.server_fixtures import MASTER_KEY, open_keystore, png_bytes
 from tests.test_server_api import local_mask
 
@@ -102,7 +102,7 @@ def test_console_page_is_served_under_a_strict_content_security_policy(server):
 
 def test_console_html_has_no_inline_script_style_or_handler_and_loads_nothing_from_elsewhere():
     html = (CONSOLE / "index.html").read_text()
-    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, flags=re.S)
+    scripts = re.findall(r"<script\b([^>]*)>(.*?)</script>", html, flags=re.DOTALL)
     assert scripts == [(' src="/ui/console.js" defer', "")]
     assert "<style" not in html and " style=" not in html
     assert re.search(r"\son[a-z]+\s*=", html) is None

@@ -147,7 +147,7 @@ def test_block_and_per_image_models_say_the_server_encrypts_plain_uploads(site):
         choose(driver, "try-model", model)
         assert words in by_id(driver, "try-mode-note").text
         by_id(driver, "try-sample").click()
-        wait_for(lambda: not visible(driver, "try-busy") and
+        wait_for(lambda model=model: not visible(driver, "try-busy") and
                  {dd.get_attribute("data-fact"): dd.text for dd in css_all(driver, "#try-facts dd")}.get("Model")
                  == model, 60, f"the {model} mask")
         assert not visible(driver, "try-error")
@@ -228,7 +228,7 @@ def test_api_errors_are_shown_with_the_apis_message(site):
 def test_rotate_demo_cp_after_confirming_and_see_the_key_version_change(site):
     driver = sign_in(site)
     go(driver, "models")
-    row = lambda: css_all(driver, '#models-table tr[data-model="demo-cp"]')[0]  # noqa: E731
+    row = lambda: css_all(driver, '#models-table tr[data-model="demo-cp"]')[0]
     before = wait_for(lambda: row().find_element("css selector", "td.key-version").text, 20, "the models table")
     version = int(before.lstrip("v"))
     row().find_element("css selector", "button.rotate").click()

@@ -6,7 +6,6 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends
 from pydantic import BaseModel, Field
-
 from seglock.app.errors import error_responses
 from seglock.app.security import Principal, require_token
 

@@ -6,12 +6,11 @@ It keeps the token in sessionStorage and sends it only in the Authorization head
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from importlib import resources
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-
 from seglock.app.errors import error_responses, not_found
 
 router = APIRouter(tags=["console"])
@@ -49,7 +48,7 @@ SECURITY_HEADERS = {
 }
 
 
-@lru_cache(maxsize=None)
+@cache
 def asset_bytes(name: str) -> bytes:
     return resources.files("seglock.app").joinpath("console", name).read_bytes()
 
