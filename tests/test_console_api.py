@@ -12,16 +12,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 from seglock.app.bootstrap import import_demo_models
+from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
 from seglock.app.routes.console import CONTENT_SECURITY_POLICY
 from seglock.app.settings import Settings
+from seglock.models import load_artifact
 from seglock.models.data.synth import generate_scene
+from seglock.models.inputs import model_input
 
 from tests.server_fixtures import MASTER_KEY, open_keystore, png_bytes
-from tests.test_server_api import local_mask
 
 CLASSES = ["background", "disc", "square", "triangle", "ring", "striped_blob"]
 CONSOLE = Path(__file__).resolve().parents[1] / "app" / "console"
@@ -70,6 +73,15 @@ def scene(index: int, height: int = 128, width: int = 128) -> np.ndarray:
     """A synthetic scene of the kind the demo models were trained on, at height x width."""
     image = generate_scene(7, index, 128)[0]
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
+
+
+def local_mask(artifact_dir: Path, image: np.ndarray) -> np.ndarray:
+    """What the artifact on disk computes for `image` as it is, without any key: a thief's mask."""
+    model, manifest = load_artifact(artifact_dir)
+    resized = resize_rgb(image, tuple(manifest.input_size))
+    with torch.no_grad():
+        logits = model(model_input(torch.from_numpy(resized.copy())[None], manifest))
+    return resize_mask(logits.argmax(1)[0].to(torch.uint8).numpy(), image.shape[:2])
 
 
 def decoded(mask_png: str) -> np.ndarray:

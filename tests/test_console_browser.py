@@ -169,6 +169,18 @@ def test_thief_view_shows_two_different_pictures_for_demo_cp(site):
     # the pictures differ exactly where the masks do, and that is a good part of the image
     assert abs(differing - (1 - agreement)) <= 0.0006 and differing > 0.1
     assert by_id(driver, "thief-advantage").text.startswith("No suite report for this model.")
+    report = {"kind": "suite", "model": "demo-cp", "fraction": 0.1, "owner": {"mIoU": 71.2},
+              "no_key": {"mIoU": 9.4}, "alternatives": {"scratch": {"mIoU": 40.3}, "public": None},
+              "attacks": [{"name": "finetune", "mIoU": 40.8, "seconds": 95.0, "advantage": 0.5}], "advantage": 0.5}
+    (site["home"] / "models" / "demo-cp" / "suite.json").write_text(json.dumps(report))
+    by_id(driver, "thief-sample").click()
+    wait_for(lambda: by_id(driver, "thief-advantage").text.startswith("Largest thief's advantage"), 60, "the report")
+    assert by_id(driver, "thief-advantage").text.startswith(
+        "Largest thief's advantage: 0.5 mIoU points over the best honest alternative, with 10 % of the training data.")
+    rows = [[td.text for td in row.find_elements("css selector", "td")]
+            for row in css_all(driver, "#advantage-table tbody tr")]
+    assert rows == [["owner, with the key", "71.2", "—", "—"], ["thief, stolen file, no key", "9.4", "—", "—"],
+                    ["honest alternative: scratch", "40.3", "—", "—"], ["attack: finetune", "40.8", "0.5", "95"]]
     assert [row.get_attribute("data-class") for row in css_all(driver, "#thief-legend tbody tr")] == CLASSES
     models = [o.get_attribute("value") for o in css_all(driver, "#thief-model option")]
     assert models == ["demo-cp", "demo-per-image", "demo-shf"]  # unprotected models have nothing to steal
