@@ -361,3 +361,12 @@ def test_no_token_in_any_url_page_source_or_server_log(site):
     assert re.search(r" POST /admin/models/demo-cp/thief-view 200 ", log)
     for secret in secrets:
         assert secret not in log
+
+
+def test_no_script_error_or_content_security_policy_violation_in_any_test(site):
+    # runs last: the browser's console log holds every message since the module's first test
+    entries = site["driver"].get_log("browser")
+    problems = [e["message"] for e in entries
+                if "Content Security Policy" in e["message"] or "Uncaught" in e["message"]]
+    assert problems == []
+    assert entries, "the console log was read"
