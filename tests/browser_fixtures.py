@@ -80,4 +80,5 @@ def wait_for(condition: Callable[[], object], timeout: float = 60.0, what: str =
         except Exception as exc:  # the page may be mid-update (stale element): poll again
             last_error = exc
         time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}" + (f" ({last_error})" if last_error else ""))
+    why = f" ({last_error})" if last_error else ""
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}{why}")

@@ -41,7 +41,9 @@ def shoot(out: Path) -> list[Path]:
     with tempfile.TemporaryDirectory(prefix="seglock-shots-") as tmp:
         with live_server(Path(tmp) / "home") as server, chromium(1280, 800) as driver:
             tokens = json.loads((Path(tmp) / "home" / "initial-tokens.json").read_text())
-            find = lambda element_id: driver.find_element(By.ID, element_id)
+
+            def find(element_id: str):
+                return driver.find_element(By.ID, element_id)
 
             def snap(name: str) -> None:
                 time.sleep(0.4)  # let layout settle after the last update

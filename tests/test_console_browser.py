@@ -240,7 +240,10 @@ def test_api_errors_are_shown_with_the_apis_message(site):
 def test_rotate_demo_cp_after_confirming_and_see_the_key_version_change(site):
     driver = sign_in(site)
     go(driver, "models")
-    row = lambda: css_all(driver, '#models-table tr[data-model="demo-cp"]')[0]
+
+    def row():
+        return css_all(driver, '#models-table tr[data-model="demo-cp"]')[0]
+
     before = wait_for(lambda: row().find_element("css selector", "td.key-version").text, 20, "the models table")
     version = int(before.lstrip("v"))
     row().find_element("css selector", "button.rotate").click()
