@@ -19,12 +19,13 @@ import numpy as np
 import torch
 from seglock.app import inference
 from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
-from seglock.app.registry import HostedModel, models_dir
+from seglock.app.home import Home
+from seglock.app.registry import HostedModel
+from seglock.client.modes import Mode
 from seglock.models import ArtifactError, load_artifact
 
 log = logging.getLogger("seglock.thief")
 
-PROTECTED_MODES = ("cp", "shf", "np", "ffx", "per-image")
 SUITE_REPORT = "suite.json"  # HOME/models/<name>/suite.json, from `seglock attack suite --json`
 _MAX_REPORT_BYTES = 1 << 20
 _REPORT_KEYS = ("kind", "model", "fraction", "owner", "no_key", "alternatives", "attacks", "advantage")
@@ -35,8 +36,8 @@ WITHOUT_KEY_MEANS = {
 }
 
 
-def without_key_means(mode: str) -> str:
-    return WITHOUT_KEY_MEANS["cp" if mode == "cp" else "block"]
+def without_key_means(mode: Mode) -> str:
+    return WITHOUT_KEY_MEANS["cp" if mode is Mode.CP else "block"]
 
 
 def model_inputs(upload: Upload, hosted: HostedModel) -> tuple[torch.Tensor, torch.Tensor]:
@@ -64,13 +65,13 @@ def mask_summary(mask: np.ndarray, size: tuple[int, int], class_names: list[str]
     return full, {"mask_png": base64.b64encode(encode_mask_png(full)).decode("ascii"), "counts": named}
 
 
-def suite_report(home: Path, name: str) -> dict[str, Any] | None:
+def suite_report(home: Home, name: str) -> dict[str, Any] | None:
     """The model's thief's-advantage figures from HOME/models/<name>/suite.json, or None.
 
     A file that is missing, too large, not JSON, not a suite report of this model, or without a
     numeric advantage counts as none (and is logged), so a stray file never breaks the view.
     """
-    path = models_dir(home) / name / SUITE_REPORT
+    path = home.model_dir(name) / SUITE_REPORT
     try:
         if not path.is_file():
             return None

@@ -17,9 +17,9 @@ from seglock.app import thief
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, conflict, error_responses, not_found, overloaded
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import revisions
 from seglock.app.routes.segment import IMAGE_BODY, read_image_field
 from seglock.app.security import Principal, require_scope
+from seglock.client.modes import Mode
 from seglock.keystore.errors import TokenNotFound
 from seglock.models import ArtifactError
 from seglock.keystore.tokens import describe_token_id
@@ -64,7 +64,7 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
     state = request.app.state
     try:
-        result = await state.registry.rotate_key(name, actor=principal.token_id)
+        result = await state.registry.rotate_key(name)
     except Exception:
         state.audit(principal, "rotate-key", name, "failed")
         raise
@@ -122,9 +122,9 @@ async def list_models(request: Request, principal: Principal = Depends(admin_onl
             **{k: info[k] for k in ("name", "model_version", "key_version", "architecture", "num_classes",
                                     "class_names", "input_size", "protection")},
             "mode": str(hosted.mode),
-            "revisions": sorted(revisions(home, name)),
+            "revisions": sorted(home.revisions(name)),
             "key_versions": versions,
-            "rotatable": hosted.mode == "cp",
+            "rotatable": hosted.mode is Mode.CP,
             "suite_report": thief.suite_report(home, name) is not None,
         })
     return {"models": models}
@@ -158,7 +158,7 @@ async def thief_view(name: str, request: Request, principal: Principal = Depends
     state = request.app.state
     registry = state.registry
     hosted = registry.get(name)  # 404 for unknown names
-    if hosted.mode not in thief.PROTECTED_MODES:
+    if hosted.mode is Mode.NONE:
         raise bad_request(f"model {name} is not protected: a thief gets the same mask as its owner")
     data = await read_image_field(request)
     upload = await asyncio.to_thread(decode_upload, data, max_pixels=state.settings.max_pixels)
@@ -166,10 +166,10 @@ async def thief_view(name: str, request: Request, principal: Principal = Depends
         raise bad_request("the thief view takes a plain 8-bit image (PNG, JPEG or WebP)")
     keyed_input, plain_input = await asyncio.to_thread(thief.model_inputs, upload, hosted)
     revision, key_version, manifest = hosted.revision, hosted.key_version, hosted.manifest
-    artifact = revisions(registry.home, name).get(revision)
+    artifact = registry.home.revisions(name).get(revision)
     try:
         with_key = await hosted.batcher.submit(keyed_input)
-        if hosted.mode == "cp":
+        if hosted.mode is Mode.CP:
             without_key = await asyncio.to_thread(thief.stolen_mask, artifact, plain_input, registry.device)
         else:  # block and per-image weights are served as stored: the thief feeds them plain images
             without_key = await hosted.batcher.submit(plain_input)
