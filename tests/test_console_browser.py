@@ -53,7 +53,9 @@ def visible(driver, element_id) -> bool:
 
 def fresh_page(site, page=""):
     driver = site["driver"]
-    driver.get(site["base"] + "/ui")
+    # forget the last test's token on another page of the origin, so that /ui loads afresh (from
+    # /ui itself, /ui#page would be a same-page hash change racing the old page's sign-in)
+    driver.get(site["base"] + "/ui/favicon.svg")
     driver.execute_script("sessionStorage.clear()")
     driver.get(site["base"] + "/ui" + (f"#{page}" if page else ""))
     wait_for(lambda: visible(driver, "page-signin"), 20, "the sign-in page")
