@@ -58,7 +58,7 @@ def fresh_page(site, page=""):
     driver.get(site["base"] + "/ui/favicon.svg")
     driver.execute_script("sessionStorage.clear()")
     driver.get(site["base"] + "/ui" + (f"#{page}" if page else ""))
-    wait_for(lambda: visible(driver, "page-signin"), 20, "the sign-in page")
+    wait_for(lambda: visible(driver, "page-signin"), 45, "the sign-in page")
     return driver
 
 
@@ -70,7 +70,7 @@ def sign_in(site, who="admin", page=""):
     field = by_id(driver, "token-input")
     field.click()
     field.send_keys(site["tokens"][who] + Keys.ENTER)
-    wait_for(lambda: visible(driver, "signout"), 20, "signing in")
+    wait_for(lambda: visible(driver, "signout"), 45, "signing in")
     return driver
 
 
@@ -80,7 +80,7 @@ def go(driver, page):
 
     link = css_all(driver, f'#nav a[data-page="{page}"]')[0]
     link.send_keys(Keys.ENTER)
-    wait_for(lambda: visible(driver, f"page-{page}"), 20, f"the {page} page")
+    wait_for(lambda: visible(driver, f"page-{page}"), 45, f"the {page} page")
 
 
 def choose(driver, select_id, value):
@@ -192,25 +192,25 @@ def test_create_a_token_see_its_secret_once_and_revoke_it(site):
     driver = sign_in(site)
     go(driver, "tokens")
     by_id(driver, "new-token-name").send_keys("browser-made")
-    wait_for(lambda: css_all(driver, '.model-choice[value="demo-plain"]'), 20, "the model choices")
+    wait_for(lambda: css_all(driver, '.model-choice[value="demo-plain"]'), 45, "the model choices")
     css_all(driver, '.model-choice[value="demo-plain"]')[0].click()
     css_all(driver, "#token-form button[type=submit]")[0].click()
-    wait_for(lambda: visible(driver, "secret-dialog"), 20, "the new token's dialog")
+    wait_for(lambda: visible(driver, "secret-dialog"), 45, "the new token's dialog")
     secret = by_id(driver, "secret-value").text
     assert re.fullmatch(r"slk_[0-9a-f]{12}_[0-9a-f]{64}", secret)
     site["made"].append(secret)
     me = httpx.get(site["base"] + "/v1/whoami", headers={"Authorization": f"Bearer {secret}"}, timeout=30).json()
     assert (me["name"], me["scopes"], me["models"]) == ("browser-made", ["segment"], ["demo-plain"])
     by_id(driver, "secret-copy").click()
-    wait_for(lambda: by_id(driver, "secret-copied").text, 10, "the copy confirmation")
+    wait_for(lambda: by_id(driver, "secret-copied").text, 30, "the copy confirmation")
     by_id(driver, "secret-done").click()
-    wait_for(lambda: not visible(driver, "secret-dialog"), 10, "the dialog to close")
+    wait_for(lambda: not visible(driver, "secret-dialog"), 30, "the dialog to close")
     assert by_id(driver, "secret-value").get_attribute("textContent") == ""  # shown once, then gone
     assert secret not in driver.page_source
 
-    row = wait_for(lambda: css_all(driver, f'#tokens-table tr[data-token="{me["id"]}"]'), 20, "the new row")[0]
+    row = wait_for(lambda: css_all(driver, f'#tokens-table tr[data-token="{me["id"]}"]'), 45, "the new row")[0]
     row.find_element("css selector", "button.revoke").click()
-    wait_for(lambda: visible(driver, "confirm-dialog"), 10, "the confirmation")
+    wait_for(lambda: visible(driver, "confirm-dialog"), 30, "the confirmation")
     assert by_id(driver, "confirm-title").text == "Revoke token browser-made?"
     by_id(driver, "confirm-ok").click()
     wait_for(lambda: css_all(driver, f'#tokens-table tr[data-token="{me["id"]}"] td.status')[0].text == "revoked",
@@ -223,18 +223,18 @@ def test_api_errors_are_shown_with_the_apis_message(site):
     driver = sign_in(site)
     go(driver, "tokens")
     css_all(driver, "#token-form button[type=submit]")[0].click()  # no name
-    wait_for(lambda: visible(driver, "token-form-error"), 20, "the error")
+    wait_for(lambda: visible(driver, "token-form-error"), 45, "the error")
     assert by_id(driver, "token-form-error").text == "name: String should have at least 1 character"
     by_id(driver, "new-token-name").send_keys("no models")
     css_all(driver, "#token-form button[type=submit]")[0].click()
-    wait_for(lambda: "needs at least one model" in by_id(driver, "token-form-error").text, 20, "the keystore's error")
+    wait_for(lambda: "needs at least one model" in by_id(driver, "token-form-error").text, 45, "the keystore's error")
     assert by_id(driver, "token-form-error").text == "a segment token needs at least one model (or '*' for all)"
 
     from selenium.webdriver.common.keys import Keys
 
     driver = fresh_page(site)
     by_id(driver, "token-input").send_keys("slk_000000000000_" + "0" * 64 + Keys.ENTER)
-    wait_for(lambda: visible(driver, "signin-error"), 20, "the sign-in error")
+    wait_for(lambda: visible(driver, "signin-error"), 45, "the sign-in error")
     assert by_id(driver, "signin-error").text == "the API token is not valid"
     assert driver.execute_script("return sessionStorage.getItem('seglock.token')") is None
 
@@ -246,17 +246,17 @@ def test_rotate_demo_cp_after_confirming_and_see_the_key_version_change(site):
     def row():
         return css_all(driver, '#models-table tr[data-model="demo-cp"]')[0]
 
-    before = wait_for(lambda: row().find_element("css selector", "td.key-version").text, 20, "the models table")
+    before = wait_for(lambda: row().find_element("css selector", "td.key-version").text, 45, "the models table")
     version = int(before.lstrip("v"))
     row().find_element("css selector", "button.rotate").click()
-    wait_for(lambda: visible(driver, "confirm-dialog"), 10, "the confirmation")
+    wait_for(lambda: visible(driver, "confirm-dialog"), 30, "the confirmation")
     by_id(driver, "confirm-cancel").click()  # cancelled: nothing changes
-    wait_for(lambda: not visible(driver, "confirm-dialog"), 10, "the dialog to close")
+    wait_for(lambda: not visible(driver, "confirm-dialog"), 30, "the dialog to close")
     assert {m["name"]: m for m in admin_get(site, "/admin/models").json()["models"]}["demo-cp"]["key_version"] \
         == version
 
     row().find_element("css selector", "button.rotate").click()
-    wait_for(lambda: visible(driver, "confirm-dialog"), 10, "the confirmation")
+    wait_for(lambda: visible(driver, "confirm-dialog"), 30, "the confirmation")
     assert by_id(driver, "confirm-title").text == "Rotate the key of demo-cp?"
     by_id(driver, "confirm-ok").click()
     wait_for(lambda: row().find_element("css selector", "td.key-version").text == f"v{version + 1}", 60,
@@ -272,11 +272,11 @@ def test_rotate_demo_cp_after_confirming_and_see_the_key_version_change(site):
 def test_audit_page_is_filtered_and_paged(site):
     driver = sign_in(site)
     go(driver, "audit")
-    wait_for(lambda: css_all(driver, "#audit-table tbody tr"), 20, "audit rows")
+    wait_for(lambda: css_all(driver, "#audit-table tbody tr"), 45, "audit rows")
     by_id(driver, "audit-action").send_keys("token.create")
     css_all(driver, "#audit-form button")[0].click()
     expected = admin_get(site, "/admin/audit?action=token.create&limit=500").json()["total"]
-    wait_for(lambda: by_id(driver, "audit-range").text == f"1–{expected} of {expected}", 20, "the filtered page")
+    wait_for(lambda: by_id(driver, "audit-range").text == f"1–{expected} of {expected}", 45, "the filtered page")
     actions = {row.find_elements("css selector", "td")[2].text for row in css_all(driver, "#audit-table tbody tr")}
     assert actions == {"token.create"}
     by_id(driver, "audit-action").clear()
@@ -286,18 +286,18 @@ def test_audit_page_is_filtered_and_paged(site):
     css_all(driver, "#audit-form button")[0].click()
     total = admin_get(site, "/admin/audit?limit=1").json()["total"]
     assert total > 10
-    wait_for(lambda: by_id(driver, "audit-range").text.startswith("1–10 of "), 20, "the first page")
+    wait_for(lambda: by_id(driver, "audit-range").text.startswith("1–10 of "), 45, "the first page")
     assert len(css_all(driver, "#audit-table tbody tr")) == 10
     by_id(driver, "audit-next").click()
-    wait_for(lambda: by_id(driver, "audit-range").text.startswith("11–"), 20, "the second page")
+    wait_for(lambda: by_id(driver, "audit-range").text.startswith("11–"), 45, "the second page")
     by_id(driver, "audit-prev").click()
-    wait_for(lambda: by_id(driver, "audit-range").text.startswith("1–10 of "), 20, "the first page again")
+    wait_for(lambda: by_id(driver, "audit-range").text.startswith("1–10 of "), 45, "the first page again")
 
 
 def test_metrics_page_shows_requests_latency_batches_and_queue_depth(site):
     driver = sign_in(site)
     go(driver, "metrics")
-    wait_for(lambda: css_all(driver, '#metrics-models tr[data-model="demo-cp"]'), 20, "the models table")
+    wait_for(lambda: css_all(driver, '#metrics-models tr[data-model="demo-cp"]'), 45, "the models table")
     cells = css_all(driver, '#metrics-models tr[data-model="demo-cp"] td')
     assert int(cells[1].text) >= 1 and int(cells[2].text) >= 1  # batches, images
     assert cells[5].text == "0"
@@ -312,7 +312,7 @@ def test_a_segment_token_sees_no_admin_page_and_the_api_refuses_it(site):
     assert shown == ["try", "metrics"]
     for page in ("thief", "models", "tokens", "audit"):
         driver.execute_script("location.hash = arguments[0]", page)
-        wait_for(lambda: visible(driver, "page-try"), 10, "the try page")
+        wait_for(lambda: visible(driver, "page-try"), 30, "the try page")
         assert not visible(driver, f"page-{page}")
     answer = driver.execute_async_script(
         "const done = arguments[arguments.length - 1];"
@@ -325,11 +325,11 @@ def test_sign_out_forgets_the_token(site):
     driver = sign_in(site)
     assert driver.execute_script("return sessionStorage.getItem('seglock.token')") == site["tokens"]["admin"]
     by_id(driver, "signout").click()
-    wait_for(lambda: visible(driver, "page-signin"), 10, "the sign-in page")
+    wait_for(lambda: visible(driver, "page-signin"), 30, "the sign-in page")
     assert driver.execute_script("return sessionStorage.length") == 0
     assert not visible(driver, "nav") and driver.current_url == site["base"] + "/ui"
     driver.get(site["base"] + "/ui#tokens")
-    wait_for(lambda: visible(driver, "page-signin"), 10, "the sign-in page")
+    wait_for(lambda: visible(driver, "page-signin"), 30, "the sign-in page")
     assert not visible(driver, "page-tokens")
 
 
