@@ -1,8 +1,8 @@
 """What a thief sees: one image through a model with its key and through the stolen weights without it.
 
 "Without the key" means what a copy of the artifact gives whoever holds it: for `cp` the weights as
-stored, run with no permutation at the tap (paper 000, section III); for block and per-image models
-the same weights fed the plain image, since only the key holder can encrypt it (papers 001, 003).
+stored, run with no permutation at the tap (docs/references.md [000]); for block and per-image models
+the same weights fed the plain image, since only the key holder can encrypt it ([001], [003]).
 Nothing here returns or logs key material: the answer is two masks, their class counts, and the
 model's thief's-advantage figures from a suite report (`seglock attack suite --json`) if it has one.
 """
