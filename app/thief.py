@@ -17,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from seglock.app import inference
-from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
 from seglock.app.home import Home
+from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
 from seglock.app.registry import HostedModel
 from seglock.client.modes import Mode
 from seglock.models import ArtifactError, load_artifact

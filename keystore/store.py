@@ -169,21 +169,21 @@ class Keystore:
         self._flock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
         self._mutex = threading.RLock()  # threads of one process: one transaction at a time
         self._keys: dict[str, envelope.EnvelopeKeys] = {}  # derived keys by KDF header
-        self._kdf: dict = {}
+        self._kdf: dict[str, Any] = {}
         self._state: _State | None = None
         self._stamp: _Stamp | None = None
         self._fd: int | None = None  # pins the loaded file's inode (see _stamp)
         self._txn: _State | None = None
         self._txn_thread: int | None = None
         self._txn_dirty = False
-        self._next_master: tuple[MasterKey, dict] | None = None
+        self._next_master: tuple[MasterKey, dict[str, Any]] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
     @classmethod
     def open(
         cls,
-        home: str | os.PathLike,
+        home: str | os.PathLike[str],
         *,
         create: bool = False,
         clock: Clock | None = None,
@@ -195,7 +195,7 @@ class Keystore:
         """Open `home/keystore.json`; with `create`, make it (and a dev master.key) when missing."""
         home = Path(home)
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         if not (home / KEYSTORE_FILENAME).exists():
             if not create:
                 raise KeystoreNotFound(
@@ -219,7 +219,7 @@ class Keystore:
     @classmethod
     def init(
         cls,
-        home: str | os.PathLike,
+        home: str | os.PathLike[str],
         *,
         clock: Clock | None = None,
         env: Mapping[str, str] | None = None,
@@ -230,14 +230,14 @@ class Keystore:
         """Make a new keystore in `home`; KeystoreExists if there is one."""
         home = Path(home)
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         made = cls._create(home, env, master, options, exist_ok=False)
         assert made is not None
         return made
 
     @classmethod
     def _create(
-        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict, *, exist_ok: bool
+        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict[str, Any], *, exist_ok: bool
     ) -> "Keystore | None":
         """Make the keystore under the lock; None when another process made it first (and exist_ok)."""
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -290,7 +290,7 @@ class Keystore:
 
     # -- reading the file -----------------------------------------------------------------
 
-    def _envelope_keys(self, kdf: dict) -> envelope.EnvelopeKeys:
+    def _envelope_keys(self, kdf: dict[str, Any]) -> envelope.EnvelopeKeys:
         cache_key = json.dumps(kdf, sort_keys=True)
         keys = self._keys.get(cache_key)
         if keys is None:  # scrypt is slow on purpose: derive once per KDF header
@@ -319,7 +319,7 @@ class Keystore:
         self._install(state, fd, _stamp(st), sealed.header.kdf)
         log.debug("loaded %s (generation %d)", self.path, state.generation)
 
-    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict) -> None:
+    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict[str, Any]) -> None:
         old_fd = self._fd
         self._state, self._fd, self._stamp, self._kdf = state, fd, stamp, kdf
         if old_fd is not None:
@@ -378,7 +378,7 @@ class Keystore:
                 if changed:
                     self._reload()
                 fsio.remove_stale_temps(self.path)
-                self._txn, self._txn_thread, self._txn_dirty = self._state.copy(), threading.get_ident(), False
+                self._txn, self._txn_thread, self._txn_dirty = self._loaded.copy(), threading.get_ident(), False
                 try:
                     yield self
                     if self._txn_dirty:
@@ -408,6 +408,13 @@ class Keystore:
         if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._txn
         self.refresh()
+        return self._loaded
+
+    @property
+    def _loaded(self) -> _State:
+        """The committed state (loaded by `open` before any use)."""
+        if self._state is None:
+            raise KeystoreError("internal: the keystore was used before it was loaded")
         return self._state
 
     def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
@@ -477,7 +484,7 @@ class Keystore:
         parts = parse_token(token)
         if parts is None:
             return TokenCheck(False, "malformed")
-        return check_token(self._state.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
+        return check_token(self._loaded.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
 
     def verify_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> Grant | None:
         """The token's grant if it is valid, has `scope` and (if given) is granted `model`; else None."""
@@ -645,6 +652,7 @@ class Keystore:
             to = f"a new generated key in {old.file}" if pending is not None else new.origin
             self._record(actor, "keystore.change_master_key", str(self.path), detail=f"from {old.origin} to {to}")
         if pending is not None:
+            assert old.file is not None  # a generated key is made only for a keystore opened with its file
             os.replace(pending, old.file)
             fsio.fsync_dir(self.home)
             self._master = read_master_key_file(old.file)

@@ -15,6 +15,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 from PIL import Image
+
 from seglock.app.bootstrap import import_demo_models
 from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
@@ -23,7 +24,6 @@ from seglock.app.settings import Settings
 from seglock.models import load_artifact
 from seglock.models.data.synth import generate_scene
 from seglock.models.inputs import model_input
-
 from tests.server_fixtures import MASTER_KEY, open_keystore, png_bytes
 
 CLASSES = ["background", "disc", "square", "triangle", "ring", "striped_blob"]

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
-from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, home_of, print_result
 from seglock.client.modes import Mode, check_model_name, is_model_name
 
 
@@ -27,8 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="protect, list, import and re-key model artifacts",
         description="Model artifacts (manifest.json + weights.safetensors) and their keys, offline.",
     )
-    actions = parser.add_subparsers(dest="models_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "models_command")
 
     protect = actions.add_parser(
         "protect", help="make a plain model a cp model with a fresh key (no training, no accuracy lost)",
@@ -87,11 +86,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rotate.set_defaults(handler=_rotate)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 # -- helpers shared with `seglock evaluate` --------------------------------------------------------
 
 
@@ -115,7 +109,7 @@ def resolve_artifact(model: str, home: str | None) -> Path:
     if home is not None and "/" not in model:
         from seglock.keystore import Keystore
 
-        with keystore_call(lambda: Keystore.open(home)) as store:
+        with Keystore.open(home) as store:
             return current_revision(Path(home), model, store)
     raise CLIError(f"{model} is not an artifact folder (no manifest.json)"
                    + ("" if home else "; to name a model in a home, give --home"))
@@ -149,7 +143,7 @@ def key_from_home(home: str | Path, manifest) -> Any:
 
     if not manifest.mode.has_model_key:
         return None
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         try:
             return Home(home, store).model_key(manifest)
         except ServiceError as exc:
@@ -161,14 +155,6 @@ def _check_name(name: str) -> None:
         check_model_name(name)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(line)
-    return 0
 
 
 def _default_name(out: Path) -> str:
@@ -220,8 +206,8 @@ def _protect(args: argparse.Namespace) -> int:
     else:
         from seglock.keystore import Keystore
 
-        with keystore_call(lambda: Keystore.open(args.home, create=True)) as store:
-            version = keystore_call(lambda: store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR))
+        with Keystore.open(args.home, create=True) as store:
+            version = store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR)
         key_ref = KeyRef(id=version.id, version=version.version)
     try:
         saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
@@ -236,7 +222,7 @@ def _protect(args: argparse.Namespace) -> int:
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return _emit(args, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+    return print_result(args.json, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
                                f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
                                f"key in {stored}")
 
@@ -245,7 +231,7 @@ def _check_home_free(home: Path, name: str) -> None:
     from seglock.app.home import Home
     from seglock.keystore import Keystore
 
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+    with Keystore.open(home, create=True) as store:
         taken = Home(home, store).is_taken(name)
     if taken:
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
@@ -334,10 +320,10 @@ def _import(args: argparse.Namespace) -> int:
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+    with Keystore.open(home, create=True) as store:
         try:
-            imported = keystore_call(lambda: Home(home, store).import_artifact(Path(args.model), name=args.name,
-                                                                               key=key, actor=CLI_ACTOR))
+            imported = Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                               key=key, actor=CLI_ACTOR)
         except (ServiceError, ArtifactError) as exc:
             raise CLIError(str(exc)) from None
     if made:
@@ -346,7 +332,7 @@ def _import(args: argparse.Namespace) -> int:
               "key_version": None if imported.key is None else imported.key.version,
               "rekeyed": imported.mode is Mode.CP}
     note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
-    return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+    return print_result(args.json, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -357,12 +343,12 @@ def _rotate(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     _check_name(args.model)
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         started = time.perf_counter()
         try:
-            rotation = keystore_call(lambda: Home(home, store).rotate_key(args.model))
+            rotation = Home(home, store).rotate_key(args.model)
         except (ServiceError, ModelError) as exc:
             raise CLIError(str(exc)) from None
     result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
-    return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
+    return print_result(args.json, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
                                f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")

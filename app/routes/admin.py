@@ -7,25 +7,24 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
 import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from seglock.app import thief
+from seglock.app.deps import AdminGrant, AuditDep, KeystoreDep, RegistryDep, SettingsDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, conflict, error_responses, not_found, overloaded
 from seglock.app.imageio import decode_upload
 from seglock.app.routes.segment import IMAGE_BODY, read_image_field
-from seglock.app.security import Principal, require_scope
 from seglock.client.modes import Mode
 from seglock.keystore.errors import TokenNotFound
-from seglock.models import ArtifactError
 from seglock.keystore.tokens import describe_token_id
+from seglock.models import ArtifactError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-admin_only = require_scope("admin")
 
 
 class TokenRequest(BaseModel):
@@ -36,8 +35,7 @@ class TokenRequest(BaseModel):
 
 
 @router.post("/tokens", status_code=201, summary="Make a token; its secret is shown only in this answer")
-async def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    keystore = request.app.state.keystore
+async def create_token(body: TokenRequest, keystore: KeystoreDep, principal: AdminGrant) -> dict:
     expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
     record, token = await asyncio.to_thread(
         keystore.create_token, body.name, body.scopes, body.models,
@@ -46,13 +44,12 @@ async def create_token(body: TokenRequest, request: Request, principal: Principa
 
 
 @router.get("/tokens", summary="List tokens (never their secrets)")
-async def list_tokens(request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    return {"tokens": [record.public_dict() for record in request.app.state.keystore.list_tokens()]}
+async def list_tokens(keystore: KeystoreDep, principal: AdminGrant) -> dict:
+    return {"tokens": [record.public_dict() for record in keystore.list_tokens()]}
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token; effective on the next request")
-async def revoke_token(token_id: str, request: Request, principal: Principal = Depends(admin_only)) -> Response:
-    keystore = request.app.state.keystore
+async def revoke_token(token_id: str, keystore: KeystoreDep, principal: AdminGrant) -> Response:
     try:
         await asyncio.to_thread(keystore.revoke_token, token_id, actor=principal.token_id)
     except TokenNotFound:
@@ -61,14 +58,13 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 
 
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining")
-async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
+async def rotate_key(name: str, registry: RegistryDep, audit: AuditDep, principal: AdminGrant) -> dict:
     try:
-        result = await state.registry.rotate_key(name)
+        result = await registry.rotate_key(name)
     except Exception:
-        state.audit(principal, "rotate-key", name, "failed")
+        audit(principal, "rotate-key", name, "failed")
         raise
-    state.audit(principal, "rotate-key", name, "ok")
+    audit(principal, "rotate-key", name, "ok")
     return result
 
 
@@ -108,9 +104,7 @@ class AdminModels(BaseModel):
 
 @router.get("/models", summary="Every hosted model with its protection, revisions and key versions",
             response_model=AdminModels, responses=error_responses(401, 403))
-async def list_models(request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
-    registry, keystore = state.registry, state.keystore
+async def list_models(registry: RegistryDep, keystore: KeystoreDep, principal: AdminGrant) -> dict:
     home = registry.home
     models = []
     for name in registry.names():
@@ -154,14 +148,13 @@ class ThiefView(BaseModel):
 @router.post("/models/{name}/thief-view", summary="One image with the key and through the stolen weights without it",
              response_model=ThiefView, openapi_extra=IMAGE_BODY,
              responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503))
-async def thief_view(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
-    registry = state.registry
+async def thief_view(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, audit: AuditDep,
+                     principal: AdminGrant) -> dict:
     hosted = registry.get(name)  # 404 for unknown names
     if hosted.mode is Mode.NONE:
         raise bad_request(f"model {name} is not protected: a thief gets the same mask as its owner")
     data = await read_image_field(request)
-    upload = await asyncio.to_thread(decode_upload, data, max_pixels=state.settings.max_pixels)
+    upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
     if upload.array.dtype != np.uint8:
         raise bad_request("the thief view takes a plain 8-bit image (PNG, JPEG or WebP)")
     keyed_input, plain_input = await asyncio.to_thread(thief.model_inputs, upload, hosted)
@@ -178,13 +171,13 @@ async def thief_view(name: str, request: Request, principal: Principal = Depends
     except ArtifactError:  # a rotation removed the revision while the view was being made
         raise conflict(f"model {name} was re-keyed meanwhile: try again") from None
     except Exception:
-        state.audit(principal, "thief-view", name, "error")
+        audit(principal, "thief-view", name, "error")
         raise
     size = upload.array.shape[:2]
     names = list(manifest.class_names)
     keyed_full, keyed_view = thief.mask_summary(with_key, size, names)
     stolen_full, stolen_view = thief.mask_summary(without_key, size, names)
-    state.audit(principal, "thief-view", name, "ok")
+    audit(principal, "thief-view", name, "ok")
     return {
         "model": name, "mode": str(hosted.mode), "model_version": revision, "key_version": key_version,
         "height": int(size[0]), "width": int(size[1]), "class_names": names,
@@ -205,15 +198,16 @@ class AuditPage(BaseModel):
 @router.get("/audit", summary="The audit log, newest first, paged and filtered", response_model=AuditPage,
             responses=error_responses(401, 403, 422))
 async def audit_log(
-    request: Request,
-    principal: Principal = Depends(admin_only),
-    offset: int = Query(0, ge=0, description="entries to skip (newest first)"),
-    limit: int = Query(50, ge=1, le=500, description="entries to return"),
-    action: str | None = Query(None, max_length=100,
-                               description="an action (token.create), or its family (token) for all token.* ones"),
-    actor: str | None = Query(None, max_length=100, description="the acting token id, or cli/system/bootstrap"),
+    keystore: KeystoreDep,
+    principal: AdminGrant,
+    offset: Annotated[int, Query(ge=0, description="entries to skip (newest first)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="entries to return")] = 50,
+    action: Annotated[str | None, Query(
+        max_length=100, description="an action (token.create), or its family (token) for all token.* ones")] = None,
+    actor: Annotated[str | None, Query(
+        max_length=100, description="the acting token id, or cli/system/bootstrap")] = None,
 ) -> dict:
-    entries = request.app.state.keystore.audit_log()
+    entries = keystore.audit_log()
     matching = [entry for entry in reversed(entries)
                 if (action is None or entry.action == action or entry.action.startswith(action + "."))
                 and (actor is None or entry.actor == actor)]

@@ -11,6 +11,7 @@ from importlib import resources
 
 from fastapi import APIRouter
 from fastapi.responses import Response
+
 from seglock.app.errors import error_responses, not_found
 
 router = APIRouter(tags=["console"])
