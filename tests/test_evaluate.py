@@ -227,6 +227,12 @@ def test_cli_takes_the_key_from_a_home(scenes, tmp_path, capsys):
     assert with_key == plain["conditions"]["correct"]["mIoU"]
     with Keystore.open(home) as store:
         assert [v.version for v in store.model_key_versions("p")] == [1]
+    # the same model imported into the home and named: its weights, encrypted at rest, open in memory
+    assert main(["models", "import", "--home", str(home), "--model", str(tmp_path / "p"), "--name", "q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "q", "--data", str(scenes), "--home", str(home),
+                 "--conditions", "correct", "--json", "-", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["conditions"]["correct"]["mIoU"] == with_key
 
 
 @pytest.mark.parametrize(

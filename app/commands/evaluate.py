@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
@@ -56,9 +58,18 @@ def run(args: argparse.Namespace) -> int:
         key = key_from_file(args.key_file, manifest)
     elif args.home:
         key = key_from_home(args.home, manifest)
-    results = evaluate_conditions(artifact, args.data, key=key, conditions=args.conditions,
-                                  device=args.device, seed=args.seed, progress=not args.quiet,
-                                  batch_size=args.batch_size, split=args.split)
+    with contextlib.ExitStack() as stack:
+        unseal = None
+        if args.home and Path(args.home).resolve() / "models" in Path(artifact).resolve().parents:
+            # a model of the home, by name: its weights are decrypted in memory with the home's data key
+            from seglock.app.home import Home
+            from seglock.keystore import Keystore
+
+            store = stack.enter_context(Keystore.open(args.home))
+            unseal = Home(args.home, store).unsealer(Path(artifact).parent.name, Path(artifact))
+        results = evaluate_conditions(artifact, args.data, key=key, conditions=args.conditions,
+                                      device=args.device, seed=args.seed, progress=not args.quiet,
+                                      batch_size=args.batch_size, split=args.split, unseal=unseal)
     out = sys.stderr if args.json == "-" else sys.stdout
     print(format_table(results), file=out)
     if args.json:
