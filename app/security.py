@@ -51,3 +51,12 @@ def authenticate(request: Request, keystore: Keystore, scope: str, limiter: Rate
     if check.status == 403:
         raise forbidden(f"this token lacks the '{scope}' scope")
     raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))
+
+
+def authenticate_any(request: Request, keystore: Keystore) -> Grant:
+    """The grant of the request's token whatever its scopes (`GET /v1/whoami`); 401 otherwise."""
+    check = keystore.check_token(bearer_token(request), scope="segment")
+    if (check.ok or check.reason == "scope") and check.grant is not None:  # valid, any scopes
+        request.state.token_id = check.grant.token_id
+        return check.grant
+    raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))

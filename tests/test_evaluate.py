@@ -40,7 +40,7 @@ def scenes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch(scenes):
     data = open_dataset(scenes, "val", size=128)
-    images, masks = zip(*(data[i] for i in range(len(data))))
+    images, masks = zip(*(data[i] for i in range(len(data))), strict=False)
     return torch.stack(images), torch.stack(masks)
 
 
@@ -174,8 +174,9 @@ def test_keyless_models_have_no_random_condition(scenes):
 
 def test_per_image_correct_condition_is_repeatable_by_seed(scenes):
     path = zoo_dir() / "demo-per-image"
-    run = lambda seed: evaluate_conditions(path, scenes, key=None, conditions="correct", seed=seed,
-                                           progress=False)["conditions"]["correct"]
+    def run(seed):
+        return evaluate_conditions(path, scenes, key=None, conditions="correct", seed=seed,
+                                               progress=False)["conditions"]["correct"]
     assert run(3)["IoU"] == run(3)["IoU"]
 
 

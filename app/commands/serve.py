@@ -86,6 +86,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logging.getLogger("seglock.app").info("web console: http://%s:%d/ui", host, settings.port)
     if settings.workers > 1:
         uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
     else:

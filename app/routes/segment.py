@@ -19,7 +19,7 @@ from seglock.keystore.tokens import Grant
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
-_SEGMENT_BODY = {
+IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
@@ -28,6 +28,9 @@ _SEGMENT_BODY = {
                                      "description": "PNG, JPEG, WebP, or .npy (encrypted tensors)"}},
         }}},
     },
+}
+_SEGMENT_BODY = {
+    **IMAGE_BODY,
     "responses": {"200": {"content": {"image/png": {}, "application/json": {}},
                           "description": "class-index mask (palette PNG) or JSON"}},
 }
