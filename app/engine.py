@@ -69,6 +69,7 @@ class _Job:
     tensor: torch.Tensor
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    score: bool = False  # also answer the softmax probability of each pixel's class
 
 
 _STOP = object()
@@ -98,6 +99,13 @@ class ModelRunner:
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> np.ndarray:
+        return self.predict_scored(batch, score=False)[0]
+
+    @torch.inference_mode()
+    def predict_scored(self, batch: torch.Tensor, *, score: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N×H×W uint8 class indices, and with `score` the N×H×W float32 softmax probability of
+        each pixel's class). The mask is the argmax of the logits whether or not scores are asked
+        for, so asking for them never changes a mask."""
         module = self.module  # one module per batch: a swap never mixes weights within it
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
@@ -107,7 +115,12 @@ class ModelRunner:
                 logits = module(batch)
         else:
             logits = module(batch)
-        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        mask = logits.argmax(dim=1)
+        scores = None
+        if score:
+            probabilities = logits.float().softmax(dim=1)
+            scores = probabilities.gather(1, mask[:, None])[:, 0].cpu().numpy()
+        return mask.to(torch.uint8).cpu().numpy(), scores
 
 
 class DynamicBatcher:
@@ -135,12 +148,16 @@ class DynamicBatcher:
 
     async def submit(self, tensor: torch.Tensor) -> np.ndarray:
         """Queue one CHW tensor; returns its H×W uint8 class-index mask."""
+        return (await self.submit_scored(tensor, score=False))[0]
+
+    async def submit_scored(self, tensor: torch.Tensor, *, score: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Queue one CHW tensor; returns (H×W uint8 mask, H×W float32 class probability or None)."""
         if not self._accepting:
             raise EngineStopped(f"model {self.name} is shutting down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         try:
-            self._queue.put_nowait(_Job(tensor, future, loop))
+            self._queue.put_nowait(_Job(tensor, future, loop, score))
         except queue.Full:
             raise Overloaded(f"model {self.name} has {self._queue.maxsize} requests queued") from None
         return await future
@@ -183,7 +200,8 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             try:
-                masks = self.runner.predict(torch.stack([job.tensor for job in jobs]))
+                masks, scores = self.runner.predict_scored(torch.stack([job.tensor for job in jobs]),
+                                                           score=any(job.score for job in jobs))
             except Exception as exc:  # a failed batch fails its requests, never the worker
                 log.exception("inference failed for model %s", self.name)
                 for job in jobs:
@@ -191,8 +209,9 @@ class DynamicBatcher:
                 continue
             elapsed = time.perf_counter() - started
             self._record(len(jobs), elapsed)
-            for job, mask in zip(jobs, masks):
-                _resolve(job, result=mask)
+            for index, job in enumerate(jobs):
+                score = scores[index] if job.score else None
+                _resolve(job, result=(masks[index], score))
         # drain anything that raced past the stop marker
         while True:
             try:

@@ -22,7 +22,7 @@ from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry, RegistryError
-from seglock.app.routes import admin, health, segment
+from seglock.app.routes import admin, health, segment, v2
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
@@ -69,6 +69,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(segment.router)
     app.include_router(admin.router)
+    app.include_router(v2.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 
