@@ -15,6 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from seglock.app import __version__
+from seglock.app.backends import use_compile_cache
 from seglock.app.bootstrap import first_start
 from seglock.app.engine import resolve_device
 from seglock.app.errors import error_response, install_error_handlers
@@ -79,6 +80,7 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
     keystore = Keystore.open(home, create=True)
+    use_compile_cache(settings.compile_cache or home / "cache" / "compile")
     tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)

@@ -23,6 +23,7 @@ from typing import Any
 import filelock
 import torch
 
+from seglock.app.backends import probe_batch
 from seglock.app.engine import DynamicBatcher, ModelRunner
 from seglock.app.observability import Metrics
 from seglock.app.settings import Settings
@@ -262,8 +263,9 @@ class Registry:
             self.keystore.refresh()
             path = reconcile(self.home, self.keystore, name)
         module, manifest, block_key = self._serving_module(name, path)
-        runner = ModelRunner(module, self.device, amp=self.settings.amp,
-                             channels_last=self.settings.channels_last)
+        runner = ModelRunner(module, self.device, amp=self.settings.amp, channels_last=self.settings.channels_last,
+                             backend=self.settings.backend, compile_budget_s=self.settings.compile_budget_s,
+                             probe=probe_batch(tuple(manifest.input_size), self.settings.max_batch), name=name)
         batcher = DynamicBatcher(runner, name=name, max_batch=self.settings.max_batch,
                                  max_wait_ms=self.settings.max_wait_ms, queue_size=self.settings.queue_size,
                                  on_batch=self.metrics.observe_batch)

@@ -23,6 +23,10 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     channels_last: bool = True
+    backend: Literal["auto", "eager", "channels_last", "compile"] = Field(
+        "auto", description="how the forward pass runs; auto = the fastest exact one measured at load")
+    compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
+    compile_cache: Path | None = Field(None, description="inductor's kernel cache; default HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024)
     max_wait_ms: float = Field(5.0, ge=0, le=10_000)
     queue_size: int = Field(64, ge=1, le=100_000)

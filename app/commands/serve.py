@@ -27,6 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--queue-size", type=int, help="requests queued per model before 503 (default 64)")
     parser.add_argument("--rate-limit", type=float, metavar="RPS",
                         help="segment requests per second per token, 0 for none (default 0)")
+    parser.add_argument("--backend", choices=["auto", "eager", "channels_last", "compile"],
+                        help="how the forward pass runs (default auto: the fastest exact one, measured at load)")
+    parser.add_argument("--compile-budget", type=float, metavar="SECONDS",
+                        help="seconds a background torch.compile may take, 0 = never compile (default 300)")
     parser.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision on CUDA")
     parser.add_argument("--no-demo", action="store_true", help="do not import the demo models into an empty home")
     parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
@@ -35,7 +39,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 _FLAGS = {"home": "HOME", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
           "max_batch": "MAX_BATCH", "max_wait_ms": "MAX_WAIT_MS", "queue_size": "QUEUE_SIZE", "amp": "AMP",
-          "rate_limit": "RATE_LIMIT_RPS",
+          "rate_limit": "RATE_LIMIT_RPS", "backend": "BACKEND", "compile_budget": "COMPILE_BUDGET_S",
           "log_level": "LOG_LEVEL"}
 
 
