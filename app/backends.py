@@ -28,8 +28,8 @@ import os
 import statistics
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -136,7 +136,7 @@ class CompileJob:
                              self.name, t_compiled * 1e3, t_eager * 1e3)
                     return self._finish("rejected")
             self._finish("ready", compiled)
-        except Exception as exc:  # no C++ compiler, an unsupported op...: serving goes on without it
+        except Exception as exc:  # noqa: BLE001 - no C++ compiler, an unsupported op...: serving goes on
             self.seconds = time.perf_counter() - started
             log.warning("model %s: torch.compile failed (%s); serving without it", self.name, exc)
             self._finish("failed")

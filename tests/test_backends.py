@@ -20,7 +20,7 @@ INPUT = 128
 
 @pytest.fixture(scope="module")
 def demo():
-    model, manifest = load_artifact(zoo_dir() / "demo-plain")
+    model, _ = load_artifact(zoo_dir() / "demo-plain")
     return model.eval()
 
 

@@ -22,7 +22,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2api")
     home = root / "home"
     keystore = open_keystore(home)
-    for name, (path, key) in make_artifacts(root / "artifacts").items():
+    for path, key in make_artifacts(root / "artifacts").items():
         import_artifact(home, keystore, path, key=key)
     tokens = {
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
@@ -69,8 +69,9 @@ def protocol_error(response, status: int) -> str:
 
 
 def v1_mask(server, model, image) -> np.ndarray:
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     response = server["client"].post(f"/v1/models/{model}/segment", files={"image": ("x.png", png_bytes(image))},
                                       headers=auth(server))

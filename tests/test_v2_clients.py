@@ -20,7 +20,7 @@ from tests.server_fixtures import live_server, npy_bytes, png_bytes
 tritonhttp = pytest.importorskip("tritonclient.http")
 tritonaio = pytest.importorskip("tritonclient.http.aio")
 kserve = pytest.importorskip("kserve")
-from tritonclient.utils import InferenceServerException  # noqa: E402
+from tritonclient.utils import InferenceServerException
 
 DEMOS = ["demo-plain", "demo-cp", "demo-shf", "demo-per-image"]
 INPUT = 128  # the demo models' input size

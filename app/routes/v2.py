@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Depends, Request
@@ -29,6 +30,7 @@ from seglock.app.registry import BLOCK_MODES, HostedModel, RegistryError
 from seglock.app.routes.segment import hosted_for
 from seglock.app.security import Principal, require_scope
 from seglock.keystore.errors import KeystoreError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("seglock.app")
 
@@ -66,7 +68,7 @@ def protocol_error(status: int, message: str, headers: dict[str, str] | None = N
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
-require_segment = require_scope("segment")
+SegmentGrant = Annotated[Principal, Depends(require_scope("segment"))]
 
 
 @router.get("", summary="Server metadata")
@@ -88,15 +90,15 @@ async def ready(request: Request) -> JSONResponse:
 
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
-async def model_metadata(name: str, request: Request, version: str | None = None,
-                         principal: Principal = Depends(require_segment)) -> dict:
+async def model_metadata(name: str, request: Request, principal: SegmentGrant,
+                         version: str | None = None) -> dict:
     return metadata(served(request, name, version, principal))
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version")
-async def model_ready(name: str, request: Request, version: str | None = None,
-                      principal: Principal = Depends(require_segment)) -> JSONResponse:
+async def model_ready(name: str, request: Request, principal: SegmentGrant,
+                      version: str | None = None) -> JSONResponse:
     served(request, name, version, principal)
     if not request.app.state.ready:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
@@ -119,8 +121,8 @@ _INFER_BODY = {
              response_class=Response)
 @router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
              openapi_extra=_INFER_BODY, response_class=Response)
-async def infer(name: str, request: Request, version: str | None = None,
-                principal: Principal = Depends(require_segment)) -> Response:
+async def infer(name: str, request: Request, principal: SegmentGrant,
+                version: str | None = None) -> Response:
     state = request.app.state
     hosted = served(request, name, version, principal)
     body = await request.body()
@@ -154,6 +156,7 @@ def served(request: Request, name: str, version: str | None, principal: Principa
 
 def metadata(hosted: HostedModel) -> dict[str, Any]:
     height, width = hosted.manifest.input_size
+    runner = hosted.batcher.runner
     return {
         "name": hosted.name,
         "versions": [str(hosted.revision)],
@@ -166,6 +169,8 @@ def metadata(hosted: HostedModel) -> dict[str, Any]:
             "key_version": hosted.key_version,
             "input_size": [height, width],  # encrypted input must be exactly this size
             "class_names": list(hosted.manifest.class_names),
+            "backend": runner.backend,  # eager | channels_last | compile (see --backend)
+            "compile": None if runner.compile_job is None else runner.compile_job.state,
         },
     }
 
