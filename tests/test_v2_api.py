@@ -22,7 +22,7 @@ def server(tmp_path_factory):
     root = tmp_path_factory.mktemp("v2api")
     home = root / "home"
     keystore = open_keystore(home)
-    for path, key in make_artifacts(root / "artifacts").items():
+    for path, key in make_artifacts(root / "artifacts").values():
         import_artifact(home, keystore, path, key=key)
     tokens = {
         "client": keystore.create_token("client", ["segment"], ["*"])[1],

@@ -30,7 +30,6 @@ from seglock.app.registry import BLOCK_MODES, HostedModel, RegistryError
 from seglock.app.routes.segment import hosted_for
 from seglock.app.security import Principal, require_scope
 from seglock.keystore.errors import KeystoreError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("seglock.app")
 
