@@ -37,6 +37,8 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
+from fastapi import FastAPI, UploadFile
+from fastapi.responses import Response
 from PIL import Image
 
 SERVERS = ("seglock", "litserve", "bare")
@@ -74,8 +76,6 @@ def mask_png(mask: np.ndarray) -> bytes:
 
 def serve_bare(folder: Path, port: int) -> None:
     import uvicorn
-    from fastapi import FastAPI, UploadFile
-    from fastapi.responses import Response
 
     app = FastAPI()
     models = {name: load_eager(folder, name) for name in MODELS}
@@ -97,16 +97,19 @@ def serve_bare(folder: Path, port: int) -> None:
     uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
 
 
-def serve_litserve(folder: Path, port: int) -> None:
+try:  # LitServe's workers are spawned processes: its API class must live at module level
     import litserve as ls
+except ImportError:  # pragma: no cover - `pip install 'seglock[dev]'` has it
+    ls = None
 
-    class Segment(ls.LitAPI):
-        def __init__(self, name: str):
+if ls is not None:
+    class LitSegment(ls.LitAPI):
+        def __init__(self, folder: Path, name: str):
             super().__init__(max_batch_size=8, batch_timeout=0.01, api_path=f"/predict/{name}")
-            self.name = name
+            self.folder, self.name = folder, name
 
         def setup(self, device):
-            self.module, self.manifest = load_eager(folder, self.name)
+            self.module, self.manifest = load_eager(self.folder, self.name)
 
         def decode_request(self, request):
             return preprocess(base64.b64decode(request["image"]), self.manifest)
@@ -124,7 +127,11 @@ def serve_litserve(folder: Path, port: int) -> None:
         def encode_response(self, mask):
             return {"mask": base64.b64encode(mask_png(mask)).decode()}
 
-    server = ls.LitServer([Segment(name) for name in MODELS], accelerator="cpu", timeout=300)
+
+def serve_litserve(folder: Path, port: int) -> None:
+    if ls is None:
+        raise SystemExit("litserve is not installed: pip install 'seglock[dev]'")
+    server = ls.LitServer([LitSegment(folder, name) for name in MODELS], accelerator="cpu", timeout=300)
     server.run(host="127.0.0.1", port=port, generate_client_file=False, num_api_servers=1, log_level="warning")
 
 
