@@ -145,7 +145,7 @@ def free_port() -> int:
 
 def prepare(work: Path, args, env: dict) -> dict:
     """Artifacts, key file, a seglock home with both models and a token; the eager masks of the scene."""
-    from seglock.app.registry import import_artifact
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
     from seglock.models import build_model, fold_key, protect, save_artifact
     from seglock.models.data import generate_scene
@@ -166,8 +166,8 @@ def prepare(work: Path, args, env: dict) -> dict:
 
     home = work / "home"
     keystore = Keystore.open(home, create=True, env=env)
-    import_artifact(home, keystore, work / "plain")
-    import_artifact(home, keystore, work / "cp", key=key)
+    Home(home, keystore).import_artifact(work / "plain")
+    Home(home, keystore).import_artifact(work / "cp", key=key)
     _, token = keystore.create_token("peers", ["segment"], list(MODELS))
 
     image = generate_scene(0, 0, args.size)[0]

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from seglock.app import oip
 from seglock.app.errors import APIError
 from seglock.app.main import create_app
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 from seglock.app.settings import Settings
 from tests.server_fixtures import INPUT, MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
 
@@ -23,7 +23,7 @@ def server(tmp_path_factory):
     home = root / "home"
     keystore = open_keystore(home)
     for path, key in make_artifacts(root / "artifacts").values():
-        import_artifact(home, keystore, path, key=key)
+        Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
         "plain-only": keystore.create_token("limited", ["segment"], ["plain"])[1],

@@ -24,11 +24,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seglock.app import __version__, inference, oip
 from seglock.app.engine import EngineStopped, Overloaded
-from seglock.app.errors import APIError, bad_request, conflict, not_found, overloaded, unprocessable
+from seglock.app.errors import (APIError, ServiceError, bad_request, conflict, http_status, not_found, overloaded,
+                                unprocessable)
 from seglock.app.imageio import resize_mask
-from seglock.app.registry import BLOCK_MODES, HostedModel, RegistryError
+from seglock.app.registry import HostedModel
 from seglock.app.routes.segment import hosted_for
 from seglock.app.security import Principal, require_scope
+from seglock.client.modes import Mode
 from seglock.keystore.errors import KeystoreError
 
 log = logging.getLogger("seglock.app")
@@ -47,8 +49,8 @@ class ProtocolRoute(APIRoute):
                 return await handler(request)
             except APIError as exc:
                 return protocol_error(exc.status, exc.message, exc.headers)
-            except RegistryError as exc:
-                return protocol_error(exc.status, str(exc))
+            except ServiceError as exc:  # domain errors: unknown model, stale key version, ...
+                return protocol_error(http_status(exc)[0], str(exc))
             except KeystoreError as exc:
                 if exc.user_error:  # keystore messages never hold a secret
                     return protocol_error(400, str(exc))
@@ -164,7 +166,7 @@ def metadata(hosted: HostedModel) -> dict[str, Any]:
         "outputs": [{"name": "mask", "datatype": "UINT8", "shape": [-1, -1, -1]},
                     {"name": "score", "datatype": "FP32", "shape": [-1, -1, -1]}],
         "parameters": {
-            "protection": hosted.mode,
+            "protection": str(hosted.mode),
             "key_version": hosted.key_version,
             "input_size": [height, width],  # encrypted input must be exactly this size
             "class_names": list(hosted.manifest.class_names),
@@ -183,9 +185,9 @@ def encrypted_input(parameters: dict[str, Any], hosted: HostedModel) -> bool:
     encrypted = flag or key_version is not None
     if not encrypted:
         return False
-    if hosted.mode not in inference.INPUT_ENCRYPTED_MODES:
+    if not hosted.mode.encrypts_input:
         raise bad_request(f"model {hosted.name} is {hosted.mode}: send a plain image")
-    if hosted.mode in BLOCK_MODES:
+    if hosted.mode.is_block:
         if key_version is None:
             raise conflict(f"encrypted input for {hosted.name} needs parameters.key_version "
                            f"(current: {hosted.key_version})")
@@ -205,7 +207,7 @@ def model_inputs(images: np.ndarray, hosted: HostedModel, encrypted: bool):
         if images.shape[1:3] != (height, width):
             raise unprocessable(f"encrypted input must be exactly {height}x{width} (HxW), "
                                 f"got {images.shape[1]}x{images.shape[2]}")
-        if hosted.mode == "ffx":
+        if hosted.mode is Mode.FFX:
             if images.dtype != np.uint16 or int(images.max(initial=0)) > inference.FFX_MAX:
                 raise unprocessable(f"ffx input must be UINT16 with values 0..{inference.FFX_MAX}")
         elif images.dtype != np.uint8:
