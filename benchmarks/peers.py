@@ -27,6 +27,7 @@ import copy
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -191,7 +192,8 @@ def start(kind: str, work: Path, setup: dict, env: dict, args) -> tuple[subproce
         command = [sys.executable, __file__, "--serve", kind, "--work", str(work), "--port", str(port)]
         ready = "/health"
     log = open(work / f"{kind}.log", "wb")  # noqa: SIM115 - closed with the process
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    # a session of its own: LitServe's spawned workers stop with their server (stop() signals the group)
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     return process, f"http://127.0.0.1:{port}", ready
 
 
@@ -284,12 +286,20 @@ def measure(kind: str, work: Path, setup: dict, env: dict, args) -> dict:
                 print(f"  {kind:<9} {model:<6} c={concurrency:<3} {result['images_per_s']:6.1f} img/s  "
                       f"p50 {result['p50_ms']:7.0f} ms  p99 {result['p99_ms']:7.0f} ms", flush=True)
     finally:
-        process.terminate()
-        try:
-            process.wait(30)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop(process)
     return out
+
+
+def stop(process: subprocess.Popen) -> None:
+    """Terminate the server and every process it started (its process group), then reap it."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(10)
+    except ProcessLookupError:
+        pass
 
 
 def report(results: dict, concurrency: list[int]) -> None:
