@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable
-from typing import Annotated, Any
+from typing import Any
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from fastapi.routing import APIRoute
@@ -26,12 +26,13 @@ from seglock.app import __version__, inference, oip
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import (APIError, ServiceError, bad_request, conflict, http_status, not_found, overloaded,
                                 unprocessable)
+from seglock.app.deps import ReadyDep, RegistryDep, SegmentGrant, SettingsDep
 from seglock.app.imageio import resize_mask
-from seglock.app.registry import HostedModel
+from seglock.app.registry import HostedModel, Registry
 from seglock.app.routes.segment import hosted_for
-from seglock.app.security import Principal, require_scope
 from seglock.client.modes import Mode
 from seglock.keystore.errors import KeystoreError
+from seglock.keystore.tokens import Grant
 
 log = logging.getLogger("seglock.app")
 
@@ -69,7 +70,6 @@ def protocol_error(status: int, message: str, headers: dict[str, str] | None = N
 
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
-SegmentGrant = Annotated[Principal, Depends(require_scope("segment"))]
 
 
 @router.get("", summary="Server metadata")
@@ -83,25 +83,25 @@ async def live() -> dict:
 
 
 @router.get("/health/ready", summary="Readiness: every model loaded")
-async def ready(request: Request) -> JSONResponse:
-    if not request.app.state.ready:
+async def ready(is_ready: ReadyDep) -> JSONResponse:
+    if not is_ready:
         return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"ready": True})
 
 
 @router.get("/models/{name}", summary="Model metadata")
 @router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
-async def model_metadata(name: str, request: Request, principal: SegmentGrant,
+async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant,
                          version: str | None = None) -> dict:
-    return metadata(served(request, name, version, principal))
+    return metadata(served(registry, name, version, principal))
 
 
 @router.get("/models/{name}/ready", summary="Model readiness")
 @router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version")
-async def model_ready(name: str, request: Request, principal: SegmentGrant,
+async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep,
                       version: str | None = None) -> JSONResponse:
-    served(request, name, version, principal)
-    if not request.app.state.ready:
+    served(registry, name, version, principal)
+    if not is_ready:
         return JSONResponse({"name": name, "ready": False}, status_code=503)
     return JSONResponse({"name": name, "ready": True})
 
@@ -122,14 +122,13 @@ _INFER_BODY = {
              response_class=Response)
 @router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
              openapi_extra=_INFER_BODY, response_class=Response)
-async def infer(name: str, request: Request, principal: SegmentGrant,
+async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, principal: SegmentGrant,
                 version: str | None = None) -> Response:
-    state = request.app.state
-    hosted = served(request, name, version, principal)
+    hosted = served(registry, name, version, principal)
     body = await request.body()
     parsed = await asyncio.to_thread(
         oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
-        max_pixels=state.settings.max_pixels, max_images=state.settings.queue_size)
+        max_pixels=settings.max_pixels, max_images=settings.queue_size)
     encrypted = encrypted_input(parsed.parameters, hosted)
     tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
     try:
@@ -147,9 +146,9 @@ async def infer(name: str, request: Request, principal: SegmentGrant,
     return Response(payload, media_type="application/octet-stream", headers=headers)
 
 
-def served(request: Request, name: str, version: str | None, principal: Principal) -> HostedModel:
+def served(registry: Registry, name: str, version: str | None, principal: Grant) -> HostedModel:
     """The hosted model a token may use; a version, when named, must be the revision being served."""
-    hosted = hosted_for(request, name, principal)
+    hosted = hosted_for(registry, name, principal)
     if version is not None and version != str(hosted.revision):
         raise not_found(f"model {name} serves version {hosted.revision}, not {version!r}")
     return hosted
