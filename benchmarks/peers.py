@@ -132,7 +132,8 @@ if ls is not None:
 def serve_litserve(folder: Path, port: int) -> None:
     if ls is None:
         raise SystemExit("litserve is not installed: pip install 'seglock[dev]'")
-    server = ls.LitServer([LitSegment(folder, name) for name in MODELS], accelerator="cpu", timeout=False)  # no 504s: measure, not shed
+    # timeout=False: no 504s, every request is measured rather than shed
+    server = ls.LitServer([LitSegment(folder, name) for name in MODELS], accelerator="cpu", timeout=False)
     server.run(host="127.0.0.1", port=port, generate_client_file=False, num_api_servers=1, log_level="warning")
 
 

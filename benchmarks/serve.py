@@ -14,18 +14,17 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import asyncio
 import base64
 import copy
 import io
 import json
+import os
 import socket
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -37,11 +36,11 @@ from PIL import Image
 
 from seglock.app.backends import use_compile_cache
 from seglock.app.home import Home
-from seglock.models.device import resolve_device
 from seglock.keystore import Keystore
 from seglock.models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
 from seglock.models.artifact import IMAGENET_NORMALIZATION
 from seglock.models.data import generate_scene
+from seglock.models.device import resolve_device
 from seglock.models.inputs import scaled_input
 
 TAPS = {"tiny": "dec2", "vit_seg": "head", "lraspp_mobilenet_v3_large": "features16"}
@@ -128,7 +127,8 @@ def wait_for_backend(base: str, token: str, limit_s: float) -> str:
         params = httpx.get(f"{base}/v2/models/bench", headers={"Authorization": f"Bearer {token}"},
                            timeout=10).json()["parameters"]
         if params["compile"] != "compiling" or time.monotonic() > deadline:
-            return params["backend"] + ("" if params["compile"] in (None, "ready") else f" (compile {params['compile']})")
+            settled = params["compile"] in (None, "ready")
+            return params["backend"] + ("" if settled else f" (compile {params['compile']})")
         time.sleep(2)
 
 
@@ -158,7 +158,8 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def load(base: str, token: str, data, concurrency: int, total: int, *, v2: bool = False) -> tuple[float, list[float]]:
+async def load(base: str, token: str, data, concurrency: int, total: int, *,
+               v2: bool = False) -> tuple[float, list[float]]:
     latencies: list[float] = []
     queue: asyncio.Queue = asyncio.Queue()
     for _ in range(total):

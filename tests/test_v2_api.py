@@ -11,8 +11,8 @@ from fastapi.testclient import TestClient
 
 from seglock.app import oip
 from seglock.app.errors import APIError
-from seglock.app.main import create_app
 from seglock.app.home import Home
+from seglock.app.main import create_app
 from seglock.app.settings import Settings
 from tests.server_fixtures import INPUT, MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
 
@@ -102,14 +102,18 @@ def test_parse_json_input_accepts_flat_and_nested_data():
         assert parsed.image.dtype == np.uint16 and np.array_equal(parsed.image, images)
 
 
+def one_input(**fields) -> dict:
+    return {"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2, 3], **fields}]}
+
+
 @pytest.mark.parametrize("header, status, words", [
-    ({"inputs": [{"name": "pixels", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2, 3]}]}, 400, "unknown input"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "FP32", "data": [1, 2, 3]}]}, 422, "UINT8"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 3], "datatype": "UINT8", "data": [1, 2, 3]}]}, 422, "NHWC"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2]}]}, 422, "needs 3 values"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2, 256]}]}, 422, "0..255"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2.5, 3]}]}, 400, "integers"),
-    ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [[1], [2, 3]]}]}, 400, "regular"),
+    (one_input(name="pixels"), 400, "unknown input"),
+    (one_input(datatype="FP32"), 422, "UINT8"),
+    (one_input(shape=[1, 1, 3]), 422, "NHWC"),
+    (one_input(data=[1, 2]), 422, "needs 3 values"),
+    (one_input(data=[1, 2, 256]), 422, "0..255"),
+    (one_input(data=[1, 2.5, 3]), 400, "integers"),
+    (one_input(data=[[1], [2, 3]]), 400, "regular"),
     ({"inputs": [{"name": "image", "shape": [9, 1, 1, 3], "datatype": "UINT8", "data": [0] * 27}]}, 413, "at most 4"),
     ({"inputs": [{"name": "image", "shape": [1, 101, 100, 3], "datatype": "UINT8", "data": [0]}]}, 413, "pixels"),
     ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [1, 2, 3]}],
@@ -195,7 +199,7 @@ def test_binary_answer_matches_v1_for_each_image_of_a_batch(server):
     header = json.loads(response.content[:length])
     assert header["outputs"][0]["shape"] == [3, 48, 40]
     masks = np.frombuffer(response.content[length:], np.uint8).reshape(3, 48, 40)
-    for image, mask in zip(images, masks):
+    for image, mask in zip(images, masks, strict=True):
         assert np.array_equal(mask, v1_mask(server, "cp", image))
 
 

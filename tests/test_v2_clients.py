@@ -20,7 +20,7 @@ from tests.server_fixtures import live_server, npy_bytes, png_bytes
 tritonhttp = pytest.importorskip("tritonclient.http")
 tritonaio = pytest.importorskip("tritonclient.http.aio")
 kserve = pytest.importorskip("kserve")
-from tritonclient.utils import InferenceServerException
+from tritonclient.utils import InferenceServerException  # noqa: E402 - after the importorskip
 
 DEMOS = ["demo-plain", "demo-cp", "demo-shf", "demo-per-image"]
 INPUT = 128  # the demo models' input size
@@ -127,7 +127,7 @@ def test_tritonclient_aio_masks_equal_v1(live, binary):
             await client.close()
 
     masks, wanted = asyncio.run(run())
-    for mask, expected in zip(masks, wanted):
+    for mask, expected in zip(masks, wanted, strict=True):
         assert np.array_equal(mask, expected)
 
 
@@ -149,8 +149,9 @@ def test_kserve_rest_client_masks_equal_v1(live, binary):
                 for batch, parameters, expected in model_cases:
                     tensor = InferInput("image", list(batch.shape), "UINT8")
                     tensor.set_data_from_numpy(batch, binary_data=binary)
+                    wanted_output = RequestedOutput("mask", parameters={"binary_data": binary})
                     request = InferRequest(model_name=model, infer_inputs=[tensor], parameters=parameters or None,
-                                           request_outputs=[RequestedOutput("mask", parameters={"binary_data": binary})])
+                                           request_outputs=[wanted_output])
                     response = await client.infer(live["base"], request, model_name=model, headers=dict(headers))
                     masks.append(response.outputs[0].as_numpy())
                     wanted.append(expected)
@@ -159,7 +160,7 @@ def test_kserve_rest_client_masks_equal_v1(live, binary):
         return masks, wanted
 
     masks, wanted = asyncio.run(run())
-    for mask, expected in zip(masks, wanted):
+    for mask, expected in zip(masks, wanted, strict=True):
         assert mask.shape == expected.shape and np.array_equal(mask.astype(np.uint8), expected)
 
 

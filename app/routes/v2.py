@@ -23,10 +23,18 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seglock.app import __version__, inference, oip
-from seglock.app.engine import EngineStopped, Overloaded
-from seglock.app.errors import (APIError, ServiceError, bad_request, conflict, http_status, not_found, overloaded,
-                                unprocessable)
 from seglock.app.deps import ReadyDep, RegistryDep, SegmentGrant, SettingsDep
+from seglock.app.engine import EngineStopped, Overloaded
+from seglock.app.errors import (
+    APIError,
+    ServiceError,
+    bad_request,
+    conflict,
+    http_status,
+    not_found,
+    overloaded,
+    unprocessable,
+)
 from seglock.app.imageio import resize_mask
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.routes.segment import hosted_for
