@@ -17,6 +17,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from seglock.app.bootstrap import import_demo_models
+from seglock.app.home import Home
 from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
 from seglock.app.routes.console import CONTENT_SECURITY_POLICY
@@ -75,9 +76,13 @@ def scene(index: int, height: int = 128, width: int = 128) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
-def local_mask(artifact_dir: Path, image: np.ndarray) -> np.ndarray:
-    """What the artifact on disk computes for `image` as it is, without any key: a thief's mask."""
-    model, manifest = load_artifact(artifact_dir)
+def local_mask(server, name: str, image: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """What the model's stolen artifact (its export: the home itself holds only ciphertext) computes
+    for `image` as it is, without any key: a thief's mask."""
+    home = Home(server["home"], server["keystore"])
+    exported = tmp_path / f"stolen-{name}"
+    home.export_revision(name, home.revision_dir(name, 1), exported)
+    model, manifest = load_artifact(exported)
     resized = resize_rgb(image, tuple(manifest.input_size))
     with torch.no_grad():
         logits = model(model_input(torch.from_numpy(resized.copy())[None], manifest))
@@ -223,7 +228,7 @@ def test_admin_models_refuses_segment_tokens_and_no_token(server):
 
 # -- the thief view -----------------------------------------------------------------------------
 
-def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_without_key(server):
+def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_without_key(server, tmp_path):
     image = scene(4, 96, 112)
     response = thief_view(server, "demo-cp", png_bytes(image))
     assert response.status_code == 200, response.text
@@ -238,7 +243,7 @@ def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_wi
                                       headers=auth(server))
     np.testing.assert_array_equal(keyed, np.asarray(Image.open(io.BytesIO(segmented.content))))
     # the stolen file on disk, run by whoever holds it, without the key
-    np.testing.assert_array_equal(stolen, local_mask(server["home"] / "models" / "demo-cp" / "r1", image))
+    np.testing.assert_array_equal(stolen, local_mask(server, "demo-cp", image, tmp_path))
     assert not np.array_equal(keyed, stolen)
     for side, mask in (("with_key", keyed), ("without_key", stolen)):
         counts = np.bincount(mask.reshape(-1), minlength=6)
@@ -256,7 +261,7 @@ def test_thief_view_reveals_no_key_material(server):
     assert json.dumps(perm) not in text
 
 
-def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(server):
+def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(server, tmp_path):
     image = scene(6, 32, 32)
     view = thief_view(server, "demo-shf", png_bytes(image)).json()
     segmented = server["client"].post("/v1/models/demo-shf/segment", files={"image": ("x.png", png_bytes(image))},
@@ -264,7 +269,7 @@ def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(se
     np.testing.assert_array_equal(decoded(view["with_key"]["mask_png"]),
                                   np.asarray(Image.open(io.BytesIO(segmented.content))))
     np.testing.assert_array_equal(decoded(view["without_key"]["mask_png"]),
-                                  local_mask(server["home"] / "models" / "demo-shf" / "r1", image))
+                                  local_mask(server, "demo-shf", image, tmp_path))
     assert view["without_key_means"] == "the stored weights fed the plain image, which only the key holder can encrypt"
 
 
