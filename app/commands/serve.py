@@ -16,7 +16,8 @@ from pathlib import Path
 from typing import Any
 
 # Flag names kept from before the flags were generated: field -> extra option strings.
-ALIASES = {"rate_limit_rps": ("--rate-limit",), "import_demo": ("--demo",)}  # --demo gives --no-demo
+ALIASES = {"rate_limit_rps": ("--rate-limit",), "import_demo": ("--demo",),  # --demo gives --no-demo
+           "compile_budget_s": ("--compile-budget",)}
 ENV_PREFIX = "SEGLOCK_"
 
 
