@@ -251,9 +251,13 @@ class Registry:
                 except Exception as exc:  # one broken model must not keep the others offline
                     log.error("model %s not loaded: %s", child.name, exc)
 
-    def model_lock(self, name: str) -> filelock.FileLock:
+    def model_lock(self, name: str):
         """Held while a model's revisions or keys change (rotation, clean-up after a cut-off one), so
-        workers, replicas and the CLI sharing a home never tidy away each other's half-done work."""
+        workers, replicas and the CLI sharing a home never tidy away each other's half-done work.
+        With a database keystore the lock is the database's, so it holds across hosts too."""
+        storage = self.keystore.storage
+        if storage.kind != "file":
+            return storage.exclusive(f"seglock-rotate:{name}")
         return filelock.FileLock(str(models_dir(self.home) / name / ".rotate.lock"), mode=0o600)
 
     def load(self, name: str) -> HostedModel:

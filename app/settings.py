@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -17,6 +17,8 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGLOCK_", extra="ignore")
 
     home: Path = Field(Path("seglock-home"), description="folder with keystore.json and models/")
+    # None: the file keystore in the home (or SEGLOCK_KEYSTORE_URL_FILE, read by the keystore).
+    keystore_url: SecretStr | None = Field(None, description="postgresql://... : a keystore shared by many hosts")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)

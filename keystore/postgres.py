@@ -21,7 +21,6 @@ Reconnection is automatic (the pool checks connections before use; the listener 
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
 from contextlib import contextmanager
@@ -33,14 +32,12 @@ from psycopg_pool import ConnectionPool
 
 from seglock.keystore.audit import AuditEntry
 from seglock.keystore.errors import KeystoreError, KeystoreLocked, KeystoreNotFound, KeystoreUnavailable
-from seglock.keystore.storage import Snapshot
+from seglock.keystore.storage import DEFAULT_MAX_STALE_S, Snapshot
 
 log = logging.getLogger("seglock.keystore")
 
 CHANNEL = "seglock_keystore"
 DEFAULT_RECHECK_S = 0.5
-DEFAULT_MAX_STALE_S = 30.0
-MAX_STALE_VARIABLE = "SEGLOCK_KEYSTORE_MAX_STALE_S"
 CONNECT_TIMEOUT_S = 3
 _SCHEMA_LOCK = 0x5E61_0C4B  # pg_advisory_xact_lock key: one migrator at a time
 
@@ -142,9 +139,7 @@ class PostgresStorage:
         self._url = url
         self._lock_timeout_ms = int(lock_timeout * 1000)
         self.recheck_s = recheck_s
-        if max_stale_s is None:
-            max_stale_s = float(os.environ.get(MAX_STALE_VARIABLE, DEFAULT_MAX_STALE_S))
-        self.max_stale_s = max_stale_s
+        self.max_stale_s = DEFAULT_MAX_STALE_S if max_stale_s is None else max_stale_s
         self._pool = ConnectionPool(
             url, min_size=1, max_size=pool_size, timeout=CONNECT_TIMEOUT_S, open=True,
             kwargs={"connect_timeout": CONNECT_TIMEOUT_S, "application_name": "seglock"},
@@ -246,6 +241,26 @@ class PostgresStorage:
 
     def fresh_enough(self) -> bool:
         return time.monotonic() - self._contact <= self.max_stale_s
+
+    @contextmanager
+    def exclusive(self, name: str, timeout: float = 600.0) -> Iterator[None]:
+        """A lock named `name` held across every host (a session advisory lock), e.g. one model's rotation."""
+        with self._connection() as conn:
+            conn.autocommit = True
+            try:
+                conn.execute("SELECT set_config('lock_timeout', %s, false)", (f"{int(timeout * 1000)}ms",))
+                conn.execute("SELECT pg_advisory_lock(hashtextextended(%s, 0))", (name,))
+            except psycopg.Error as exc:
+                raise _unavailable(self.location, exc) from None
+            try:
+                yield
+            finally:
+                try:
+                    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s, 0))", (name,))
+                    conn.execute("RESET lock_timeout")
+                except psycopg.Error:
+                    pass  # the session is gone, and its lock with it
+                conn.autocommit = False
 
     def describe(self) -> dict[str, Any]:
         with self._connection() as conn:

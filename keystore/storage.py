@@ -63,6 +63,24 @@ def keystore_url(env: Mapping[str, str]) -> str | None:
     return direct or None
 
 
+MAX_STALE_VARIABLE = "SEGLOCK_KEYSTORE_MAX_STALE_S"
+DEFAULT_MAX_STALE_S = 30.0
+
+
+def max_stale_seconds(env: Mapping[str, str]) -> float:
+    """How long a database keystore's readers go on from memory when the database is out of reach."""
+    text = env.get(MAX_STALE_VARIABLE)
+    if text is None:
+        return DEFAULT_MAX_STALE_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 86400:
+        raise KeystoreURLError(f"{MAX_STALE_VARIABLE} must be seconds between 0 and 86400, got {text!r}")
+    return value
+
+
 def open_storage(home: str | os.PathLike | None, env: Mapping[str, str], *, url: str | None = None,
                  lock_timeout: float) -> "Storage":
     """The backend for `url` (else the environment's URL), or the file in `home`."""
@@ -70,7 +88,7 @@ def open_storage(home: str | os.PathLike | None, env: Mapping[str, str], *, url:
     if url:
         from seglock.keystore.postgres import PostgresStorage  # psycopg only where a database is used
 
-        return PostgresStorage(url, lock_timeout=lock_timeout)
+        return PostgresStorage(url, lock_timeout=lock_timeout, max_stale_s=max_stale_seconds(env))
     if home is None:
         raise KeystoreURLError(f"give a home folder (--home) for a file keystore, or a database URL ({URL_VARIABLE})")
     return FileStorage(Path(home), lock_timeout=lock_timeout)

@@ -657,6 +657,36 @@ class Keystore:
             )
         return self._master
 
+    # -- moving to another backend -----------------------------------------------------------
+
+    def copy_to(self, url: str, *, actor: str | None = None, env: Mapping[str, str] | None = None) -> "Keystore":
+        """Copy this keystore, every token, key version and audit entry, into the empty database
+        keystore `url` (its schema made or migrated first), sealed under the same master key; the
+        copy's log ends with a `keystore.migrate` entry. KeystoreExists if `url` holds one already."""
+        if self._txn is not None:
+            raise KeystoreError("copy a keystore outside any transaction")
+        storage = open_storage(None, {} if env is None else env, url=url, lock_timeout=self._lock_timeout)
+        try:
+            storage.prepare()
+            with self._mutex, storage.writing() as session:
+                if session.exists:
+                    raise KeystoreExists(
+                        f"a keystore already exists at {storage.location}; it was left as it is", path=storage.location)
+                state = self._view().copy()
+                target = Keystore(storage, self._master, clock=self._clock, scrypt=self._scrypt,
+                                  lock_timeout=self._lock_timeout)
+                target._kdf = self._kdf
+                target._txn_audit_from = len(state.audit)
+                state.audit.append(make_entry(self._clock(), actor, "keystore.migrate", storage.location, "ok",
+                                              f"from {self.location}"))
+                target._commit(state, session)
+        except BaseException:
+            storage.close()
+            raise
+        log.info("copied the keystore at %s to %s (generation %d)", self.location, storage.location,
+                 target.generation)
+        return target
+
     # -- status ---------------------------------------------------------------------------
 
     @property

@@ -18,6 +18,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "import the bundled demo models (each re-keyed), and write the first tokens "
                     "to HOME/initial-tokens.json. Flags override SEGLOCK_* environment variables.")
     parser.add_argument("--home", help="home folder (keystore.json, models/); env SEGLOCK_HOME")
+    parser.add_argument("--keystore", metavar="URL",
+                        help="postgresql://... : a keystore shared by many hosts (default: HOME/keystore.json); "
+                             "env SEGLOCK_KEYSTORE_URL, or SEGLOCK_KEYSTORE_URL_FILE to keep the password off "
+                             "the command line")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
@@ -33,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-_FLAGS = {"home": "HOME", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
+_FLAGS = {"home": "HOME", "keystore": "KEYSTORE_URL", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
           "max_batch": "MAX_BATCH", "max_wait_ms": "MAX_WAIT_MS", "queue_size": "QUEUE_SIZE", "amp": "AMP",
           "rate_limit": "RATE_LIMIT_RPS",
           "log_level": "LOG_LEVEL"}

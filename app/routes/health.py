@@ -21,6 +21,8 @@ async def readyz(request: Request) -> JSONResponse:
     state = request.app.state
     if not state.ready:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+    if not state.keystore.storage.fresh_enough():  # a database keystore out of reach for too long
+        return JSONResponse({"status": "keystore_unavailable"}, status_code=503, headers={"Retry-After": "5"})
     return JSONResponse({"status": "ready", "models": state.registry.names()})
 
 
