@@ -81,8 +81,7 @@ class PostgresServer:
         pid = int((self.data / "postmaster.pid").read_text().split()[0])
         os.kill(pid, signal.SIGKILL)
         for _ in range(100):  # the backends notice their parent died and exit
-            out = subprocess.run(["pgrep", "-u", "postgres", "-f", f"-D {self.data}|{self.data}"],
-                                 stdout=subprocess.PIPE, text=True)
+            out = subprocess.run(["pgrep", "-f", "--", str(self.data)], stdout=subprocess.PIPE, text=True)
             try:
                 os.kill(pid, 0)
                 alive = True
