@@ -25,7 +25,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
     parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
-    parser.add_argument("--workers", type=int, help="worker processes (default 1)")
+    parser.add_argument("--workers", type=int, help="worker processes (default 1; uvicorn engine)")
+    parser.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                        help="uvicorn (default): this host's processes; ray: replicas on Ray Serve, on a local "
+                             "Ray or the cluster RAY_ADDRESS names (needs seglock[ray])")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (default 1)")
+    parser.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                        help="GPUs Ray reserves for each replica (default 0; 1 on GPU hosts)")
     parser.add_argument("--max-batch", type=int, help="largest batch per forward pass (default 8)")
     parser.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
     parser.add_argument("--queue-size", type=int, help="requests queued per model before 503 (default 64)")
@@ -57,9 +63,18 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.engine == "ray":
+        if args.replicas < 1 or args.gpus_per_replica < 0:
+            raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
+        try:
+            from seglock.app import ray_serve
+        except ModuleNotFoundError as exc:
+            raise CLIError(f"--engine ray needs {exc.name!r}: pip install 'seglock[ray]'") from None
+        ray_serve.run_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
+        return 0
     import uvicorn
 
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30)
     if settings.workers > 1:
