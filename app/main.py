@@ -21,15 +21,13 @@ from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
-from seglock.app.registry import Registry, RegistryError
+from seglock.app.registry import Registry
 from seglock.app.routes import admin, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
 
 log = logging.getLogger("seglock.app")
-
-_REGISTRY_CODES = {400: "bad_request", 404: "not_found", 409: "conflict", 503: "unavailable"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -54,10 +52,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                               if settings.rate_limit_rps > 0 else None)
     install_error_handlers(app)
 
-    @app.exception_handler(RegistryError)
-    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
-        return error_response(exc.status, _REGISTRY_CODES.get(exc.status, "error"), str(exc))
-
     @app.exception_handler(KeystoreError)
     async def _keystore_error(_: Request, exc: KeystoreError) -> JSONResponse:
         if exc.user_error:  # the caller's to fix; keystore messages never hold a secret
@@ -80,7 +74,7 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
     keystore = Keystore.open(home, create=True, url=url)
     keystore.refresh()  # a database keystore starts following other hosts' writes now
-    tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
     registry = Registry(settings, keystore, metrics, resolve_device(settings.device))

@@ -17,6 +17,7 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGLOCK_", extra="ignore")
 
     home: Path = Field(Path("seglock-home"), description="folder with keystore.json and models/")
+    models_root: Path | None = Field(None, description="model artifacts on shared storage (default HOME/models)")
     # None: the file keystore in the home (or SEGLOCK_KEYSTORE_URL_FILE, read by the keystore).
     keystore_url: SecretStr | None = Field(None, description="postgresql://... : a keystore shared by many hosts")
     host: str = "127.0.0.1"

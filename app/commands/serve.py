@@ -18,6 +18,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                     "import the bundled demo models (each re-keyed), and write the first tokens "
                     "to HOME/initial-tokens.json. Flags override SEGLOCK_* environment variables.")
     parser.add_argument("--home", help="home folder (keystore.json, models/); env SEGLOCK_HOME")
+    parser.add_argument("--models-root", metavar="DIR",
+                        help="model artifacts on storage every replica reads (a shared volume or mounted bucket); "
+                             "default HOME/models; env SEGLOCK_MODELS_ROOT")
     parser.add_argument("--keystore", metavar="URL",
                         help="postgresql://... : a keystore shared by many hosts (default: HOME/keystore.json); "
                              "env SEGLOCK_KEYSTORE_URL, or SEGLOCK_KEYSTORE_URL_FILE to keep the password off "
@@ -43,7 +46,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(handler=run)
 
 
-_FLAGS = {"home": "HOME", "keystore": "KEYSTORE_URL", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
+_FLAGS = {"home": "HOME", "models_root": "MODELS_ROOT", "keystore": "KEYSTORE_URL", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
           "max_batch": "MAX_BATCH", "max_wait_ms": "MAX_WAIT_MS", "queue_size": "QUEUE_SIZE", "amp": "AMP",
           "rate_limit": "RATE_LIMIT_RPS",
           "log_level": "LOG_LEVEL"}
