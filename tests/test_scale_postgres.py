@@ -117,3 +117,45 @@ def test_database_killed_and_restarted_under_load_costs_only_503s_and_no_acknowl
                   f"of {len(statuses)}")
     finally:
         database.destroy()
+
+
+def test_a_rotation_through_one_server_is_followed_by_the_other_with_identical_masks(tmp_path, pg_url):
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
+
+    from server_fixtures import MASTER_KEY, make_artifacts, png_bytes, scene
+
+    root = tmp_path / "models-root"  # the shared storage: both servers read it, a rotation writes it
+    env = {"SEGLOCK_MASTER_KEY": MASTER_KEY}
+    with Keystore.open(None, create=True, url=pg_url, env=env) as keystore:
+        path, key = make_artifacts(tmp_path / "artifacts")["cp"]
+        Home(tmp_path / "seed", keystore, models_root=root).import_artifact(path, key=key)
+        admin = keystore.create_token("admin", ["admin", "segment"], ["*"])[1]
+    images = [png_bytes(scene(seed)) for seed in (1, 2, 3)]
+
+    def masks(base: str) -> list[bytes]:
+        answers = [httpx.post(f"{base}/v1/models/cp/segment", headers=bearer(admin), timeout=60,
+                              files={"image": ("x.png", image)}) for image in images]
+        assert [r.status_code for r in answers] == [200] * len(images)
+        return [r.content for r in answers]
+
+    def key_version(base: str) -> int:
+        listed = httpx.get(f"{base}/v1/models", headers=bearer(admin), timeout=60).json()["models"]
+        return next(m["key_version"] for m in listed if m["name"] == "cp")
+
+    common = ("--keystore", pg_url, "--models-root", str(root), "--no-demo")
+    with live_server(tmp_path / "a" / "home", *common) as a, live_server(tmp_path / "b" / "home", *common) as b:
+        before = masks(b["base"])
+        assert masks(a["base"]) == before and key_version(b["base"]) == 1
+        rotated = httpx.post(f"{a['base']}/admin/models/cp/rotate-key", headers=bearer(admin), timeout=300)
+        assert rotated.status_code == 200, rotated.text
+        assert (rotated.json()["previous_key_version"], rotated.json()["key_version"]) == (1, 2)
+        done = time.monotonic()
+        while key_version(b["base"]) != 2:
+            assert time.monotonic() - done < 5, "server b still serves key version 1"
+            time.sleep(0.05)
+        assert sorted(p.name for p in (root / "cp").iterdir() if p.name.startswith("r")) == ["r2"]
+        assert masks(b["base"]) == before  # byte-identical after the exact re-key
+        assert masks(a["base"]) == before
+        with Keystore.open(None, url=pg_url, env=env) as keystore:
+            assert [v.state for v in keystore.model_key_versions("cp")] == ["destroyed", "active"]
