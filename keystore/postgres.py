@@ -275,9 +275,11 @@ class PostgresStorage:
 
     # -- following other hosts' writes ---------------------------------------------------------
 
-    def _seen(self, version: int) -> None:
+    def _seen(self, version: int, *, exact: bool = False) -> None:
+        """Note a version the database holds: `exact` from a re-check (so a restore from backup,
+        which moves the counter back, is followed too), else the newest of what was heard."""
         with self._state_lock:
-            self._latest = max(self._latest, version)
+            self._latest = version if exact else max(self._latest, version)
             self._contact = time.monotonic()
 
     def _follow(self) -> None:
@@ -300,7 +302,8 @@ class PostgresStorage:
                     backoff = 0.2
                     while not self._stop.is_set():
                         # The re-check: a notification lost while reconnecting is caught here.
-                        self._seen(conn.execute("SELECT version FROM seglock_keystore WHERE id = 1").fetchone()[0])
+                        self._seen(conn.execute("SELECT version FROM seglock_keystore WHERE id = 1").fetchone()[0],
+                                   exact=True)
                         for note in conn.notifies(timeout=self.recheck_s):
                             where, _, version = note.payload.rpartition(":")
                             if where == schema and version.isdigit():

@@ -161,3 +161,25 @@ def test_database_down_reads_go_on_for_the_bound_writes_fail_then_all_resumes(tm
         ks.close()
     finally:
         server.destroy()
+
+
+def test_a_restore_from_backup_is_followed_even_though_the_version_goes_back(pg_url, master_env):
+    with Keystore.open(None, create=True, url=pg_url, env=master_env) as ks:
+        with psycopg.connect(pg_url) as conn:  # the backup: what pg_dump would hold of the row
+            backup = conn.execute("SELECT version, envelope FROM seglock_keystore").fetchone()
+        server = Keystore.open(None, url=pg_url, env=master_env)
+        try:
+            record, token = ks.create_token("after-backup", ["segment"], ["m"])
+            deadline = time.monotonic() + 1
+            while server.verify_token(token, model="m") is None:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            with psycopg.connect(pg_url) as conn:  # the restore
+                conn.execute("UPDATE seglock_keystore SET version = %s, envelope = %s", backup)
+            deadline = time.monotonic() + 2
+            while server.verify_token(token, model="m") is not None:
+                assert time.monotonic() < deadline, "the server still serves the state from before the restore"
+                time.sleep(0.01)
+            assert server.list_tokens() == []
+        finally:
+            server.close()
