@@ -16,7 +16,6 @@ from fastapi.responses import JSONResponse
 
 from seglock.app import __version__
 from seglock.app.bootstrap import first_start
-from seglock.app.engine import resolve_device
 from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
@@ -26,6 +25,7 @@ from seglock.app.routes import admin, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
+from seglock.models.device import resolve_device
 
 log = logging.getLogger("seglock.app")
 

@@ -32,7 +32,7 @@ from typing import Any, Hashable, Iterator, Mapping, Protocol, Sequence
 
 import filelock
 
-from seglock.keystore import fsio
+from seglock.client import fsio
 from seglock.keystore.audit import AuditEntry
 from seglock.keystore.errors import KeystoreError, KeystoreLocked, KeystoreNotFound
 

@@ -24,7 +24,8 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
-from seglock.keystore import envelope, fsio
+from seglock.client import fsio
+from seglock.keystore import envelope
 from seglock.keystore.audit import AuditEntry, make_entry
 from seglock.keystore.errors import (
     InvalidRecord,

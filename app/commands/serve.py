@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "the command line")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1; uvicorn engine)")
     parser.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
                         help="uvicorn (default): this host's processes; ray: replicas on Ray Serve, on a local "
@@ -66,7 +66,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from seglock.models.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
             raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
