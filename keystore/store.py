@@ -33,7 +33,6 @@ from seglock.keystore.errors import (
     KeystoreCorrupt,
     KeystoreError,
     KeystoreExists,
-    KeystoreLocked,
     KeystoreNotFound,
     KeystoreUnavailable,
     MasterKeyError,

@@ -72,6 +72,7 @@ def run(args: argparse.Namespace) -> int:
         resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
     except DeviceError as exc:
         raise CLIError(str(exc)) from None
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
             raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
