@@ -78,8 +78,8 @@ from seglock.keystore.errors import (
 )
 from seglock.keystore.master import MasterKey, ScryptParams, master_key_from_env
 from seglock.keystore.model_keys import KeyVersion
-from seglock.keystore.storage import keystore_url
-from seglock.keystore.store import KEYSTORE_FILENAME, Keystore
+from seglock.keystore.storage import KEYSTORE_FILENAME, keystore_url
+from seglock.keystore.store import Keystore
 from seglock.keystore.tokens import SCOPES, Grant, TokenCheck, TokenRecord
 
 __all__ = [

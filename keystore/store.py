@@ -49,7 +49,7 @@ from seglock.keystore.master import (
     read_master_key_file,
     resolve_master_key,
 )
-from seglock.keystore.storage import KEYSTORE_FILENAME, FileStorage, Snapshot, Storage, WriteSession, open_storage
+from seglock.keystore.storage import FileStorage, Snapshot, Storage, WriteSession, open_storage
 from seglock.keystore.model_keys import KeyVersion, checked_material, new_key_id
 from seglock.keystore.tokens import (
     describe_token_id,
