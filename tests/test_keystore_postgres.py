@@ -6,15 +6,16 @@ from __future__ import annotations
 import base64
 import time
 
-import psycopg
 import pytest
 
-from seglock.app.cli import main
-from seglock.keystore import Keystore, KeystoreExists, KeystoreUnavailable, keystore_url
-from seglock.keystore.postgres import MIGRATIONS, SCHEMA_VERSION, redacted
-from seglock.keystore.storage import KeystoreURLError
+psycopg = pytest.importorskip("psycopg")
 
-from pg_fixtures import PostgresServer, needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
+from seglock.app.cli import main  # noqa: E402
+from seglock.keystore import Keystore, KeystoreExists, KeystoreUnavailable, keystore_url  # noqa: E402
+from seglock.keystore.postgres import MIGRATIONS, SCHEMA_VERSION, redacted  # noqa: E402
+from seglock.keystore.storage import KeystoreURLError  # noqa: E402
+
+from pg_fixtures import PostgresServer, needs_postgres, pg_server, pg_url  # noqa: E402, F401 (fixtures)
 
 pytestmark = needs_postgres
 
@@ -128,6 +129,7 @@ def test_keystores_in_two_schemas_of_one_database_stay_apart(pg_server, master_e
         b.close()
 
 
+@pytest.mark.slow  # a server of its own, killed and restarted: .ci/scale.sh runs it
 def test_database_down_reads_go_on_for_the_bound_writes_fail_then_all_resumes(tmp_path, monkeypatch):
     server = PostgresServer(durable=True)  # a crash loses no committed write
     server.start()
