@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 
 from server_fixtures import MASTER_KEY, free_port, live_server, make_artifacts, open_keystore, png_bytes, scene
 
@@ -50,7 +50,7 @@ def test_ray_serve_deployment_answers_like_seglock_serve(tmp_path, monkeypatch):
     with open_keystore(home) as keystore:
         for name, (path, key) in make_artifacts(tmp_path / "artifacts").items():
             if name in ("plain", "cp"):
-                import_artifact(home, keystore, path, key=key)
+                Home(home, keystore).import_artifact(path, key=key)
         token = keystore.create_token("client", ["segment"], ["*"])[1]
 
     with live_server(home, "--no-demo") as reference:
