@@ -11,7 +11,9 @@ LISTEN/NOTIFY said), so a change made elsewhere is seen on the next call.
 
 from __future__ import annotations
 
+import base64
 import copy
+import secrets
 import functools
 import json
 import logging
@@ -19,7 +21,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -71,6 +73,7 @@ log = logging.getLogger("seglock.keystore")
 
 PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet in force
 STATE_SCHEMA = 1
+DATA_KEY_BYTES = 32  # AES-256 (seglock.models.at_rest)
 DEFAULT_LOCK_TIMEOUT = 30.0
 
 Clock = Callable[[], float]
@@ -99,10 +102,14 @@ class _State:
     tokens: dict[str, TokenRecord]
     models: dict[str, tuple[KeyVersion, ...]]
     audit: list[AuditEntry]
+    # per model, its at-rest data key {"id", "key" (base64), "created_at", "created_by"}; a
+    # keystore written before data keys existed has none (the field is then left out)
+    data_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def copy(self) -> "_State":
         # Records are immutable, so copying the containers is a full copy.
-        return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit))
+        return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit),
+                      dict(self.data_keys))
 
     def to_bytes(self) -> bytes:
         # Joined from each record's cached JSON: a write costs a join, not a full re-encode.
@@ -112,7 +119,9 @@ class _State:
         )
         audit = ",".join(entry.json_text for entry in self.audit)
         head = f'{{"schema":{STATE_SCHEMA},"created_at":{_compact(self.created_at)},"generation":{self.generation}'
-        return f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]}}'.encode("utf-8")
+        data_keys = f',"data_keys":{_compact(self.data_keys)}' if self.data_keys else ""
+        return (f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]{data_keys}}}'
+                .encode("utf-8"))
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path) -> "_State":
@@ -128,6 +137,7 @@ class _State:
                     m: tuple(KeyVersion.from_json(m, v) for v in versions) for m, versions in doc["models"].items()
                 },
                 audit=[AuditEntry.from_json(e) for e in doc["audit"]],
+                data_keys={m: _checked_data_key(m, rec) for m, rec in doc.get("data_keys", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise KeystoreCorrupt(
@@ -135,6 +145,13 @@ class _State:
                 "the file was left as it is",
                 path=path,
             ) from None
+
+
+def _checked_data_key(model: str, record: Any) -> dict[str, Any]:
+    if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+            and len(base64.b64decode(record["key"], validate=True)) == DATA_KEY_BYTES):
+        raise ValueError(f"data key of {model}")
+    return record
 
 
 def _material_copy(version: KeyVersion) -> KeyVersion:
@@ -182,7 +199,7 @@ class Keystore:
         self._lock_timeout = lock_timeout
         self._mutex = threading.RLock()  # threads of one process: one transaction at a time
         self._keys: dict[str, envelope.EnvelopeKeys] = {}  # derived keys by KDF header
-        self._kdf: dict = {}
+        self._kdf: dict[str, Any] = {}
         self._state: _State | None = None
         self._snapshot: Snapshot | None = None  # the sealed bytes `_state` came from, and their version
         self._txn: _State | None = None
@@ -312,7 +329,7 @@ class Keystore:
 
     # -- reading --------------------------------------------------------------------------
 
-    def _envelope_keys(self, kdf: dict) -> envelope.EnvelopeKeys:
+    def _envelope_keys(self, kdf: dict[str, Any]) -> envelope.EnvelopeKeys:
         cache_key = json.dumps(kdf, sort_keys=True)
         keys = self._keys.get(cache_key)
         if keys is None:  # scrypt is slow on purpose: derive once per KDF header
@@ -411,6 +428,13 @@ class Keystore:
         if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._txn
         self.refresh()
+        return self._loaded
+
+    @property
+    def _loaded(self) -> _State:
+        """The committed state (loaded by `open` before any use)."""
+        if self._state is None:
+            raise KeystoreError("internal: the keystore was used before it was loaded")
         return self._state
 
     def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
@@ -480,7 +504,7 @@ class Keystore:
         parts = parse_token(token)
         if parts is None:
             return TokenCheck(False, "malformed")
-        return check_token(self._state.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
+        return check_token(self._loaded.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
 
     def verify_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> Grant | None:
         """The token's grant if it is valid, has `scope` and (if given) is granted `model`; else None."""
@@ -594,6 +618,27 @@ class Keystore:
         """Names of the models that have keys."""
         return sorted(self._view().models)
 
+    # -- at-rest data keys ----------------------------------------------------------------
+
+    def data_key(self, model: str, *, create: bool = False, actor: str | None = None) -> tuple[str, bytes] | None:
+        """(id, 32 secret bytes) of `model`'s at-rest data key (DESIGN Additions "At rest"): one per
+        model, for every revision; made from the OS CSPRNG on first use when `create`, else None."""
+        record = self._view().data_keys.get(model)
+        if record is None and create:
+            model = checked_name(model, "model name")
+            with self.transaction():
+                state = self._writing()
+                record = state.data_keys.get(model)
+                if record is None:
+                    record = {"id": "d" + secrets.token_hex(6),
+                              "key": base64.b64encode(secrets.token_bytes(DATA_KEY_BYTES)).decode("ascii"),
+                              "created_at": self._clock(), "created_by": actor}
+                    state.data_keys[model] = record
+                    self._record(actor, "data_key.add", model, detail=f"id={record['id']}")
+        if record is None:
+            return None
+        return record["id"], base64.b64decode(record["key"])
+
     # -- audit ----------------------------------------------------------------------------
 
     def audit(
@@ -648,6 +693,7 @@ class Keystore:
             to = f"a new generated key in {old.file}" if pending is not None else new.origin
             self._record(actor, "keystore.change_master_key", self.location, detail=f"from {old.origin} to {to}")
         if pending is not None:
+            assert old.file is not None  # a generated key is made only for a keystore opened with its file
             os.replace(pending, old.file)
             fsio.fsync_dir(self.home)
             self._master = read_master_key_file(old.file)
@@ -731,6 +777,7 @@ class Keystore:
                 for model, versions in sorted(state.models.items())
             },
             "audit_entries": len(state.audit),
+            "data_keys": sorted(state.data_keys),  # models whose weights are encrypted at rest (ids only)
         }
 
     # -- lifetime -------------------------------------------------------------------------

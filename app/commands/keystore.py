@@ -6,57 +6,13 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable
 
 from seglock.app.cli import CLIError
-from seglock.keystore import Keystore, KeystoreError
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, format_time, home_of, open_keystore
+from seglock.keystore import Keystore, KeystoreExists
+from seglock.keystore.errors import KeystoreError
 from seglock.keystore.master import NEW_ENV_PREFIX, master_key_from_env
 from seglock.keystore.storage import URL_VARIABLE, keystore_url
-
-CLI_ACTOR = "cli"
-DEFAULT_HOME = "seglock-home"  # as `seglock serve`
-
-
-def add_home_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--home", metavar="DIR",
-        help=f"home folder holding keystore.json (default: $SEGLOCK_HOME, else ./{DEFAULT_HOME})",
-    )
-    parser.add_argument(
-        "--keystore", metavar="URL",
-        help="postgresql://... : use the database keystore instead of HOME/keystore.json "
-             "(default: $SEGLOCK_KEYSTORE_URL or the file $SEGLOCK_KEYSTORE_URL_FILE names)",
-    )
-
-
-def home_of(args: argparse.Namespace) -> Path:
-    return Path(args.home or os.environ.get("SEGLOCK_HOME") or DEFAULT_HOME)
-
-
-def keystore_call(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; a keystore error the user can fix becomes a CLIError (exit 2), others exit 1."""
-    try:
-        return fn()
-    except KeystoreError as exc:
-        if exc.user_error:
-            raise CLIError(str(exc)) from None
-        raise
-
-
-def url_of(args: argparse.Namespace) -> str | None:
-    return getattr(args, "keystore", None)
-
-
-def open_keystore(args: argparse.Namespace) -> Keystore:
-    return keystore_call(lambda: Keystore.open(home_of(args), url=url_of(args)))
-
-
-def format_time(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -69,8 +25,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "or HOME/master.key (made on a developer's first start)."
         ),
     )
-    actions = parser.add_subparsers(dest="keystore_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "keystore_command")
 
     init = actions.add_parser(
         "init", help="make a new keystore (file), or bring a database's schema up to date and make one there",
@@ -118,16 +73,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.set_defaults(handler=_audit)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def _init(args: argparse.Namespace) -> int:
-    url = keystore_call(lambda: url_of(args) or keystore_url(os.environ))
+    home = home_of(args)  # --keystore, if given, is in the environment now
+    url = keystore_url(os.environ)
     if url:
         return _init_database(url)
-    store = keystore_call(lambda: Keystore.init(home_of(args)))
+    store = Keystore.init(home)
     with store:
         if store.master_key_file is not None:
             print(
@@ -143,18 +94,16 @@ def _init(args: argparse.Namespace) -> int:
 def _init_database(url: str) -> int:
     from seglock.keystore.postgres import SCHEMA_VERSION, PostgresStorage
 
-    storage = keystore_call(lambda: PostgresStorage(url))
+    storage = PostgresStorage(url)
     try:
-        applied = keystore_call(storage.prepare)
+        applied = storage.prepare()
     finally:
         storage.close()
     done = f"applied migration {', '.join(map(str, applied))}" if applied else "nothing to apply"
     print(f"schema of {storage.location} at version {SCHEMA_VERSION} ({done})", file=sys.stderr)
     try:
-        store = keystore_call(lambda: Keystore.init(None, url=url))
-    except CLIError as exc:
-        if "already exists" not in str(exc):
-            raise
+        store = Keystore.init(None, url=url)
+    except KeystoreExists:
         print(f"a keystore already exists at {storage.location}; it was left as it is", file=sys.stderr)
         return 0
     with store:
@@ -163,13 +112,12 @@ def _init_database(url: str) -> int:
 
 
 def _migrate(args: argparse.Namespace) -> int:
-    url = keystore_call(lambda: args.target or keystore_url(os.environ))
+    url = args.target or keystore_url(os.environ)
     if not url:
         raise CLIError(f"give the database keystore: --to postgresql://... or {URL_VARIABLE}(_FILE)")
     file_env = {k: v for k, v in os.environ.items() if not k.startswith(URL_VARIABLE)}  # --from is a file
-    with keystore_call(lambda: Keystore.open(Path(args.source), env=file_env)) as source:
-        target = keystore_call(lambda: source.copy_to(url, actor=CLI_ACTOR))
-        with target:
+    with Keystore.open(args.source, env=file_env) as source:
+        with source.copy_to(url, actor=CLI_ACTOR) as target:
             _check_copy(source, target)
             tokens, models, entries = len(target.list_tokens()), len(target.models()), len(target.audit_log())
             print(f"copied {source.location} to {target.location}: {tokens} tokens, {models} models' keys, "
@@ -186,10 +134,10 @@ def _check_copy(source: Keystore, target: Keystore) -> None:
     if target.list_tokens() != source.list_tokens():
         problems.append("tokens")
     for model in source.models():
-        versions = source.model_key_versions(model)
-        copied = [target.get_model_key(model, v.version) for v in versions]
-        if copied != [source.get_model_key(model, v.version) for v in versions] or any(
-                c.material != source.get_model_key(model, c.version).material for c in copied):
+        versions = [v.version for v in source.model_key_versions(model)]
+        originals = [source.get_model_key(model, v) for v in versions]
+        copies = [target.get_model_key(model, v) for v in versions]
+        if copies != originals or [c.material for c in copies] != [o.material for o in originals]:
             problems.append(f"model {model}")
     if target.models() != source.models():
         problems.append("models")
@@ -200,8 +148,8 @@ def _check_copy(source: Keystore, target: Keystore) -> None:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with open_keystore(args) as store:
-        summary = keystore_call(store.status)
+    with open_keystore(home_of(args)) as store:
+        summary = store.status()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -227,9 +175,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _change_master_key(args: argparse.Namespace) -> int:
-    new = keystore_call(lambda: master_key_from_env(os.environ, NEW_ENV_PREFIX))
-    with open_keystore(args) as store:
-        now = keystore_call(lambda: store.change_master_key(new, actor=CLI_ACTOR))
+    new = master_key_from_env(os.environ, NEW_ENV_PREFIX)
+    with open_keystore(home_of(args)) as store:
+        now = store.change_master_key(new, actor=CLI_ACTOR)
         print(f"re-encrypted {store.location} under the master key from {now.origin}", file=sys.stderr)
     return 0
 
@@ -237,8 +185,8 @@ def _change_master_key(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be a positive integer")
-    with open_keystore(args) as store:
-        entries = keystore_call(lambda: store.audit_log(limit=args.limit))
+    with open_keystore(home_of(args)) as store:
+        entries = store.audit_log(limit=args.limit)
     for entry in entries:
         if args.json:
             print(json.dumps(entry.to_json()))
