@@ -26,8 +26,9 @@ CP = {"format": "seglock-cp-key", "version": 1, "perm": [3, 0, 2, 1]}
 @pytest.fixture
 def master_env(monkeypatch):
     monkeypatch.setenv("SEGLOCK_MASTER_KEY", MASTER)
-    monkeypatch.delenv("SEGLOCK_KEYSTORE_URL", raising=False)
-    monkeypatch.delenv("SEGLOCK_KEYSTORE_URL_FILE", raising=False)
+    for name in ("SEGLOCK_KEYSTORE_URL", "SEGLOCK_KEYSTORE_URL_FILE"):
+        monkeypatch.setenv(name, "")  # recorded, so what `--keystore` puts in the environment is undone
+        monkeypatch.delenv(name)
     return {"SEGLOCK_MASTER_KEY": MASTER}
 
 
