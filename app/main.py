@@ -75,9 +75,11 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
-    keystore = Keystore.open(home, create=True)
+    url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
+    keystore = Keystore.open(home, create=True, url=url)
+    keystore.refresh()  # a database keystore starts following other hosts' writes now
     use_compile_cache(Path(settings.compile_cache) if settings.compile_cache else home / "cache" / "compile")
-    tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
     registry = Registry(settings, keystore, metrics, resolve_device(settings.device))

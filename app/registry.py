@@ -77,7 +77,7 @@ class Registry:
         self.keystore = keystore
         self.metrics = metrics
         self.device = device
-        self.home = Home(settings.home, keystore)
+        self.home = Home(settings.home, keystore, models_root=settings.models_root)
         self._models: dict[str, HostedModel] = {}
         self._rotation_locks: dict[str, asyncio.Lock] = {}
         self._sync_lock = threading.Lock()
