@@ -52,8 +52,8 @@ from seglock.models.errors import ModelError
 from seglock.models.inputs import BLOCK_MODES, encrypt_for_mode, scaled_input
 from seglock.models.keyfile import KeyFileError, read_key_file, write_key_file
 from seglock.models.metrics import IGNORE_INDEX, MetricAccumulator
-from seglock.models.protect import CPKey, apply_key
-from seglock.models.taps import get_tap
+from seglock.models.protect import CPKey, apply_key, bind_key
+from seglock.models.taps import default_taps
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -130,10 +130,8 @@ class TrainConfig:
         mode = self.protect
         if mode not in PROTECTIONS:
             raise TrainError(f"protection must be one of {', '.join(PROTECTIONS)}, got {mode!r}")
-        if mode == "cp":
-            if not self.tap:
-                raise TrainError("cp training needs a tap (--tap): the feature map whose channels the key permutes")
-            return {"mode": "cp", "tap": self.tap}
+        if mode == "cp":  # no tap named: the architecture's measured default (models.taps.DEFAULT_TAPS)
+            return {"mode": "cp", "tap": self.tap or default_taps(self.arch)}
         if mode in BLOCK_MODES:
             return {"mode": mode, "block_size": self.block_size or DEFAULT_BLOCK_SIZE}
         if mode == "per-image":
@@ -274,9 +272,10 @@ def _check_fit_key(model: nn.Module, protection: Mapping[str, Any], key: Any) ->
     if mode not in PROTECTIONS:
         raise TrainError(f"protection mode must be one of {', '.join(PROTECTIONS)}, got {mode!r}")
     if mode == "cp":
-        tap = get_tap(model, protection.get("tap"))
-        if not isinstance(key, CPKey) or key.channels != tap.channels:
-            raise TrainError(f"cp training at tap {tap.name!r} needs a CPKey of {tap.channels} channels")
+        try:
+            bind_key(model, protection.get("tap"), key)
+        except ModelError as exc:
+            raise TrainError(f"cp training at tap {protection.get('tap')!r} needs a CPKey for it: {exc}") from None
     elif mode in BLOCK_MODES:
         if not isinstance(key, BlockKey) or key.method != mode or key.block_size != protection.get("block_size"):
             raise TrainError(f"{mode} training needs a {mode} BlockKey of block size {protection.get('block_size')}")
@@ -546,7 +545,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 def _make_key(model: nn.Module, protection: Mapping[str, Any]) -> CPKey | BlockKey | None:
     mode = protection["mode"]
     if mode == "cp":
-        return CPKey.generate(get_tap(model, protection["tap"]).channels)
+        return CPKey.for_model(model, protection["tap"])
     if mode in BLOCK_MODES:
         return BlockKey.generate(mode, protection["block_size"])
     return None
