@@ -9,7 +9,6 @@ masks are identical.
 import json
 import math
 
-import numpy as np
 import pytest
 import torch
 
@@ -18,7 +17,7 @@ from seglock.models import ModelError, build_model, fold_key, load_artifact, pro
 from seglock.models.attacks import key_space
 from seglock.models.keyfile import read_key_file, write_key_file
 from seglock.models.protect import CPKey, apply_key, bind_key, rekey_state_dict, resolve_taps
-from test_protect import ARCH_KWARGS, SIZE, Zoo, _equal_states, _run
+from test_protect import SIZE, Zoo, _equal_states, _run
 
 RTOL = 1e-4
 TAP_SETS = [
