@@ -240,3 +240,16 @@ def test_suite_refuses_public_weights_for_an_architecture_without_a_backbone(wor
                  "--backbone-weights", str(world["plain"] / "weights.safetensors"), "--quiet"])
     assert code == 2
     assert "public pretrained start failed" in capsys.readouterr().err
+
+
+def test_report_shows_the_suite_verdict_and_every_attack(suite, tmp_path):
+    runs = tmp_path / "runs"
+    runs.mkdir()
+    (runs / "suite.json").write_text(json.dumps(suite))
+    assert main(["report", str(runs), "--out", str(tmp_path / "report")]) == 0
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "## The thief's advantage (attack suite)" in text
+    assert f"| cp | {TAPS} | 50 % |" in text
+    assert f"{suite['advantage']:+.2f}" in text
+    for attack in suite["attacks"]:
+        assert f"| cp | {attack['name']} |" in text

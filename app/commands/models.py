@@ -256,7 +256,7 @@ def _protect(args: argparse.Namespace) -> int:
     stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
     channels = sum(key.tap_channels.values())
     result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": tap,
-              "channels": key.tap_channels, "key_space_log2": round(key.key_space_log2, 1),
+              "channels": saved.protection["channels"], "key_space_log2": round(key.key_space_log2, 1),
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
