@@ -28,9 +28,7 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -43,6 +41,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from seglock.client import fsio
+from seglock.client.modes import Mode, is_model_name
 from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
 from seglock.models.errors import ArtifactError, ModelError
@@ -67,18 +67,16 @@ WEIGHTS_FILE = "weights.safetensors"
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 # Required public parameters of each protection mode (DESIGN "Protection modes").
-PROTECTION_MODES: dict[str, dict[str, type]] = {
-    "none": {},
-    "cp": {"tap": str},
-    "shf": {"block_size": int},
-    "np": {"block_size": int},
-    "ffx": {"block_size": int},
-    "per-image": {"block_size": int, "sub_block": int},
+PROTECTION_MODES: dict[Mode, dict[str, type]] = {
+    Mode.NONE: {},
+    Mode.CP: {"tap": str},
+    Mode.SHF: {"block_size": int},
+    Mode.NP: {"block_size": int},
+    Mode.FFX: {"block_size": int},
+    Mode.PER_IMAGE: {"block_size": int, "sub_block": int},
 }
-_KEYLESS_MODES = ("none", "per-image")  # no key to name: none has none, per-image's live and die with each image
 _SECRET_WORDS = ("perm", "secret", "password", "passphrase", "material", "seed", "token", "private", "nonce", "key")
 _LONGEST_INT_LIST = 16  # a longer list of integers looks like a permutation: refuse it
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _META_PREFIX = "seglock."
@@ -143,8 +141,8 @@ class Manifest:
         _check_manifest(self)
 
     @property
-    def mode(self) -> str:
-        return self.protection["mode"]
+    def mode(self) -> Mode:
+        return Mode(self.protection["mode"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,7 +204,7 @@ class Manifest:
 
 
 def _check_manifest(m: Manifest) -> None:
-    if not isinstance(m.name, str) or not _NAME.fullmatch(m.name):
+    if not is_model_name(m.name):
         raise ArtifactError(f"artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {m.name!r}")
     if m.format_version != FORMAT_VERSION:
         raise ArtifactError(f"manifest format_version {m.format_version!r} is not supported")
@@ -256,7 +254,8 @@ def _check_protection(protection: Mapping[str, Any], key: KeyRef | None) -> None
     for param, value in protection.items():
         if not _is_public_value(value):
             raise ArtifactError(f"protection parameter {param!r} must be a JSON scalar or a short list")
-    if mode in _KEYLESS_MODES and key is not None:
+    # no key to name: none has none, per-image's live and die with each image
+    if not Mode(mode).has_model_key and key is not None:
         raise ArtifactError(f"protection mode {mode!r} has no key to name")
 
 
@@ -324,22 +323,13 @@ def save_artifact(
         seglock_version=_seglock_version(),
     )
     _check_input_size(draft)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with fsio.atomic_directory(out_dir, mode=0o755) as tmp:
         weights_path = tmp / WEIGHTS_FILE
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(weights_path), metadata=_weights_metadata(draft))
         digest, size = _sha256_file(weights_path)
         manifest = replace(draft, weights=WeightsRef(WEIGHTS_FILE, digest, size))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-        for path in (weights_path, tmp / MANIFEST_FILE, tmp):
-            _fsync(path)
-        os.chmod(tmp, 0o755)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -348,7 +338,7 @@ def _public_protection(model: nn.Module, protection: dict[str, Any]) -> dict[str
 
     One tap: {"tap": "dec1", "channels": 64}; several: {"tap": "enc1,dec1", "channels": [32, 64]}.
     """
-    if protection.get("mode") == "cp":
+    if protection.get("mode") == Mode.CP:
         try:
             found = resolve_taps(model, protection.get("tap"))
         except ModelError as exc:
@@ -366,20 +356,6 @@ def _check_input_size(manifest: Manifest) -> None:
     fixed = manifest.architecture_kwargs.get("image_size")
     if fixed is not None and list(fixed) != list(manifest.input_size):
         raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, not {list(manifest.input_size)}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{tmp.name}.old")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    _fsync(out_dir.parent)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -422,7 +398,7 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
     try:
         model = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
         load_state_exactly(model, load_safetensors(data), "its weights")
-        if manifest.mode == "cp":
+        if manifest.mode is Mode.CP:
             _public_protection(model, dict(manifest.protection))
     except (ModelError, SafetensorError) as exc:
         raise ArtifactError(f"artifact {path} does not fit its manifest: {exc}") from None
@@ -467,14 +443,6 @@ def _sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seglock_version() -> str:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
+from seglock.app.commands.train import RecipeDefault, resolve_defaults
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -127,8 +128,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     learned.add_argument("--fraction", type=float, default=0.1, metavar="F",
                          help="the attacker's share of the training data (default 0.1)")
-    learned.add_argument("--epochs", type=int, default=30, metavar="E", help="passes over the data (default 30)")
-    learned.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
+    learned.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                         help="passes over the data (default %(default)s)")
+    learned.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                         help="batch size (default %(default)s)")
     learned.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the key logits (default 0.1)")
     _common(learned)
     learned.set_defaults(handler=_learned_key)
@@ -166,7 +169,7 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--key-file", metavar="FILE", help="the owner's key file, to compare against")
         where.add_argument("--home", metavar="DIR", help="the home whose keystore holds the owner's key")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of wrong keys, the attacker's subset, training")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write the JSON report to OUT; alone or with '-', print it on stdout")
@@ -175,21 +178,25 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
 
 
 def _training(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30, metavar="E", help="attacker's training epochs (default 30)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
-    parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (default 0.02)")
+    parser.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                        help="attacker's training epochs (default %(default)s, the owner's recipe)")
+    parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                        help="batch size (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"), help="initial learning rate (default %(default)s)")
 
 
 def _recipes(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--recipes", metavar="NAMES",
                         help="thief's recipes, comma-separated or 'all' (default sgd-0.02,sgd-0.005,adam-1e-3); "
                              "known: sgd-0.02, sgd-0.05, sgd-0.005, adam-1e-3, adam-3e-4")
-    parser.add_argument("--epochs", type=int, default=30, metavar="E",
-                        help="epochs of every training (the budget; default 30)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
+    parser.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                        help="epochs of every training (the budget; default %(default)s, the owner's recipe)")
+    parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                        help="batch size (default %(default)s)")
 
 
 def _check_budget(args: argparse.Namespace) -> None:
+    resolve_defaults(args)
     if args.epochs < 1 or args.batch_size < 1:
         raise CLIError("--epochs and --batch-size must be at least 1")
 
@@ -295,7 +302,7 @@ def _finetune(args: argparse.Namespace) -> int:
 
     if args.save and args.recipes:
         raise CLIError("--save keeps the single-recipe model: give it without --recipes")
-    key = resolve(args)
+    key = resolve(resolve_defaults(args))
     report = _guard(lambda: finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
                                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                             device=args.device, seed=args.seed, progress=not args.quiet,
@@ -312,7 +319,7 @@ def _weight_matching(args: argparse.Namespace) -> int:
 
     if args.method != "weights" and args.reference:
         raise CLIError(f"--reference applies to --method weights; '{args.method}' matches against the data")
-    key = resolve(args)
+    key = resolve(resolve_defaults(args))
     report = _guard(lambda: weight_matching_attack(
         args.model, args.data, method=args.method, reference=args.reference, fraction=args.fraction, key=key,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,

@@ -54,7 +54,7 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
     state = request.app.state
     try:
-        result = await state.registry.rotate_key(name, actor=principal.token_id)
+        result = await state.registry.rotate_key(name)
     except Exception:
         state.audit(principal, "rotate-key", name, "failed")
         raise

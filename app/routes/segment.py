@@ -11,8 +11,9 @@ from seglock.app import inference
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, forbidden, overloaded, unsupported_media
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import BLOCK_MODES, HostedModel
+from seglock.app.registry import HostedModel
 from seglock.app.security import Principal, require_scope
+from seglock.client.modes import Mode
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
@@ -31,7 +32,7 @@ _SEGMENT_BODY = {
 
 
 def hosted_for(request: Request, name: str, principal: Principal) -> HostedModel:
-    hosted = request.app.state.registry.get(name)  # RegistryError(404) for unknown names
+    hosted = request.app.state.registry.get(name)  # ModelNotFound (404) for unknown names
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     return hosted
@@ -47,7 +48,7 @@ async def list_models(request: Request, principal: Principal = Depends(require_s
 async def client_key(name: str, request: Request,
                      principal: Principal = Depends(require_scope("segment"))) -> dict:
     hosted = hosted_for(request, name, principal)
-    if hosted.mode not in BLOCK_MODES:
+    if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
     request.app.state.audit(principal, "client-key", name, "ok")
     return {"model": name, "key_version": hosted.key_version, "key": hosted.block_key.to_dict()}
@@ -68,9 +69,9 @@ async def segment(
     data = await read_image_field(request)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
-        if hosted.mode not in inference.INPUT_ENCRYPTED_MODES:
+        if not hosted.mode.encrypts_input:
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
-        if hosted.mode in BLOCK_MODES:
+        if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
     upload = await asyncio.to_thread(decode_upload, data, max_pixels=state.settings.max_pixels)
     tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
@@ -107,7 +108,7 @@ async def read_image_field(request: Request) -> bytes:
 
 
 def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "per-image")
+    return value is not None and value.strip().lower() in ("1", "true", "yes", Mode.PER_IMAGE)
 
 
 def _wants_json(accept: str | None) -> bool:

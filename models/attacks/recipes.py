@@ -27,12 +27,13 @@ from torch.utils.data import DataLoader, Dataset
 from seglock.models.attacks.data import AttackError
 from seglock.models.inputs import scaled_input
 from seglock.models.metrics import IGNORE_INDEX
+from seglock.models.training.config import RECIPE
 
 __all__ = ["DEFAULT_RECIPES", "RECIPES", "Recipe", "parse_recipes", "thief_fit"]
 
 OPTIMIZERS = ("sgd", "adam")
 SCHEDULES = ("poly", "cosine", "constant")
-POLY_POWER = 0.9  # paper 000 eq. (8)
+POLY_POWER = RECIPE.poly_power  # paper 000 eq. (8)
 
 
 @dataclass(frozen=True)
@@ -41,12 +42,12 @@ class Recipe:
 
     name: str
     optimizer: str = "sgd"
-    lr: float = 0.02
-    schedule: str = "poly"
-    epochs: int = 30
-    batch_size: int = 8
-    momentum: float = 0.9
-    weight_decay: float = 1e-4
+    lr: float = RECIPE.lr
+    schedule: str = RECIPE.schedule
+    epochs: int = RECIPE.epochs
+    batch_size: int = RECIPE.batch_size
+    momentum: float = RECIPE.momentum
+    weight_decay: float = RECIPE.weight_decay
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -70,14 +71,14 @@ class Recipe:
 RECIPES: dict[str, Recipe] = {
     r.name: r
     for r in (
-        Recipe("sgd-0.02", "sgd", 0.02, "poly"),  # paper 000's recipe at seglock's default rate (`train`, `finetune`)
+        Recipe(f"sgd-{RECIPE.lr:g}"),  # the owner's recipe: `seglock train`'s defaults (paper 000)
         Recipe("sgd-0.05", "sgd", 0.05, "poly"),  # the demo zoo's owner recipe
         Recipe("sgd-0.005", "sgd", 0.005, "poly"),  # gentle: stays near the stolen weights
         Recipe("adam-1e-3", "adam", 1e-3, "cosine", weight_decay=0.0),
         Recipe("adam-3e-4", "adam", 3e-4, "cosine", weight_decay=0.0),
     )
 }
-DEFAULT_RECIPES = ("sgd-0.02", "sgd-0.005", "adam-1e-3")
+DEFAULT_RECIPES = (f"sgd-{RECIPE.lr:g}", "sgd-0.005", "adam-1e-3")
 
 
 def parse_recipes(spec: str | Iterable[str] | None, *, epochs: int | None = None,

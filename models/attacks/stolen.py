@@ -23,7 +23,7 @@ from seglock.models.errors import ModelError
 from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.protect import CPKey, protection_taps, resolve_taps
 from seglock.models.taps import Tap
-from seglock.models.train import resolve_device
+from seglock.models.device import resolve_device
 
 __all__ = ["Stolen", "headline", "load_stolen"]
 

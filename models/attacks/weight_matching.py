@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from seglock.client.modes import Mode
 from seglock.models.architectures import build_model, read_state_dict
 from seglock.models.artifact import read_manifest
 from seglock.models.attacks.assignment import SOLVER, linear_assignment
@@ -46,6 +47,7 @@ from seglock.models.errors import ModelError
 from seglock.models.inputs import model_input
 from seglock.models.protect import CPKey, fold_key
 from seglock.models.taps import Tap
+from seglock.models.training.config import RECIPE, FitConfig
 
 __all__ = [
     "METHODS",
@@ -343,22 +345,22 @@ def train_reference(
     manifest: Any,
     *,
     fraction: float,
-    epochs: int = 30,
-    batch_size: int = 8,
-    lr: float = 0.02,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
     device: str = "cpu",
     seed: int = 1,
     progress: bool = True,
 ) -> nn.Module:
     """The attacker's own plain model of the stolen architecture, trained on its fraction D' from scratch."""
-    from seglock.models.train import fit
+    from seglock.models.training.loop import fit
 
     train_part, val_part, _ = attacker_subset(data_dir, tuple(manifest.input_size), fraction, seed=seed)
     torch.manual_seed(seed)
     reference = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
-    fit(reference, train_part, val_part, protection={"mode": "none"}, key=None, epochs=epochs,
-        batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress,
-        normalization=manifest.normalization)
+    recipe = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed)
+    fit(reference, train_part, val_part, recipe, protection={"mode": "none"}, key=None,
+        normalization=manifest.normalization, progress=progress)
     return reference.to("cpu").eval()
 
 
@@ -430,9 +432,9 @@ def weight_matching_attack(
     reference_state: Mapping[str, torch.Tensor] | None = None,
     fraction: float = 0.1,
     key: CPKey | None = None,
-    epochs: int = 30,
-    batch_size: int = 8,
-    lr: float = 0.02,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -454,7 +456,7 @@ def weight_matching_attack(
     if stolen is None:
         stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed,
                              cp_only=True)
-    elif stolen.manifest.mode != "cp":
+    elif stolen.manifest.mode is not Mode.CP:
         raise AttackError(f"weight matching recovers channel permutations: {stolen.manifest.name} is "
                           f"{stolen.manifest.mode}, not cp")
     model, manifest, key = stolen.model, stolen.manifest, stolen.key
