@@ -80,8 +80,12 @@ class Stolen:
                                        condition="correct", key=key, device=self.device, seed=self.seed))
 
     def score_owner(self) -> dict[str, Any] | None:
+        """The model as its owner runs it: with its key, or, for keyless modes, as served (per-image: fresh keys)."""
         if self.key is None:
-            return None if self.manifest.mode in ("cp", "shf", "np", "ffx") else self.score_no_key()
+            if self.manifest.mode in ("cp", "shf", "np", "ffx"):
+                return None
+            return headline(evaluate_model(self.model, self.manifest, self.eval_set, condition="correct",
+                                           device=self.device, seed=self.seed))
         return self.score_key(self.key)
 
     def describe(self) -> dict[str, Any]:
