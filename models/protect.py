@@ -232,8 +232,11 @@ class CPKey:
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, CPKey):
             return NotImplemented
-        return (self._bound == other._bound and self._perms.keys() == other._perms.keys()
-                and all(np.array_equal(p, other._perms[n]) for n, p in self._perms.items()))
+        if not (self._bound and other._bound):  # a version 1 key is the same key as a one-tap key with its permutation
+            return (len(self._perms) == len(other._perms) == 1
+                    and np.array_equal(next(iter(self._perms.values())), next(iter(other._perms.values()))))
+        return self._perms.keys() == other._perms.keys() and all(
+            np.array_equal(p, other._perms[n]) for n, p in self._perms.items())
 
     __hash__ = None  # type: ignore[assignment]
 

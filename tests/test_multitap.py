@@ -72,6 +72,12 @@ def test_version_1_document_reads_as_an_unbound_key_and_keeps_its_document():
     assert key.to_dict() == {"format": "seglock-cp-key", "version": 1, "perm": [2, 0, 1]}
 
 
+def test_a_version_1_key_equals_the_one_tap_key_with_its_permutation():
+    assert CPKey([2, 0, 1]) == CPKey({"dec1": [2, 0, 1]})
+    assert CPKey([2, 0, 1]) != CPKey({"dec1": [0, 2, 1]})
+    assert CPKey([1, 0]) != CPKey({"enc1": [1, 0], "dec1": [1, 0]})
+
+
 def test_an_unbound_key_binds_to_one_tap_only():
     key = CPKey([2, 0, 1])
     assert key.bind(["dec1"]) == CPKey({"dec1": [2, 0, 1]})
