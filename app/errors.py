@@ -163,3 +163,20 @@ def install_error_handlers(app: FastAPI) -> None:
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", "invalid request")
         return error_response(422, "unprocessable", message)
+
+
+_DESCRIPTIONS = {
+    400: "bad input", 401: "no or bad token", 403: "scope or grant missing", 404: "unknown model or id",
+    409: "conflict (stale key version, key that cannot rotate)", 413: "too large",
+    415: "unsupported media type", 422: "invalid parameters", 429: "rate limited",
+    503: "overloaded or keystore unavailable",
+}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses, each with DESIGN's error body."""
+    schema = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+    return {status: {"description": _DESCRIPTIONS.get(status, "error"),
+                     "content": {"application/json": {"schema": schema}}} for status in statuses}

@@ -21,7 +21,7 @@ from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
-from seglock.app.routes import admin, health, segment
+from seglock.app.routes import account, admin, console, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError
@@ -62,7 +62,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(segment.router)
+    app.include_router(account.router)
     app.include_router(admin.router)
+    app.include_router(console.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
     return app
 

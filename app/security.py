@@ -9,7 +9,8 @@ from __future__ import annotations
 from fastapi import Request
 
 from seglock.app.errors import forbidden, rate_limited, unauthorized
-from seglock.app.ratelimit import retry_after_header
+from seglock.app.ratelimit import RateLimiter, retry_after_header
+from seglock.keystore import Keystore
 from seglock.keystore.tokens import Grant
 
 Principal = Grant
@@ -33,14 +34,15 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def authenticate(request: Request, scope: str) -> Principal:
-    """The grant of the request's token for `scope`; 401 or 403 otherwise."""
-    keystore = request.app.state.keystore
+def authenticate(request: Request, keystore: Keystore, scope: str, limiter: RateLimiter | None = None) -> Grant:
+    """The grant of the request's token for `scope`, within `limiter`'s rate; 401, 403 or 429 otherwise.
+
+    Routes take it as `seglock.app.deps.SegmentGrant` or `AdminGrant`.
+    """
     check = keystore.check_token(bearer_token(request), scope=scope)
     if check.ok:
         request.state.token_id = check.grant.token_id
-        limiter = getattr(request.app.state, "rate_limiter", None)
-        if limiter is not None and scope == "segment":
+        if limiter is not None:
             wait = limiter.acquire(check.grant.token_id)
             if wait:
                 raise rate_limited(f"this token is over its limit of {limiter.rate:g} requests per second",
@@ -51,11 +53,10 @@ def authenticate(request: Request, scope: str) -> Principal:
     raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))
 
 
-def require_scope(scope: str):
-    """A dependency that admits tokens holding `scope`."""
-
-    def dependency(request: Request) -> Principal:
-        return authenticate(request, scope)
-
-    dependency.__name__ = f"require_{scope}"
-    return dependency
+def authenticate_any(request: Request, keystore: Keystore) -> Grant:
+    """The grant of the request's token whatever its scopes (`GET /v1/whoami`); 401 otherwise."""
+    check = keystore.check_token(bearer_token(request), scope="segment")
+    if (check.ok or check.reason == "scope") and check.grant is not None:  # valid, any scopes
+        request.state.token_id = check.grant.token_id
+        return check.grant
+    raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))

@@ -1,21 +1,30 @@
-"""Admin API: tokens and key rotation. Every action lands in the keystore's audit log."""
+"""Admin API: tokens, models and key rotation, the thief view, the audit log.
+
+Every action lands in the keystore's audit log.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from seglock.app.errors import not_found
-from seglock.app.security import Principal, require_scope
+from seglock.app import thief
+from seglock.app.deps import AdminGrant, AuditDep, KeystoreDep, RegistryDep, SettingsDep
+from seglock.app.engine import EngineStopped, Overloaded
+from seglock.app.errors import bad_request, conflict, error_responses, not_found, overloaded
+from seglock.app.imageio import decode_upload
+from seglock.app.routes.segment import IMAGE_BODY, read_image_field
+from seglock.client.modes import Mode
 from seglock.keystore.errors import TokenNotFound
 from seglock.keystore.tokens import describe_token_id
+from seglock.models import ArtifactError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-admin_only = require_scope("admin")
 
 
 class TokenRequest(BaseModel):
@@ -26,8 +35,7 @@ class TokenRequest(BaseModel):
 
 
 @router.post("/tokens", status_code=201, summary="Make a token; its secret is shown only in this answer")
-async def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    keystore = request.app.state.keystore
+async def create_token(body: TokenRequest, keystore: KeystoreDep, principal: AdminGrant) -> dict:
     expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
     record, token = await asyncio.to_thread(
         keystore.create_token, body.name, body.scopes, body.models,
@@ -36,13 +44,12 @@ async def create_token(body: TokenRequest, request: Request, principal: Principa
 
 
 @router.get("/tokens", summary="List tokens (never their secrets)")
-async def list_tokens(request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    return {"tokens": [record.public_dict() for record in request.app.state.keystore.list_tokens()]}
+async def list_tokens(keystore: KeystoreDep, principal: AdminGrant) -> dict:
+    return {"tokens": [record.public_dict() for record in keystore.list_tokens()]}
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token; effective on the next request")
-async def revoke_token(token_id: str, request: Request, principal: Principal = Depends(admin_only)) -> Response:
-    keystore = request.app.state.keystore
+async def revoke_token(token_id: str, keystore: KeystoreDep, principal: AdminGrant) -> Response:
     try:
         await asyncio.to_thread(keystore.revoke_token, token_id, actor=principal.token_id)
     except TokenNotFound:
@@ -51,12 +58,159 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 
 
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining")
-async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
+async def rotate_key(name: str, registry: RegistryDep, audit: AuditDep, principal: AdminGrant) -> dict:
     try:
-        result = await state.registry.rotate_key(name)
+        result = await registry.rotate_key(name)
     except Exception:
-        state.audit(principal, "rotate-key", name, "failed")
+        audit(principal, "rotate-key", name, "failed")
         raise
-    state.audit(principal, "rotate-key", name, "ok")
+    audit(principal, "rotate-key", name, "ok")
     return result
+
+
+# -- models, the thief view, the audit log (the console's admin pages) ---------------------------
+
+class KeyVersionInfo(BaseModel):
+    version: int
+    id: str
+    kind: str
+    state: Literal["pending", "active", "retiring", "destroyed"]
+    created_at: float
+    activated_at: float | None
+    retired_at: float | None
+    destroyed_at: float | None
+    created_by: str | None
+
+
+class AdminModel(BaseModel):
+    name: str
+    mode: str
+    protection: dict
+    model_version: int = Field(description="the artifact revision served")
+    key_version: int | None = Field(description="the key version served; none for keyless models")
+    revisions: list[int] = Field(description="artifact revisions on disk")
+    key_versions: list[KeyVersionInfo] = Field(description="every version of the model's key, never its material")
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    input_size: list[int]
+    rotatable: bool = Field(description="true for cp models: rotate-key re-keys them exactly")
+    suite_report: bool = Field(description="a thief's-advantage suite report is in the model's folder")
+
+
+class AdminModels(BaseModel):
+    models: list[AdminModel]
+
+
+@router.get("/models", summary="Every hosted model with its protection, revisions and key versions",
+            response_model=AdminModels, responses=error_responses(401, 403))
+async def list_models(registry: RegistryDep, keystore: KeystoreDep, principal: AdminGrant) -> dict:
+    home = registry.home
+    models = []
+    for name in registry.names():
+        hosted = registry.get(name)
+        info = hosted.public_info()
+        versions = [{k: v for k, v in key.public_dict().items() if k != "model"}
+                    for key in keystore.model_key_versions(name)]
+        models.append({
+            **{k: info[k] for k in ("name", "model_version", "key_version", "architecture", "num_classes",
+                                    "class_names", "input_size", "protection")},
+            "mode": str(hosted.mode),
+            "revisions": sorted(home.revisions(name)),
+            "key_versions": versions,
+            "rotatable": hosted.mode is Mode.CP,
+            "suite_report": thief.suite_report(home, name) is not None,
+        })
+    return {"models": models}
+
+
+class MaskView(BaseModel):
+    mask_png: str = Field(description="base64 palette PNG whose pixel values are class indices")
+    counts: dict[str, int] = Field(description="pixels per class name (classes with none left out)")
+
+
+class ThiefView(BaseModel):
+    model: str
+    mode: str
+    model_version: int
+    key_version: int | None
+    height: int
+    width: int
+    class_names: list[str]
+    with_key: MaskView = Field(description="what the server answers a granted token")
+    without_key: MaskView = Field(description="what the stolen artifact gives without the key")
+    without_key_means: str
+    agreement: float = Field(description="fraction of pixels on which the two masks agree")
+    advantage: dict | None = Field(
+        description="the model's suite report (seglock attack suite --json) from its folder, or none")
+
+
+@router.post("/models/{name}/thief-view", summary="One image with the key and through the stolen weights without it",
+             response_model=ThiefView, openapi_extra=IMAGE_BODY,
+             responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503))
+async def thief_view(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, audit: AuditDep,
+                     principal: AdminGrant) -> dict:
+    hosted = registry.get(name)  # 404 for unknown names
+    if hosted.mode is Mode.NONE:
+        raise bad_request(f"model {name} is not protected: a thief gets the same mask as its owner")
+    data = await read_image_field(request)
+    upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
+    if upload.array.dtype != np.uint8:
+        raise bad_request("the thief view takes a plain 8-bit image (PNG, JPEG or WebP)")
+    keyed_input, plain_input = await asyncio.to_thread(thief.model_inputs, upload, hosted)
+    revision, key_version, manifest = hosted.revision, hosted.key_version, hosted.manifest
+    artifact = registry.home.revisions(name).get(revision)
+    try:
+        with_key = await hosted.batcher.submit(keyed_input)
+        if hosted.mode is Mode.CP:
+            without_key = await asyncio.to_thread(thief.stolen_mask, registry.home, name, artifact, plain_input,
+                                                    registry.device)
+        else:  # block and per-image weights are served as stored: the thief feeds them plain images
+            without_key = await hosted.batcher.submit(plain_input)
+    except (Overloaded, EngineStopped) as exc:
+        raise overloaded(str(exc)) from None
+    except ArtifactError:  # a rotation removed the revision while the view was being made
+        raise conflict(f"model {name} was re-keyed meanwhile: try again") from None
+    except Exception:
+        audit(principal, "thief-view", name, "error")
+        raise
+    size = upload.array.shape[:2]
+    names = list(manifest.class_names)
+    keyed_full, keyed_view = thief.mask_summary(with_key, size, names)
+    stolen_full, stolen_view = thief.mask_summary(without_key, size, names)
+    audit(principal, "thief-view", name, "ok")
+    return {
+        "model": name, "mode": str(hosted.mode), "model_version": revision, "key_version": key_version,
+        "height": int(size[0]), "width": int(size[1]), "class_names": names,
+        "with_key": keyed_view, "without_key": stolen_view,
+        "without_key_means": thief.without_key_means(hosted.mode),
+        "agreement": round(float((keyed_full == stolen_full).mean()), 6),
+        "advantage": thief.suite_report(registry.home, name),
+    }
+
+
+class AuditPage(BaseModel):
+    total: int = Field(description="entries matching the filters")
+    offset: int
+    limit: int
+    entries: list[dict] = Field(description="newest first: time, actor, action, target, outcome, detail")
+
+
+@router.get("/audit", summary="The audit log, newest first, paged and filtered", response_model=AuditPage,
+            responses=error_responses(401, 403, 422))
+async def audit_log(
+    keystore: KeystoreDep,
+    principal: AdminGrant,
+    offset: Annotated[int, Query(ge=0, description="entries to skip (newest first)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="entries to return")] = 50,
+    action: Annotated[str | None, Query(
+        max_length=100, description="an action (token.create), or its family (token) for all token.* ones")] = None,
+    actor: Annotated[str | None, Query(
+        max_length=100, description="the acting token id, or cli/system/bootstrap")] = None,
+) -> dict:
+    entries = keystore.audit_log()
+    matching = [entry for entry in reversed(entries)
+                if (action is None or entry.action == action or entry.action.startswith(action + "."))
+                and (actor is None or entry.actor == actor)]
+    return {"total": len(matching), "offset": offset, "limit": limit,
+            "entries": [entry.to_json() for entry in matching[offset:offset + limit]]}

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from seglock.app.deps import MetricsDep, OptionalRegistryDep, ReadyDep, RegistryDep, SettingsDep
 from seglock.app.errors import forbidden
 
 router = APIRouter(tags=["health"])
@@ -17,18 +18,16 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", summary="Readiness: 200 once every model is loaded and warmed up")
-async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
-    if not state.ready:
+async def readyz(ready: ReadyDep, registry: OptionalRegistryDep) -> JSONResponse:
+    if not ready or registry is None:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"status": "ready", "models": state.registry.names()})
+    return JSONResponse({"status": "ready", "models": registry.names()})
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)
-async def metrics(request: Request) -> Response:
-    state = request.app.state
-    if not state.settings.metrics_public:
+async def metrics(settings: SettingsDep, metrics: MetricsDep, registry: RegistryDep) -> Response:
+    if not settings.metrics_public:
         raise forbidden("metrics are not public on this server")
-    for name in state.registry.names():
-        state.metrics.queue_depth.labels(name).set(state.registry.get(name).batcher.depth)
-    return Response(state.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    for name in registry.names():
+        metrics.queue_depth.labels(name).set(registry.get(name).batcher.depth)
+    return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
 from seglock.app import inference
+from seglock.app.deps import AuditDep, RegistryDep, SegmentGrant, SettingsDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, forbidden, overloaded, unsupported_media
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import HostedModel
-from seglock.app.security import Principal, require_scope
+from seglock.app.registry import HostedModel, Registry
 from seglock.client.modes import Mode
+from seglock.keystore.tokens import Grant
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
-_SEGMENT_BODY = {
+IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
@@ -26,31 +28,32 @@ _SEGMENT_BODY = {
                                      "description": "PNG, JPEG, WebP, or .npy (encrypted tensors)"}},
         }}},
     },
+}
+_SEGMENT_BODY = {
+    **IMAGE_BODY,
     "responses": {"200": {"content": {"image/png": {}, "application/json": {}},
                           "description": "class-index mask (palette PNG) or JSON"}},
 }
 
 
-def hosted_for(request: Request, name: str, principal: Principal) -> HostedModel:
-    hosted = request.app.state.registry.get(name)  # ModelNotFound (404) for unknown names
+def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
+    hosted = registry.get(name)  # ModelNotFound (404) for unknown names
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     return hosted
 
 
 @router.get("/models", summary="The models this token may use, with their public protection parameters")
-async def list_models(request: Request, principal: Principal = Depends(require_scope("segment"))) -> dict:
-    registry = request.app.state.registry
+async def list_models(registry: RegistryDep, principal: SegmentGrant) -> dict:
     return {"models": [registry.get(n).public_info() for n in registry.names() if principal.allows_model(n)]}
 
 
 @router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)")
-async def client_key(name: str, request: Request,
-                     principal: Principal = Depends(require_scope("segment"))) -> dict:
-    hosted = hosted_for(request, name, principal)
+async def client_key(name: str, registry: RegistryDep, audit: AuditDep, principal: SegmentGrant) -> dict:
+    hosted = hosted_for(registry, name, principal)
     if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
-    request.app.state.audit(principal, "client-key", name, "ok")
+    audit(principal, "client-key", name, "ok")
     return {"model": name, "key_version": hosted.key_version, "key": hosted.block_key.to_dict()}
 
 
@@ -59,13 +62,14 @@ async def client_key(name: str, request: Request,
 async def segment(
     name: str,
     request: Request,
-    principal: Principal = Depends(require_scope("segment")),
-    accept: str | None = Header(None),
-    x_seglock_key_version: str | None = Header(None),
-    x_seglock_encrypted: str | None = Header(None),
+    registry: RegistryDep,
+    settings: SettingsDep,
+    principal: SegmentGrant,
+    accept: Annotated[str | None, Header()] = None,
+    x_seglock_key_version: Annotated[str | None, Header()] = None,
+    x_seglock_encrypted: Annotated[str | None, Header()] = None,
 ) -> Response:
-    state = request.app.state
-    hosted = hosted_for(request, name, principal)
+    hosted = hosted_for(registry, name, principal)
     data = await read_image_field(request)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
@@ -73,7 +77,7 @@ async def segment(
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
         if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
-    upload = await asyncio.to_thread(decode_upload, data, max_pixels=state.settings.max_pixels)
+    upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
     tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
     try:
         mask = await hosted.batcher.submit(tensor)
