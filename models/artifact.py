@@ -52,7 +52,7 @@ from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
 from seglock.models.at_rest import is_sealed
 from seglock.models.errors import ArtifactError, ModelError
-from seglock.models.taps import get_tap
+from seglock.models.protect import join_taps, resolve_taps
 
 __all__ = [
     "FORMAT_VERSION",
@@ -352,15 +352,21 @@ def save_artifact(
 
 
 def _public_protection(model: nn.Module, protection: dict[str, Any]) -> dict[str, Any]:
-    """Check a CP tap against the model and record its channel count (public: the tap's width)."""
+    """Check CP taps against the model; record them in network order with their channel counts (public).
+
+    One tap: {"tap": "dec1", "channels": 64}; several: {"tap": "enc1,dec1", "channels": [32, 64]}.
+    """
     if protection.get("mode") == Mode.CP:
         try:
-            tap = get_tap(model, protection.get("tap"))
+            found = resolve_taps(model, protection.get("tap"))
         except ModelError as exc:
             raise ArtifactError(str(exc)) from None
-        if protection.get("channels", tap.channels) != tap.channels:
-            raise ArtifactError(f"tap {tap.name!r} has {tap.channels} channels, not {protection['channels']!r}")
-        protection["channels"] = tap.channels
+        channels = found[0].channels if len(found) == 1 else [tap.channels for tap in found]
+        if protection.get("channels", channels) != channels:
+            raise ArtifactError(f"taps {join_taps(t.name for t in found)!r} have {channels} channels, "
+                                f"not {protection['channels']!r}")
+        protection["tap"] = join_taps(tap.name for tap in found)
+        protection["channels"] = channels
     return protection
 
 
@@ -425,9 +431,7 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
         model = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
         load_state_exactly(model, load_safetensors(data), "its weights")
         if manifest.mode is Mode.CP:
-            tap = get_tap(model, manifest.protection["tap"])
-            if tap.channels != manifest.protection.get("channels", tap.channels):
-                raise ModelError(f"tap {tap.name!r} has {tap.channels} channels, not {manifest.protection['channels']}")
+            _public_protection(model, dict(manifest.protection))
     except (ModelError, SafetensorError) as exc:
         raise ArtifactError(f"artifact {path} does not fit its manifest: {exc}") from None
     return model.to(map_location).eval(), manifest

@@ -3,6 +3,9 @@
     {"format": "seglock-key", "format_version": 1, "kind": "cp" | "block",
      "model": "<name>" | null, "material": {...CPKey.to_dict() or BlockKey.to_dict()...}}
 
+CP material is version 2 (`{"format": "seglock-cp-key", "version": 2, "taps": {tap: perm, ...}}`);
+files holding version 1 material (`"perm": [...]`, one tap named by the model's manifest) still read.
+
 A key file is not encrypted (DESIGN "Model artifact"): it is written 0600 from its creation,
 atomically (temp file in the same folder, fsync, rename, fsync of the folder), and never over
 an existing file unless asked. Errors name the file and never quote its contents.

@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     protect.add_argument("--model", required=True, metavar="PLAIN_DIR", help="the plain artifact folder")
-    protect.add_argument("--tap", required=True, help="the feature map to key, e.g. layer4 (ResNet) or dec1 (tiny)")
+    protect.add_argument("--tap", help="the feature maps to key: one (dec1), several (enc1,enc3,dec1) or 'all' "
+                         "(default: the architecture's measured default, see docs/security.md)")
     protect.add_argument("--out", required=True, metavar="DIR", help="the cp artifact folder to write")
     protect.add_argument("--name", help="model name (default: DIR's name)")
     where = protect.add_mutually_exclusive_group(required=True)
@@ -222,11 +223,15 @@ def _protect(args: argparse.Namespace) -> int:
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
+    from seglock.models.protect import join_taps
+    from seglock.models.taps import default_taps
+
     started = time.perf_counter()
     try:
-        key: CPKey = protect(model, args.tap)
+        key: CPKey = protect(model, args.tap or default_taps(manifest.architecture))
     except ModelError as exc:
         raise CLIError(str(exc)) from None
+    tap = join_taps(key.taps)
     seconds = time.perf_counter() - started
     if key_out is not None:
         try:
@@ -245,17 +250,18 @@ def _protect(args: argparse.Namespace) -> int:
     try:
         saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
                               input_size=list(manifest.input_size), normalization=manifest.normalization,
-                              protection={"mode": Mode.CP.value, "tap": args.tap}, key=key_ref)
+                              protection={"mode": Mode.CP.value, "tap": tap}, key=key_ref)
     except ModelError as exc:
         raise CLIError(str(exc)) from None
     total = time.perf_counter() - started
     stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
-    result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": args.tap,
-              "channels": key.channels, "key_space_log2": round(key.key_space_log2, 1),
+    channels = sum(key.tap_channels.values())
+    result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": tap,
+              "channels": saved.protection["channels"], "key_space_log2": round(key.key_space_log2, 1),
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return print_result(args.json, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+    return print_result(args.json, result, f"protected {manifest.name} at tap {tap} ({channels} channels, key space "
                                f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
                                f"key in {stored}")
 

@@ -43,8 +43,16 @@ def finetune_attack(
     seed: int = 0,
     progress: bool = True,
     save_to: str | os.PathLike[str] | None = None,
+    recipes: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the stolen model on `fraction` of the training data without a key; a JSON-ready report."""
+    """Fine-tune the stolen model on `fraction` of the training data without a key; a JSON-ready report.
+
+    With `recipes` (names from `seglock.models.attacks.recipes`, or "all"), the thief's training loop
+    runs each recipe for `epochs` and "after" is the best of them (the worst case for the owner).
+    """
+    if recipes is not None:
+        return _finetune_recipes(artifact_dir, data_dir, fraction=fraction, key=key, recipes=recipes, epochs=epochs,
+                                 batch_size=batch_size, device=device, seed=seed, progress=progress)
     started = time.perf_counter()
     fraction = check_fraction(fraction)
     device = resolve_device(device)
@@ -88,5 +96,33 @@ def finetune_attack(
         "after": headline(after),
         "owner": None if owner is None else headline(owner),
         "history": result.history,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _finetune_recipes(artifact_dir, data_dir, *, fraction, key, recipes, epochs, batch_size, device, seed,
+                      progress) -> dict[str, Any]:
+    from seglock.models.attacks.recipes import parse_recipes, thief_fit
+    from seglock.models.attacks.stolen import load_stolen
+
+    started = time.perf_counter()
+    stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed)
+    runs = []
+    for recipe in parse_recipes(recipes, epochs=epochs, batch_size=batch_size):
+        model = stolen.copy_model()
+        history = thief_fit(model, stolen.train_part, recipe, normalization=stolen.manifest.normalization,
+                            device=stolen.device, seed=seed, progress=progress, desc=f"finetune {recipe.name}")
+        runs.append({"recipe": recipe.to_dict(), "after": stolen.score_plain(model), "history": history})
+    best = max(runs, key=lambda r: r["after"]["mIoU"])
+    return {
+        "kind": "finetune",
+        **stolen.describe(),
+        "epochs": epochs,
+        "before": stolen.score_no_key(),
+        "after": best["after"],
+        "best_recipe": best["recipe"]["name"],
+        "owner": stolen.score_owner(),
+        "runs": runs,
+        "history": best["history"],
         "seconds": round(time.perf_counter() - started, 3),
     }
