@@ -98,7 +98,8 @@ def main() -> None:
     for name in ("file", "postgres"):
         r = results[name]
         print(f"{name:9s} write {r['write_ms']:7.2f} ms   verify {r['verify_us']:6.1f} us   "
-              f"revocation seen by another instance after {r['propagation_ms']:.1f} ms (max {r['propagation_max_ms']:.1f})")
+              f"revocation seen by another instance after {r['propagation_ms']:.1f} ms "
+              f"(max {r['propagation_max_ms']:.1f})")
     for key, value in results["ratios"].items():
         print(f"{key}: {value:.2f}")
 

@@ -67,7 +67,7 @@ class KeyVersion:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, model: str, data: dict[str, Any]) -> "KeyVersion":
+    def from_json(cls, model: str, data: dict[str, Any]) -> KeyVersion:
         return cls(model=model, **data)
 
 

@@ -7,10 +7,10 @@
 A write is one database transaction: `SELECT ... FOR UPDATE` on the row replaces flock, the
 new envelope is written with `version + 1`, and `pg_notify('seglock_keystore', version)` goes
 out with the commit (the payload is `<schema>:<version>`, so keystores in several schemas of
-one database, chosen with `?options=-csearch_path%3D<schema>`, stay apart). Every process LISTENs on a background connection (and re-checks the
-version every `recheck_s` in case a notification is lost), so a revocation, a new token or a
-rotation is seen on every host within a second. A dump of the database opens nothing without
-the master key.
+one database, chosen with `?options=-csearch_path%3D<schema>`, stay apart). Every process
+LISTENs on a background connection (and re-checks the version every `recheck_s` in case a
+notification is lost), so a revocation, a new token or a rotation is seen on every host within
+a second. A dump of the database opens nothing without the master key.
 
 When the database cannot be reached, writes fail at once with `KeystoreUnavailable` (servers
 answer 503 with Retry-After) and reads go on from the last good state for `max_stale_s`
@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import psycopg
 from psycopg import conninfo, errors
@@ -99,7 +100,7 @@ def migrate_schema(conn: psycopg.Connection, location: str) -> list[int]:
 class _PostgresWrite:
     """One write transaction, the keystore row locked FOR UPDATE until commit or rollback."""
 
-    def __init__(self, storage: "PostgresStorage", conn: psycopg.Connection) -> None:
+    def __init__(self, storage: PostgresStorage, conn: psycopg.Connection) -> None:
         self._storage, self._conn = storage, conn
         row = conn.execute("SELECT version, envelope IS NOT NULL FROM seglock_keystore WHERE id = 1 FOR UPDATE"
                            ).fetchone()

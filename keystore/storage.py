@@ -25,10 +25,11 @@ transaction as the state.
 from __future__ import annotations
 
 import os
+from collections.abc import Hashable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Hashable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import filelock
 
@@ -82,7 +83,7 @@ def max_stale_seconds(env: Mapping[str, str]) -> float:
 
 
 def open_storage(home: str | os.PathLike | None, env: Mapping[str, str], *, url: str | None = None,
-                 lock_timeout: float) -> "Storage":
+                 lock_timeout: float) -> Storage:
     """The backend for `url` (else the environment's URL), or the file in `home`."""
     url = url or keystore_url(env)
     if url:
@@ -149,7 +150,7 @@ def _stamp(st: os.stat_result) -> _Stamp:
 
 
 class _FileWrite:
-    def __init__(self, storage: "FileStorage") -> None:
+    def __init__(self, storage: FileStorage) -> None:
         self._storage = storage
         try:
             self.version: _Stamp | None = _stamp(os.stat(storage.path))
@@ -236,7 +237,8 @@ class FileStorage:
 
     def describe(self) -> dict[str, Any]:
         st = os.stat(self.path)
-        return {"backend": "file", "path": str(self.path), "file_mode": oct(st.st_mode & 0o777), "file_bytes": st.st_size}
+        return {"backend": "file", "path": str(self.path), "file_mode": oct(st.st_mode & 0o777),
+                "file_bytes": st.st_size}
 
     def close(self) -> None:
         pass

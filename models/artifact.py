@@ -35,7 +35,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -172,7 +172,8 @@ class Manifest:
             raise ArtifactError("a manifest must be a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ArtifactError(f"manifest format_version {version!r} is not supported (this seglock reads {FORMAT_VERSION})")
+            raise ArtifactError(f"manifest format_version {version!r} is not supported "
+                                f"(this seglock reads {FORMAT_VERSION})")
         expected = {"architecture" if f.name == "architecture_kwargs" else f.name for f in fields(cls)}
         missing = sorted(expected - data.keys())
         unknown = sorted(data.keys() - expected)
@@ -211,7 +212,8 @@ class Manifest:
 
 def _check_manifest(m: Manifest) -> None:
     if not is_model_name(m.name):
-        raise ArtifactError(f"artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {m.name!r}")
+        raise ArtifactError("artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), "
+                            f"got {m.name!r}")
     if m.format_version != FORMAT_VERSION:
         raise ArtifactError(f"manifest format_version {m.format_version!r} is not supported")
     if not isinstance(m.architecture, str) or not isinstance(m.architecture_kwargs, dict):
@@ -331,7 +333,7 @@ def save_artifact(
         protection=protection,
         key=key,
         weights=WeightsRef(WEIGHTS_FILE, "0" * 64, 0),  # replaced once the weights are written
-        created=(created or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        created=(created or datetime.now(UTC)).isoformat(timespec="seconds"),
         seglock_version=_seglock_version(),
     )
     _check_input_size(draft)
@@ -373,7 +375,8 @@ def _public_protection(model: nn.Module, protection: dict[str, Any]) -> dict[str
 def _check_input_size(manifest: Manifest) -> None:
     fixed = manifest.architecture_kwargs.get("image_size")
     if fixed is not None and list(fixed) != list(manifest.input_size):
-        raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, not {list(manifest.input_size)}")
+        raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, "
+                            f"not {list(manifest.input_size)}")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -420,11 +423,13 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
         data = unseal(data)
     if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
         raise ArtifactError(
-            f"{manifest.weights.file} of {path} does not match its manifest's SHA-256: the artifact is corrupt or was altered"
+            f"{manifest.weights.file} of {path} does not match its manifest's SHA-256: "
+            "the artifact is corrupt or was altered"
         )
     if manifest.architecture not in list_architectures():
         raise ArtifactError(
-            f"manifest of {path} names unknown architecture {manifest.architecture!r}; known: {', '.join(list_architectures())}"
+            f"manifest of {path} names unknown architecture {manifest.architecture!r}; "
+            f"known: {', '.join(list_architectures())}"
         )
     _check_weights_metadata(path, manifest, _safetensors_metadata(data))
     try:

@@ -32,12 +32,12 @@ from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.artifact import Manifest, load_artifact
 from seglock.models.data import DatasetError, detect_format, open_dataset
+from seglock.models.device import resolve_device
+from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.errors import ModelError
 from seglock.models.inputs import model_input
-from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.metrics import MetricAccumulator
 from seglock.models.protect import CPKey, fold_key, protection_channels, protection_taps
-from seglock.models.device import resolve_device
 
 __all__ = [
     "CONDITIONS",
@@ -174,7 +174,7 @@ def evaluate_model(
         raise EvaluateError(f"nothing to score: {exc}") from None
     scores["per_class"] = {
         name: {"IoU": iou, "Acc": acc}
-        for name, iou, acc in zip(manifest.class_names, scores["IoU"], scores["Acc"])
+        for name, iou, acc in zip(manifest.class_names, scores["IoU"], scores["Acc"], strict=False)
     }
     scores["images"] = images
     return scores
@@ -309,8 +309,8 @@ def evaluate_conditions(
                     bar.update(count)
             else:
                 scores = [run("wrong", k) for k in wrong_keys(manifest, count, key=key, seed=seed)]
-                results[label] = {"applicable": True, "n": count,
-                                  **{metric: summarize([s[metric] for s in scores]) for metric in ("aAcc", "mIoU", "mAcc")}}
+                summaries = {metric: summarize([s[metric] for s in scores]) for metric in ("aAcc", "mIoU", "mAcc")}
+                results[label] = {"applicable": True, "n": count, **summaries}
     finally:
         if bar is not None:
             bar.close()
@@ -334,5 +334,6 @@ def _bar(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="evaluate", unit="run", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+    return tqdm(total=total, desc="evaluate", unit="run", leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
 

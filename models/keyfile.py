@@ -115,7 +115,8 @@ def _parse(path: Path, data: Any) -> KeyFile:
     unknown = sorted(set(data) - _FIELDS)
     missing = sorted(_FIELDS - set(data))
     if missing or unknown:
-        raise KeyFileError(f"key file {path} is malformed: fields missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise KeyFileError(f"key file {path} is malformed: fields missing {missing or 'none'}, "
+                           f"unknown {unknown or 'none'}")
     kind, model, material = data["kind"], data["model"], data["material"]
     if kind not in KINDS:
         raise KeyFileError(f"key file {path} is malformed: kind must be one of {', '.join(KINDS)}")

@@ -310,7 +310,7 @@ def protection_channels(protection: Mapping[str, Any]) -> dict[str, int]:
     counts = [channels] if isinstance(channels, int) and not isinstance(channels, bool) else channels
     if not isinstance(counts, list) or len(counts) != len(names):
         raise ModelError(f"a cp protection needs 'channels' for each of its taps {', '.join(names)}")
-    return dict(zip(names, counts))
+    return dict(zip(names, counts, strict=False))
 
 
 def _pairs(model: nn.Module, tap_spec: TapSpec, key: CPKey) -> list[tuple[Tap, np.ndarray]]:
@@ -356,7 +356,7 @@ class KeyedModel(nn.Module):
         if perms is None:
             bound = key.bind([t.name for t in found])
             perms = [bound[t.name] for t in found]
-        for t, perm in zip(found, perms):
+        for t, perm in zip(found, perms, strict=False):
             _check_perm(t, perm)
         self.model = model
         self.taps = tuple(t.name for t in found)

@@ -331,7 +331,8 @@ def table_block_access(runs: Runs) -> str | None:
     rows = []
     for method in BLOCK_METHODS:
         for size, doc in _by_block(runs, method).items():
-            rows.append([method.upper(), str(size), *(_fmt(_metric(_condition(doc, c))) for c in ("correct", "plain", "random"))])
+            cells = (_fmt(_metric(_condition(doc, c))) for c in ("correct", "plain", "random"))
+            rows.append([method.upper(), str(size), *cells])
     if not rows:
         return None
     return _table(["Method", "Block size", "Correct", "Plain", "Incorrect (mean)"], rows)
@@ -425,7 +426,8 @@ def table_trends(runs: Runs) -> str | None:
                 wrong = _metric(_condition(attack, "random"))  # the random-key attack tries more keys
             if correct is not None:
                 rows.append([f"CP trained at {tap}: correct key within 2 points of the baseline",
-                             f"{correct:.2f} vs {base:.2f} ({correct - base:+.2f})", _verdict(abs(correct - base) <= 2)])
+                             f"{correct:.2f} vs {base:.2f} ({correct - base:+.2f})",
+                             _verdict(abs(correct - base) <= 2)])
             worst = max(v for v in (plain, wrong) if v is not None) if (plain, wrong) != (None, None) else None
             if worst is not None:
                 rows.append([f"CP trained at {tap}: no key and wrong keys below 15 % of the baseline",
@@ -435,13 +437,14 @@ def table_trends(runs: Runs) -> str | None:
                     floor = runs.floor["mIoU"]
                     kept = (worst - floor) / (base - floor)
                     rows.append([f"CP trained at {tap}: no key and wrong keys keep below 15 % of the baseline's "
-                                 "gain over the floor", f"{kept * 100:.0f} % (floor {floor:.2f})", _verdict(kept < 0.15)])
+                                 "gain over the floor", f"{kept * 100:.0f} % (floor {floor:.2f})",
+                                 _verdict(kept < 0.15)])
     shf = _by_block(runs, Mode.SHF)
     if len(shf) >= 2:
         values = [_metric(_condition(d, "correct")) for d in shf.values()]
-        falls = all(a is not None and b is not None and b <= a + 1.0 for a, b in zip(values, values[1:]))
+        falls = all(a is not None and b is not None and b <= a + 1.0 for a, b in zip(values, values[1:], strict=False))
         rows.append(["SHF: accuracy with the key falls as M grows",
-                     ", ".join(f"M={m}: {_fmt(v)}" for m, v in zip(shf, values)),
+                     ", ".join(f"M={m}: {_fmt(v)}" for m, v in zip(shf, values, strict=False)),
                      _verdict(falls and values[-1] < values[0])])
         m0, doc = next(iter(shf.items()))
         correct, plain = _metric(_condition(doc, "correct")), _metric(_condition(doc, "plain"))
@@ -453,9 +456,11 @@ def table_trends(runs: Runs) -> str | None:
                        key=lambda d: -int(d["protection"]["sub_block"]))
     if len(per_image) >= 2:
         values = [_metric(_condition(d, "correct")) for d in per_image]
-        rises = all(a is not None and b is not None and b >= a - 1.0 for a, b in zip(values, values[1:]))
+        rises = all(a is not None and b is not None and b >= a - 1.0 for a, b in zip(values, values[1:], strict=False))
+        summary = ", ".join(f"S={d['protection']['sub_block']}: {_fmt(v)}"
+                            for d, v in zip(per_image, values, strict=False))
         rows.append(["Per-image: accuracy rises as S shrinks",
-                     ", ".join(f"S={d['protection']['sub_block']}: {_fmt(v)}" for d, v in zip(per_image, values)),
+                     summary,
                      _verdict(rises and values[-1] > values[0])])
     if not rows:
         return None
@@ -633,7 +638,7 @@ def plot_conditions(runs: Runs, path: Path) -> bool:
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(docs) + 2), 4.5))
     for offset, (name, label) in zip((-width, 0, width), (("correct", "correct key"), ("plain", "no key / plain"),
-                                                           ("random", "wrong keys (mean)"))):
+                                                           ("random", "wrong keys (mean)")), strict=False):
         values = [_metric(_condition(d, name)) for d in docs]
         ax.bar(x + offset, [np.nan if v is None else v for v in values], width, label=label)
     _floor_line(ax, runs)

@@ -8,10 +8,9 @@ import subprocess
 import sys
 
 import pytest
+from pg_fixtures import needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
 
 from seglock.keystore import Keystore
-
-from pg_fixtures import needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
 
 MASTER = base64.b64encode(os.urandom(32)).decode()
 

@@ -10,12 +10,12 @@ import pytest
 
 psycopg = pytest.importorskip("psycopg")
 
+from pg_fixtures import PostgresServer, needs_postgres, pg_server, pg_url  # noqa: E402, F401 (fixtures)
+
 from seglock.app.cli import main  # noqa: E402
 from seglock.keystore import Keystore, KeystoreExists, KeystoreUnavailable, keystore_url  # noqa: E402
 from seglock.keystore.postgres import MIGRATIONS, SCHEMA_VERSION, redacted  # noqa: E402
 from seglock.keystore.storage import KeystoreURLError  # noqa: E402
-
-from pg_fixtures import PostgresServer, needs_postgres, pg_server, pg_url  # noqa: E402, F401 (fixtures)
 
 pytestmark = needs_postgres
 
@@ -58,7 +58,8 @@ def test_status_names_the_database_without_its_password(pg_url, master_env, caps
     assert main(["keystore", "status", "--keystore", with_password]) == 0
     out = capsys.readouterr().out
     assert "schema version 1, row version 1" in out and "hunter2" not in out
-    assert redacted(with_password) == "postgresql://postgres@127.0.0.1:%d/postgres" % int(pg_url.split(":")[2].split("/")[0])
+    port = int(pg_url.split(":")[2].split("/")[0])
+    assert redacted(with_password) == f"postgresql://postgres@127.0.0.1:{port}/postgres"
 
 
 def test_open_without_init_says_to_run_init(pg_url, master_env):

@@ -13,6 +13,7 @@ import threading
 import time
 
 import pytest
+from pg_fixtures import needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
 
 from seglock.keystore import (
     Grant,
@@ -23,8 +24,6 @@ from seglock.keystore import (
     TokenNotFound,
 )
 from seglock.keystore.audit import AuditEntry
-
-from pg_fixtures import needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 
@@ -113,7 +112,8 @@ def test_token_record_round_trips_through_the_file(ks, env, clock):
 
 def test_verify_returns_the_grant_of_a_valid_token(ks):
     record, token = ks.create_token("alice", ["segment"], ["m1"])
-    assert ks.verify_token(token, model="m1") == Grant(record.id, "alice", frozenset({"segment"}), frozenset({"m1"}), None)
+    expected = Grant(record.id, "alice", frozenset({"segment"}), frozenset({"m1"}), None)
+    assert ks.verify_token(token, model="m1") == expected
 
 
 def test_verify_without_model_checks_only_the_scope(ks):
@@ -500,7 +500,8 @@ def test_status_reports_counts_without_secrets(ks, clock, backend):
     clock.now += 2
     status = ks.status()
     assert status["tokens"] == {"active": 1, "revoked": 0, "expired": 1}
-    assert status["models"] == {"seg": [{"version": 1, "id": ks.active_model_key("seg").id, "kind": "cp", "state": "active"}]}
+    active_id = ks.active_model_key("seg").id
+    assert status["models"] == {"seg": [{"version": 1, "id": active_id, "kind": "cp", "state": "active"}]}
     assert (status["kdf"], status["master_key_source"]) == ({"name": "none"}, "SEGLOCK_MASTER_KEY")
     if backend == "file":
         assert (status["backend"], status["file_mode"]) == ("file", "0o600")

@@ -11,13 +11,13 @@ import math
 
 import pytest
 import torch
+from test_protect import SIZE, Zoo, _equal_states, _run
 
 from seglock.keystore import Keystore
 from seglock.models import ModelError, build_model, fold_key, load_artifact, protect, rekey, save_artifact, taps
 from seglock.models.attacks import key_space
 from seglock.models.keyfile import read_key_file, write_key_file
 from seglock.models.protect import CPKey, apply_key, bind_key, rekey_state_dict, resolve_taps
-from test_protect import SIZE, Zoo, _equal_states, _run
 
 RTOL = 1e-4
 TAP_SETS = [
@@ -105,7 +105,7 @@ def test_multi_tap_key_repr_shows_tap_widths_only():
 
 def test_perm_of_a_multi_tap_key_asks_for_a_tap():
     with pytest.raises(ModelError, match=r"permutes 2 taps \(enc1, dec1\)"):
-        CPKey.generate({"enc1": 16, "dec1": 32}).perm
+        _ = CPKey.generate({"enc1": 16, "dec1": 32}).perm
 
 
 # --- tap specs ----------------------------------------------------------------------------------

@@ -7,10 +7,9 @@ import time
 
 import httpx
 import pytest
+from server_fixtures import MASTER_KEY, free_port, live_server, make_artifacts, open_keystore, png_bytes, scene
 
 from seglock.app.home import Home
-
-from server_fixtures import MASTER_KEY, free_port, live_server, make_artifacts, open_keystore, png_bytes, scene
 
 ray = pytest.importorskip("ray")
 serve = pytest.importorskip("ray.serve")

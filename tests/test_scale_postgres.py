@@ -10,7 +10,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import pytest
-
 from pg_fixtures import PostgresServer, needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
 from server_fixtures import live_server
 
@@ -120,10 +119,10 @@ def test_database_killed_and_restarted_under_load_costs_only_503s_and_no_acknowl
 
 
 def test_a_rotation_through_one_server_is_followed_by_the_other_with_identical_masks(tmp_path, pg_url):
+    from server_fixtures import MASTER_KEY, make_artifacts, png_bytes, scene
+
     from seglock.app.home import Home
     from seglock.keystore import Keystore
-
-    from server_fixtures import MASTER_KEY, make_artifacts, png_bytes, scene
 
     root = tmp_path / "models-root"  # the shared storage: both servers read it, a rotation writes it
     env = {"SEGLOCK_MASTER_KEY": MASTER_KEY}

@@ -6,6 +6,7 @@ and that the suite's arithmetic (advantage = attack - best alternative, verdict 
 """
 
 import json
+
 import pytest
 import torch
 

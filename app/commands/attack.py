@@ -184,7 +184,8 @@ def _training(parser: argparse.ArgumentParser) -> None:
                         help="attacker's training epochs (default %(default)s, the owner's recipe)")
     parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
                         help="batch size (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"), help="initial learning rate (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"),
+                        help="initial learning rate (default %(default)s)")
 
 
 def _recipes(parser: argparse.ArgumentParser) -> None:

@@ -301,7 +301,7 @@ def _list(args: argparse.Namespace) -> int:
                          "-" if r["revision"] is None else f"r{r['revision']}", r["path"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
     return 0
 
 
@@ -371,7 +371,8 @@ def _import(args: argparse.Namespace) -> int:
               "key_version": None if imported.key is None else imported.key.version,
               "rekeyed": imported.mode is Mode.CP}
     note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
-    return print_result(args.json, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+    message = f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}"
+    return print_result(args.json, result, message)
 
 
 def _rotate(args: argparse.Namespace) -> int:

@@ -71,6 +71,13 @@ def downstream_attack(
     first = keyed[0]
     front = front_modules(stolen.model, first, stolen.manifest)
     front_prefixes = tuple(f"{name}." for name in front)
+    front_set = set(front)
+
+    def keep_front_eval(m: nn.Module) -> None:
+        for name, module in m.named_modules():
+            if name in front_set:
+                module.eval()
+
     runs = []
     for recipe in recipes or parse_recipes(None):
         model = stolen.copy_model()
@@ -88,13 +95,6 @@ def downstream_attack(
             param.requires_grad_(not frozen)
             if not frozen:
                 trainable.append(param)
-        front_set = set(front)
-
-        def keep_front_eval(m: nn.Module) -> None:
-            for name, module in m.named_modules():
-                if name in front_set:
-                    module.eval()
-
         t0 = time.perf_counter()
         history = thief_fit(model, stolen.train_part, recipe, normalization=stolen.manifest.normalization,
                             parameters=trainable, frozen=keep_front_eval, device=stolen.device, seed=stolen.seed,

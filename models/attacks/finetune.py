@@ -2,9 +2,10 @@
 
 The thief holds the protected weights and D', a fraction (5 % or 10 % in the paper) of the training
 data. It trains the weights as a plain model on plain images of D' (same recipe as the owner,
-`seglock.models.training.config.RECIPE`: SGD, momentum 0.9, poly schedule, crop and flip; the best epoch by loss on D' itself, since the thief has
-no other labelled data) and then uses the model without any key. Reported: mIoU without the key
-before (Table IV's 0 % row) and after, against the owner's mIoU with the key.
+`seglock.models.training.config.RECIPE`: SGD, momentum 0.9, poly schedule, crop and flip; the
+best epoch by loss on D' itself, since the thief has no other labelled data) and then uses the
+model without any key. Reported: mIoU without the key before (Table IV's 0 % row) and after,
+against the owner's mIoU with the key.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 from seglock.models.artifact import load_artifact, save_artifact
 from seglock.models.attacks.data import attacker_subset, check_fraction
-from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.device import resolve_device
+from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.training.config import RECIPE, FitConfig
 from seglock.models.training.loop import fit
 

@@ -98,7 +98,8 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
             return _entry(mode, {"block_size": m}, float(length), seglock=selection,
                           formula=f"2^(3*{m}^2) = 2^{length}; seglock keys: C({length}, {k})")
         return _entry(mode, {"block_size": m}, selection, seglock=selection + FFX_PASSWORD_BITS,
-                      formula=f"C({length}, {k}) with a fixed password; seglock keys add a {FFX_PASSWORD_BITS}-bit password")
+                      formula=f"C({length}, {k}) with a fixed password; "
+                              f"seglock keys add a {FFX_PASSWORD_BITS}-bit password")
     if known is Mode.PER_IMAGE:
         b, s = _positive(params, "block_size"), _positive(params, "sub_block")
         height, width = _image_size(params)
@@ -114,7 +115,8 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
 def brute_force(log2_keys: float, seconds_per_try: float | None) -> dict[str, Any]:
     """Expected tries (half the space) and the time they take, as log10 values (they overflow floats)."""
     expected_log2 = max(log2_keys - 1.0, 0.0)
-    result: dict[str, Any] = {"expected_tries_log2": expected_log2, "expected_tries_log10": expected_log2 * math.log10(2)}
+    result: dict[str, Any] = {"expected_tries_log2": expected_log2,
+                              "expected_tries_log10": expected_log2 * math.log10(2)}
     if seconds_per_try is None or seconds_per_try <= 0:
         return result
     log10_seconds = result["expected_tries_log10"] + math.log10(seconds_per_try)

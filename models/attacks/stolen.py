@@ -19,11 +19,11 @@ from torch.utils.data import Dataset
 
 from seglock.models.artifact import Manifest, load_artifact
 from seglock.models.attacks.data import AttackError, attacker_subset, check_fraction
+from seglock.models.device import resolve_device
 from seglock.models.errors import ModelError
 from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.protect import CPKey, protection_taps, resolve_taps
 from seglock.models.taps import Tap
-from seglock.models.device import resolve_device
 
 __all__ = ["Stolen", "headline", "load_stolen"]
 

@@ -154,7 +154,8 @@ def suite_attack(
         raise AttackError(f"--backbone-weights {backbone} is not a file")
     stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed)
     is_cp = stolen.manifest.mode == "cp"
-    _log(progress, f"suite on {stolen.manifest.name} ({stolen.manifest.mode} {stolen.manifest.protection.get('tap', '')}"
+    tap = stolen.manifest.protection.get('tap', '')
+    _log(progress, f"suite on {stolen.manifest.name} ({stolen.manifest.mode} {tap}"
                    f"): D' = {len(stolen.plain_part)} of {stolen.pool} training images, "
                    f"recipes {', '.join(r.name for r in recipe_list)}, {epochs} epochs")
 

@@ -112,7 +112,7 @@ def weight_cost(stolen: Mapping[str, torch.Tensor], reference: Mapping[str, torc
     sub_tap = Tap(tap.name, tap.channels, tap.producer, tap.consumers, tap.channelwise, tap.paper_number, tuple(shared))
     cost = np.zeros((tap.channels, tap.channels))
     compared = 0
-    for own, other in zip(tap_columns(stolen, sub_tap), tap_columns(ref, sub_tap)):
+    for own, other in zip(tap_columns(stolen, sub_tap), tap_columns(ref, sub_tap), strict=False):
         if own.shape != other.shape:
             continue  # e.g. a classifier for another number of classes: nothing to compare
         cost += 1.0 - (_unit_rows(own) @ _unit_rows(other).T).numpy()
@@ -152,7 +152,8 @@ def activation_cost(
             logits = model(model_input(images.to(device), manifest))
             features = captured["features"]
             # Class profile: mean activation of each channel over the pixels of each class.
-            labels = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long().to(device)
+            resized = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")
+            labels = resized[:, 0].long().to(device)
             valid = labels < num_classes
             onehot = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).to(torch.float64) * valid[..., None]
             flat = features.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(tap.channels, -1)
@@ -488,7 +489,8 @@ def weight_matching_attack(
         scores["owner"] = stolen.score_key(key)
     per_tap = {}
     for tap in keyed:
-        per_tap[tap.name] = {**describe_match(CPKey(recovered[tap.name]), None if key is None else CPKey(key[tap.name])),
+        owner_key = None if key is None else CPKey(key[tap.name])
+        per_tap[tap.name] = {**describe_match(CPKey(recovered[tap.name]), owner_key),
                              **details.get(tap.name, {})}
     result: dict[str, Any] = {
         "kind": "weight-matching",

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from seglock.client.modes import Mode
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import check_divisible
 from seglock.client.transforms.per_image import check_geometry
 from seglock.models.artifact import IMAGENET_NORMALIZATION
 from seglock.models.errors import ModelError
-from seglock.client.modes import Mode
 
 __all__ = [
     "AUX_WEIGHT",

@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.device import resolve_device
+from seglock.models.errors import ModelError
 from seglock.models.inputs import encrypt_for_mode, scaled_input
 from seglock.models.metrics import IGNORE_INDEX, MetricAccumulator
-from seglock.models.errors import ModelError
 from seglock.models.protect import CPKey, apply_key, bind_key
 from seglock.models.training.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from seglock.models.training.config import (
