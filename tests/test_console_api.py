@@ -205,7 +205,7 @@ def test_admin_models_lists_protection_revisions_and_key_versions_without_materi
     cp = models["demo-cp"]
     active = keystore.active_model_key("demo-cp")
     assert (cp["mode"], cp["model_version"], cp["key_version"], cp["revisions"]) == ("cp", 1, active.version, [1])
-    assert cp["protection"] == {"mode": "cp", "tap": "dec1", "channels": 64}
+    assert cp["protection"] == {"mode": "cp", "tap": "enc1,enc2,enc3,dec1,dec2", "channels": [32, 64, 128, 64, 32]}
     assert [(k["version"], k["state"], k["kind"]) for k in cp["key_versions"]] == [(1, "active", "cp")]
     assert cp["key_versions"][0]["id"] == active.id
     assert (cp["rotatable"], cp["suite_report"]) == (True, False)
