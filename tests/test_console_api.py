@@ -22,9 +22,10 @@ from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
 from seglock.app.routes.console import CONTENT_SECURITY_POLICY
 from seglock.app.settings import Settings
-from seglock.models import load_artifact
+from seglock.models import load_artifact, read_manifest
 from seglock.models.data.synth import generate_scene
 from seglock.models.inputs import model_input
+from seglock.models.zoo import zoo_dir
 from tests.server_fixtures import MASTER_KEY, open_keystore, png_bytes
 
 CLASSES = ["background", "disc", "square", "triangle", "ring", "striped_blob"]
@@ -205,7 +206,7 @@ def test_admin_models_lists_protection_revisions_and_key_versions_without_materi
     cp = models["demo-cp"]
     active = keystore.active_model_key("demo-cp")
     assert (cp["mode"], cp["model_version"], cp["key_version"], cp["revisions"]) == ("cp", 1, active.version, [1])
-    assert cp["protection"] == {"mode": "cp", "tap": "enc1,enc2,enc3,dec1,dec2", "channels": [32, 64, 128, 64, 32]}
+    assert cp["protection"] == read_manifest(zoo_dir() / "demo-cp").protection  # as bundled: taps, channels
     assert [(k["version"], k["state"], k["kind"]) for k in cp["key_versions"]] == [(1, "active", "cp")]
     assert cp["key_versions"][0]["id"] == active.id
     assert (cp["rotatable"], cp["suite_report"]) == (True, False)
