@@ -37,10 +37,10 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install --index-url "$TORCH_INDEX_URL" "torch>=2.6,<3" "torchvision>=0.21"; \
     fi
 
-# Then the rest of the dependencies (the SDK's and the `server` extra's), read from pyproject.toml,
+# Then the rest of the dependencies (the SDK's, the `server` and `postgres` extras'), read from pyproject.toml,
 # so a code change keeps this layer.
 COPY pyproject.toml README.md ./
-RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' \
+RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extra = p["optional-dependencies"]; print("\n".join(p["dependencies"] + extra["server"] + [d for d in extra["postgres"] if not d.startswith("seglock")]))' \
         > /tmp/requirements.txt \
     && pip install -r /tmp/requirements.txt
 

@@ -26,21 +26,21 @@ PENDING = ".first-start-pending"
 LOCK = ".first-start.lock"
 
 
-def is_empty_home(home: Path) -> bool:
-    folder = Home(home).models_dir
+def is_empty_home(home: Path, models_root: Path | None = None) -> bool:
+    folder = Home(home, models_root=models_root).models_dir
     return not (folder.is_dir() and any(folder.iterdir())) and not (home / INITIAL_TOKENS).exists()
 
 
-def needs_first_start(home: Path) -> bool:
-    return (home / PENDING).exists() or is_empty_home(home)
+def needs_first_start(home: Path, models_root: Path | None = None) -> bool:
+    return (home / PENDING).exists() or is_empty_home(home, models_root)
 
 
-def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
+def import_demo_models(home: Path, keystore: Keystore, models_root: Path | None = None) -> list[str]:
     """Import every bundled demo model; returns their names."""
     from seglock.models.keyfile import read_key_file
     from seglock.models.zoo import DEMO_MODELS, zoo_dir
 
-    target = Home(home, keystore)
+    target = Home(home, keystore, models_root=models_root)
     imported = []
     for name in DEMO_MODELS:
         if target.model_dir(name).is_dir():  # imported by a first start that was cut off
@@ -69,15 +69,20 @@ def write_initial_tokens(home: Path, keystore: Keystore, models: list[str]) -> P
     return path
 
 
-def first_start(home: Path, keystore: Keystore, *, import_demo: bool = True) -> Path | None:
+def first_start(home: Path, keystore: Keystore, *, import_demo: bool = True,
+                models_root: Path | None = None) -> Path | None:
     """Set up an empty home; returns the initial-tokens path, or None if the home was in use."""
-    if not needs_first_start(home):
+    if not needs_first_start(home, models_root):
         return None
-    with filelock.FileLock(str(home / LOCK), mode=0o600):
-        if not needs_first_start(home):  # another worker did it while this one waited
+    storage = keystore.storage
+    # Replicas on several hosts share a database keystore and a models root: lock there, not in the home.
+    lock = (storage.exclusive("seglock-first-start") if storage.kind != "file"
+            else filelock.FileLock(str(home / LOCK), mode=0o600))
+    with lock:
+        if not needs_first_start(home, models_root):  # another worker did it while this one waited
             return None
         (home / PENDING).touch(mode=0o600)
-        models = import_demo_models(home, keystore) if import_demo else []
+        models = import_demo_models(home, keystore, models_root) if import_demo else []
         path = write_initial_tokens(home, keystore, models)
         (home / PENDING).unlink()
     log.info("first start: %d demo models imported; initial tokens written to %s", len(models), path)
