@@ -18,9 +18,11 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGLOCK_", extra="ignore")
 
     home: Path = Field(Path("seglock-home"), description="home folder (keystore.json, models/)")
-    models_root: Path | None = Field(None, description="model artifacts on storage every replica reads (default HOME/models)")
+    models_root: Path | None = Field(
+        None, description="model artifacts on storage every replica reads (default HOME/models)")
     # None: the file keystore in the home (or SEGLOCK_KEYSTORE_URL_FILE, read by the keystore).
-    keystore_url: SecretStr | None = Field(None, description="postgresql://... : a keystore shared by many hosts; prefer SEGLOCK_KEYSTORE_URL_FILE")
+    keystore_url: SecretStr | None = Field(
+        None, description="postgresql://... : a keystore shared by many hosts; prefer SEGLOCK_KEYSTORE_URL_FILE")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")

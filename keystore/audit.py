@@ -51,7 +51,7 @@ class AuditEntry:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "AuditEntry":
+    def from_json(cls, data: dict[str, Any]) -> AuditEntry:
         return cls(**data)
 
 

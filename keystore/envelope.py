@@ -113,7 +113,8 @@ def seal(plaintext: bytes, keys: EnvelopeKeys, kdf: dict[str, Any]) -> bytes:
     header = Header(FORMAT_VERSION, kdf, os.urandom(NONCE_BYTES), keys.check)
     ciphertext = keys._aead.encrypt(header.nonce, plaintext, header.associated_data())
     # Base64 needs no JSON escaping: append it rather than let json scan megabytes of it.
-    body = b"".join((_dump(header.fields())[:-1].encode("ascii"), b',"ciphertext":"', base64.b64encode(ciphertext), b'"'))
+    head = _dump(header.fields())[:-1].encode("ascii")
+    body = b"".join((head, b',"ciphertext":"', base64.b64encode(ciphertext), b'"'))
     digest = hashlib.sha256(body).hexdigest().encode("ascii")
     return body + _CHECKSUM_MARK + digest + b'"}\n'
 

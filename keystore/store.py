@@ -13,18 +13,19 @@ from __future__ import annotations
 
 import base64
 import copy
-import secrets
 import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from seglock.client import fsio
 from seglock.keystore import envelope
@@ -43,26 +44,26 @@ from seglock.keystore.errors import (
     WrongMasterKey,
 )
 from seglock.keystore.master import (
+    ALL_SOURCES,
     MASTER_KEY_FILENAME,
     MasterKey,
     ScryptParams,
-    ALL_SOURCES,
     master_key_from_env,
     read_master_key_file,
     resolve_master_key,
 )
-from seglock.keystore.storage import FileStorage, Snapshot, Storage, WriteSession, open_storage
 from seglock.keystore.model_keys import KeyVersion, checked_material, new_key_id
+from seglock.keystore.storage import FileStorage, Snapshot, Storage, WriteSession, open_storage
 from seglock.keystore.tokens import (
-    describe_token_id,
     SCOPES,
+    Grant,
     TokenCheck,
     TokenRecord,
-    Grant,
     check_token,
     checked_models,
     checked_name,
     checked_scopes,
+    describe_token_id,
     format_token,
     hash_secret,
     new_token_parts,
@@ -106,7 +107,7 @@ class _State:
     # keystore written before data keys existed has none (the field is then left out)
     data_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def copy(self) -> "_State":
+    def copy(self) -> _State:
         # Records are immutable, so copying the containers is a full copy.
         return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit),
                       dict(self.data_keys))
@@ -121,10 +122,10 @@ class _State:
         head = f'{{"schema":{STATE_SCHEMA},"created_at":{_compact(self.created_at)},"generation":{self.generation}'
         data_keys = f',"data_keys":{_compact(self.data_keys)}' if self.data_keys else ""
         return (f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]{data_keys}}}'
-                .encode("utf-8"))
+                .encode())
 
     @classmethod
-    def from_bytes(cls, data: bytes, path: Path) -> "_State":
+    def from_bytes(cls, data: bytes, path: Path) -> _State:
         try:
             doc = json.loads(data)
             if doc["schema"] != STATE_SCHEMA:
@@ -222,7 +223,7 @@ class Keystore:
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         url: str | None = None,
-    ) -> "Keystore":
+    ) -> Keystore:
         """Open the keystore; with `create`, make it (and, for a file, a dev master.key) when missing.
 
         `url` (else `SEGLOCK_KEYSTORE_URL(_FILE)` in `env`) names a PostgreSQL keystore; without
@@ -266,7 +267,7 @@ class Keystore:
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
         url: str | None = None,
-    ) -> "Keystore":
+    ) -> Keystore:
         """Make a new keystore (in `home`, or the database `url` names); KeystoreExists if there is one."""
         env = os.environ if env is None else env
         options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
@@ -282,7 +283,7 @@ class Keystore:
     @classmethod
     def _create(
         cls, storage: Storage, env: Mapping[str, str], master: MasterKey | None, options: dict, *, exist_ok: bool
-    ) -> "Keystore | None":
+    ) -> Keystore | None:
         """Make the keystore under the writers' lock; None when another process made it first (and exist_ok)."""
         storage.prepare()
         with storage.writing() as session:
@@ -305,7 +306,7 @@ class Keystore:
             log.info("made a keystore at %s (master key from %s)", storage.location, master.origin)
             return store
 
-    def _finish_master_key_change(self) -> "Keystore | None":
+    def _finish_master_key_change(self) -> Keystore | None:
         """Complete a generated master-key change that a crash cut off after the keystore write."""
         if self._master.file is None or self.home is None:
             return None
@@ -382,7 +383,7 @@ class Keystore:
     # -- writing --------------------------------------------------------------------------
 
     @contextmanager
-    def transaction(self) -> Iterator["Keystore"]:
+    def transaction(self) -> Iterator[Keystore]:
         """Lock, reload if changed, run the block's changes, write them atomically in one write.
 
         The lock is the file lock, or the database row lock (SELECT ... FOR UPDATE); every
@@ -408,7 +409,10 @@ class Keystore:
 
     def _commit(self, state: _State, session: WriteSession) -> None:
         master, kdf = self._next_master or (self._master, self._kdf)
-        keys = envelope.EnvelopeKeys(master.derive(kdf, self.location)) if self._next_master else self._envelope_keys(kdf)
+        if self._next_master:
+            keys = envelope.EnvelopeKeys(master.derive(kdf, self.location))
+        else:
+            keys = self._envelope_keys(kdf)
         state.generation += 1
         sealed = envelope.seal(state.to_bytes(), keys, kdf)
         snapshot = session.commit(sealed, state.audit[self._txn_audit_from:])
@@ -478,7 +482,8 @@ class Keystore:
         with self.transaction():
             record = self._view().tokens.get(token_id)
             if record is None:
-                raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}", path=self.location)
+                raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}",
+                                    path=self.location)
             if record.revoked:
                 return record
             record = replace(record, revoked=True, revoked_at=self._clock())
@@ -493,7 +498,8 @@ class Keystore:
     def get_token(self, token_id: str) -> TokenRecord:
         record = self._view().tokens.get(token_id)
         if record is None:
-            raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}", path=self.location)
+            raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}",
+                                path=self.location)
         return record
 
     def check_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> TokenCheck:
@@ -705,7 +711,7 @@ class Keystore:
 
     # -- moving to another backend -----------------------------------------------------------
 
-    def copy_to(self, url: str, *, actor: str | None = None, env: Mapping[str, str] | None = None) -> "Keystore":
+    def copy_to(self, url: str, *, actor: str | None = None, env: Mapping[str, str] | None = None) -> Keystore:
         """Copy this keystore, every token, key version and audit entry, into the empty database
         keystore `url` (its schema made or migrated first), sealed under the same master key; the
         copy's log ends with a `keystore.migrate` entry. KeystoreExists if `url` holds one already."""
@@ -790,7 +796,7 @@ class Keystore:
                 self._snapshot = None
             self._storage.close()
 
-    def __enter__(self) -> "Keystore":
+    def __enter__(self) -> Keystore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -806,5 +812,6 @@ class Keystore:
 
     def __repr__(self) -> str:
         state = self._state
-        counts = f" generation={state.generation} tokens={len(state.tokens)} models={len(state.models)}" if state else ""
+        counts = (f" generation={state.generation} tokens={len(state.tokens)} models={len(state.models)}"
+                  if state else "")
         return f"<Keystore {self.location}{counts}>"
