@@ -100,7 +100,7 @@ class MasterKey:
         salt = base64.b64encode(secrets.token_bytes(SALT_BYTES)).decode("ascii")
         return {"name": "scrypt", "salt": salt, "n": params.n, "r": params.r, "p": params.p}
 
-    def derive(self, kdf: Mapping[str, Any], path: Path) -> bytes:
+    def derive(self, kdf: Mapping[str, Any], path: str | Path) -> bytes:
         """The 32-byte key for a keystore whose header names `kdf`."""
         name = kdf.get("name")
         if name == "none":

@@ -77,13 +77,29 @@ def _unavailable(location: str, exc: BaseException) -> KeystoreError:
     return KeystoreUnavailable(f"{location}: the database cannot be used right now ({first_line})", path=location)
 
 
+def _fetched(row: tuple[Any, ...] | None, location: str, query: str) -> tuple[Any, ...]:
+    """The row of a query that always returns one (an aggregate, `current_schema()`)."""
+    if row is None:
+        raise KeystoreError(f"{location}: the database returned no row for `{query}`", path=location)
+    return row
+
+
+def _keystore_row(row: tuple[Any, ...] | None, location: str) -> tuple[Any, ...]:
+    """The keystore row (id = 1, made with the schema); KeystoreNotFound if it has been deleted."""
+    if row is None:
+        raise KeystoreNotFound(f"{location}: the keystore row (id 1 of seglock_keystore) is missing; "
+                               "restore the database from a backup", path=location)
+    return row
+
+
 def migrate_schema(conn: psycopg.Connection, location: str) -> list[int]:
     """Apply the migrations `conn`'s database lacks, in one transaction; returns the versions applied."""
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (_SCHEMA_LOCK,))
         conn.execute("CREATE TABLE IF NOT EXISTS seglock_schema ("
                      " version integer PRIMARY KEY, applied_at timestamptz NOT NULL DEFAULT now())")
-        current = conn.execute("SELECT coalesce(max(version), 0) FROM seglock_schema").fetchone()[0]
+        query = "SELECT coalesce(max(version), 0) FROM seglock_schema"
+        current = _fetched(conn.execute(query).fetchone(), location, query)[0]
         if current > SCHEMA_VERSION:
             raise KeystoreError(f"{location} has keystore schema version {current}; this seglock knows up to "
                                 f"{SCHEMA_VERSION}: use a seglock that knows it", path=location)
@@ -105,7 +121,7 @@ class _PostgresWrite:
         row = conn.execute("SELECT version, envelope IS NOT NULL FROM seglock_keystore WHERE id = 1 FOR UPDATE"
                            ).fetchone()
         self.exists = bool(row and row[1])
-        self.version = row[0] if self.exists else None
+        self.version = row[0] if row is not None and self.exists else None
         self.committed = False
 
     def load(self) -> Snapshot:
@@ -116,9 +132,9 @@ class _PostgresWrite:
         # `audit` is inside `sealed`: this backend keeps the log in the envelope too. A separate,
         # append-only audit table would be written here, in this same transaction.
         try:
-            version = self._conn.execute(
+            version = _keystore_row(self._conn.execute(
                 "UPDATE seglock_keystore SET envelope = %s, version = version + 1, updated_at = now() "
-                "WHERE id = 1 RETURNING version", (sealed,)).fetchone()[0]
+                "WHERE id = 1 RETURNING version", (sealed,)).fetchone(), self._storage.location)[0]
             # The payload names the schema: keystores in several schemas of one database stay apart.
             self._conn.execute("SELECT pg_notify(%s, current_schema() || ':' || %s)", (CHANNEL, str(version)))
             self._conn.commit()
@@ -173,7 +189,9 @@ class PostgresStorage:
     def schema_version(self) -> int:
         with self._connection() as conn:
             try:
-                return conn.execute("SELECT coalesce(max(version), 0) FROM seglock_schema").fetchone()[0]
+                query = "SELECT coalesce(max(version), 0) FROM seglock_schema"
+                version: int = _fetched(conn.execute(query).fetchone(), self.location, query)[0]
+                return version
             except errors.UndefinedTable:
                 return 0
 
@@ -185,7 +203,7 @@ class PostgresStorage:
                 return False
             return bool(row and row[0])
 
-    def _snapshot_of(self, row: tuple | None) -> Snapshot:
+    def _snapshot_of(self, row: tuple[Any, ...] | None) -> Snapshot:
         if row is None or row[1] is None:
             raise KeystoreNotFound(
                 f"no keystore at {self.location}: run `seglock keystore init --keystore URL`", path=self.location)
@@ -265,8 +283,9 @@ class PostgresStorage:
 
     def describe(self) -> dict[str, Any]:
         with self._connection() as conn:
-            version, size, updated = conn.execute(
-                "SELECT version, octet_length(envelope), updated_at FROM seglock_keystore WHERE id = 1").fetchone()
+            version, size, updated = _keystore_row(conn.execute(
+                "SELECT version, octet_length(envelope), updated_at FROM seglock_keystore WHERE id = 1").fetchone(),
+                self.location)
         return {"backend": "postgresql", "path": self.location, "schema_version": self.schema_version(),
                 "row_version": version, "envelope_bytes": size, "updated_at": updated.isoformat()}
 
@@ -299,17 +318,18 @@ class PostgresStorage:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=CONNECT_TIMEOUT_S,
                                      application_name="seglock-listen") as conn:
                     conn.execute(f"LISTEN {CHANNEL}")
-                    schema = conn.execute("SELECT current_schema()").fetchone()[0]
+                    schema = _fetched(conn.execute("SELECT current_schema()").fetchone(), self.location,
+                                      "SELECT current_schema()")[0]
                     backoff = 0.2
                     while not self._stop.is_set():
                         # The re-check: a notification lost while reconnecting is caught here.
-                        self._seen(conn.execute("SELECT version FROM seglock_keystore WHERE id = 1").fetchone()[0],
-                                   exact=True)
+                        row = conn.execute("SELECT version FROM seglock_keystore WHERE id = 1").fetchone()
+                        self._seen(_keystore_row(row, self.location)[0], exact=True)
                         for note in conn.notifies(timeout=self.recheck_s):
                             where, _, version = note.payload.rpartition(":")
                             if where == schema and version.isdigit():
                                 self._seen(int(version))
-            except (psycopg.Error, TypeError) as exc:  # TypeError: the row is gone (no keystore yet)
+            except (psycopg.Error, KeystoreError, TypeError) as exc:  # KeystoreError: the row is gone
                 if self._stop.is_set():
                     return
                 log.warning("keystore listener: %s; reconnecting", _unavailable(self.location, exc))

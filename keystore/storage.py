@@ -82,7 +82,7 @@ def max_stale_seconds(env: Mapping[str, str]) -> float:
     return value
 
 
-def open_storage(home: str | os.PathLike | None, env: Mapping[str, str], *, url: str | None = None,
+def open_storage(home: str | os.PathLike[str] | None, env: Mapping[str, str], *, url: str | None = None,
                  lock_timeout: float) -> Storage:
     """The backend for `url` (else the environment's URL), or the file in `home`."""
     url = url or keystore_url(env)

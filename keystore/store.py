@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 from seglock.client import fsio
 from seglock.keystore import envelope
@@ -81,10 +81,18 @@ Clock = Callable[[], float]
 _compact = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
 
 
+class _Options(TypedDict):
+    """The keyword arguments `open` and `init` pass on to `Keystore(...)`."""
+
+    clock: Clock | None
+    scrypt: ScryptParams | None
+    lock_timeout: float
+
+
 def _resolve_master(storage: Storage, env: Mapping[str, str], *, generate: bool = False) -> MasterKey:
     """The file backend also takes (or, on a first start, makes) HOME/master.key; a database
     shared by many hosts takes its master key only from outside."""
-    if storage.kind == "file":
+    if isinstance(storage, FileStorage):  # the one backend of kind "file"
         return resolve_master_key(storage.home, env, generate=generate)
     master = master_key_from_env(env)
     if master is None:
@@ -93,7 +101,7 @@ def _resolve_master(storage: Storage, env: Mapping[str, str], *, generate: bool 
 
 
 def _init_flags(storage: Storage) -> str:
-    return f"--home {storage.home}" if storage.kind == "file" else "--keystore URL"
+    return f"--home {storage.home}" if isinstance(storage, FileStorage) else "--keystore URL"
 
 
 @dataclass
@@ -125,7 +133,7 @@ class _State:
                 .encode())
 
     @classmethod
-    def from_bytes(cls, data: bytes, path: Path) -> _State:
+    def from_bytes(cls, data: bytes, path: str | Path) -> _State:
         try:
             doc = json.loads(data)
             if doc["schema"] != STATE_SCHEMA:
@@ -181,14 +189,14 @@ class Keystore:
 
     def __init__(
         self,
-        storage: Storage | str | os.PathLike,
+        storage: Storage | str | os.PathLike[str],
         master: MasterKey,
         *,
         clock: Clock | None = None,
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
-        if not hasattr(storage, "writing"):  # a home folder: the file backend
+        if isinstance(storage, (str, os.PathLike)):  # a home folder: the file backend
             storage = FileStorage(Path(storage), lock_timeout=lock_timeout)
         self._storage: Storage = storage
         self.location = storage.location  # for messages: a path, or a URL without its password
@@ -207,14 +215,14 @@ class Keystore:
         self._txn_thread: int | None = None
         self._txn_dirty = False
         self._txn_audit_from = 0
-        self._next_master: tuple[MasterKey, dict] | None = None
+        self._next_master: tuple[MasterKey, dict[str, Any]] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
     @classmethod
     def open(
         cls,
-        home: str | os.PathLike | None,
+        home: str | os.PathLike[str] | None,
         *,
         create: bool = False,
         clock: Clock | None = None,
@@ -230,7 +238,7 @@ class Keystore:
         one, the keystore is `home/keystore.json`.
         """
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options = _Options(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         storage = open_storage(home, env, url=url, lock_timeout=lock_timeout)
         try:
             if not storage.exists():
@@ -259,7 +267,7 @@ class Keystore:
     @classmethod
     def init(
         cls,
-        home: str | os.PathLike | None,
+        home: str | os.PathLike[str] | None,
         *,
         clock: Clock | None = None,
         env: Mapping[str, str] | None = None,
@@ -270,7 +278,7 @@ class Keystore:
     ) -> Keystore:
         """Make a new keystore (in `home`, or the database `url` names); KeystoreExists if there is one."""
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options = _Options(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         storage = open_storage(home, env, url=url, lock_timeout=lock_timeout)
         try:
             made = cls._create(storage, env, master, options, exist_ok=False)
@@ -282,7 +290,7 @@ class Keystore:
 
     @classmethod
     def _create(
-        cls, storage: Storage, env: Mapping[str, str], master: MasterKey | None, options: dict, *, exist_ok: bool
+        cls, storage: Storage, env: Mapping[str, str], master: MasterKey | None, options: _Options, *, exist_ok: bool
     ) -> Keystore | None:
         """Make the keystore under the writers' lock; None when another process made it first (and exist_ok)."""
         storage.prepare()
@@ -290,7 +298,7 @@ class Keystore:
             if session.exists:
                 if exist_ok:
                     return None
-                where = (f"see `seglock keystore status --home {storage.home}`" if storage.kind == "file"
+                where = (f"see `seglock keystore status --home {storage.home}`" if isinstance(storage, FileStorage)
                          else "see `seglock keystore status`")
                 raise KeystoreExists(
                     f"a keystore already exists at {storage.location}; it was left as it is ({where})",
@@ -352,7 +360,7 @@ class Keystore:
         self._install(state, snapshot, sealed.header.kdf)
         log.debug("loaded %s (generation %d)", self.location, state.generation)
 
-    def _install(self, state: _State, snapshot: Snapshot, kdf: dict) -> None:
+    def _install(self, state: _State, snapshot: Snapshot, kdf: dict[str, Any]) -> None:
         old = self._snapshot
         self._state, self._snapshot, self._kdf = state, snapshot, kdf
         self._storage.adopt(snapshot)
@@ -398,7 +406,7 @@ class Keystore:
             with self._storage.writing() as session:
                 if self._snapshot is None or session.version != self._snapshot.version:
                     self._reload(session.load())
-                self._txn, self._txn_thread, self._txn_dirty = self._state.copy(), threading.get_ident(), False
+                self._txn, self._txn_thread, self._txn_dirty = self._loaded.copy(), threading.get_ident(), False
                 self._txn_audit_from = len(self._txn.audit)
                 try:
                     yield self
@@ -684,13 +692,14 @@ class Keystore:
             raise KeystoreError("change the master key outside any transaction")
         old = self._master
         pending = None
+        home = self.home  # the file backend's folder, where a generated key goes
         if new is None:
-            if old.file is None:
+            if old.file is None or home is None:
                 raise MasterKeyError(
                     "give the new master key (SEGLOCK_NEW_MASTER_KEY(_FILE) or SEGLOCK_NEW_MASTER_PASSPHRASE(_FILE)); "
                     f"only a keystore opened with its {MASTER_KEY_FILENAME} gets a generated one"
                 )
-            pending = self.home / PENDING_MASTER_KEY_FILENAME
+            pending = home / PENDING_MASTER_KEY_FILENAME
             new = MasterKey.generate(str(pending), file=pending)
         with self.transaction():
             if pending is not None:
@@ -699,9 +708,10 @@ class Keystore:
             to = f"a new generated key in {old.file}" if pending is not None else new.origin
             self._record(actor, "keystore.change_master_key", self.location, detail=f"from {old.origin} to {to}")
         if pending is not None:
-            assert old.file is not None  # a generated key is made only for a keystore opened with its file
+            # a generated key is made only for a keystore opened with its file, in its home folder
+            assert old.file is not None and home is not None
             os.replace(pending, old.file)
-            fsio.fsync_dir(self.home)
+            fsio.fsync_dir(home)
             self._master = read_master_key_file(old.file)
         elif old.file is not None:
             log.warning(
