@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from seglock.app.cli import build_parser
 from seglock.app.commands.serve import flag_of, settings_from_args
@@ -34,6 +35,8 @@ SAMPLES = {
     "import_demo": (False, ["--no-import-demo"]),
     "warmup": (False, ["--no-warmup"]),
     "log_level": ("debug", ["--log-level", "debug"]),
+    "models_root": (Path("/srv/seglock/models"), ["--models-root", "/srv/seglock/models"]),
+    "keystore_url": (SecretStr("postgresql://seglock@db/seglock"), ["--keystore", "postgresql://seglock@db/seglock"]),
 }
 
 
