@@ -310,25 +310,30 @@ def _weight_matching(args: argparse.Namespace) -> int:
     return emit(args, report, summary)
 
 
-def _downstream(args: argparse.Namespace) -> int:
-    from seglock.models.attacks.downstream import downstream_attack
-    from seglock.models.attacks.recipes import parse_recipes
+def _stolen_cp_model(args: argparse.Namespace):
+    """The stolen cp model and the thief's share of the data, as the training attacks take them."""
     from seglock.models.attacks.stolen import load_stolen
 
     _check_budget(args)
-    key = resolve(args)
+    return load_stolen(args.model, args.data, fraction=args.fraction, key=resolve(args), device=args.device,
+                       seed=args.seed, cp_only=True)
 
-    def run():
-        stolen = load_stolen(args.model, args.data, fraction=args.fraction, key=key, device=args.device,
-                             seed=args.seed, cp_only=True)
-        report = downstream_attack(stolen, recipes=parse_recipes(args.recipes, epochs=args.epochs,
-                                                                 batch_size=args.batch_size),
-                                   init=args.init, progress=not args.quiet)
-        report["no_key"] = stolen.score_no_key()
-        report["owner"] = stolen.score_owner()
-        return report
 
-    report = run()
+def _add_baselines(report: dict, stolen) -> None:
+    """What the thief gets with no key and what the owner gets, beside the attack's own score."""
+    report["no_key"] = stolen.score_no_key()
+    report["owner"] = stolen.score_owner()
+
+
+def _downstream(args: argparse.Namespace) -> int:
+    from seglock.models.attacks.downstream import downstream_attack
+    from seglock.models.attacks.recipes import parse_recipes
+
+    stolen = _stolen_cp_model(args)
+    report = downstream_attack(stolen, recipes=parse_recipes(args.recipes, epochs=args.epochs,
+                                                             batch_size=args.batch_size),
+                               init=args.init, progress=not args.quiet)
+    _add_baselines(report, stolen)
     summary = (f"{report['model']}: retrained after {report['first_tap']} ({report['init']}, "
                f"{report['frozen_parameters']}/{report['parameters']} parameters kept): mIoU without the key "
                f"{report['mIoU']:.2f} (best recipe {report['best_recipe']})")
@@ -337,21 +342,11 @@ def _downstream(args: argparse.Namespace) -> int:
 
 def _learned_key(args: argparse.Namespace) -> int:
     from seglock.models.attacks.learned_key import learned_key_attack
-    from seglock.models.attacks.stolen import load_stolen
 
-    _check_budget(args)
-    key = resolve(args)
-
-    def run():
-        stolen = load_stolen(args.model, args.data, fraction=args.fraction, key=key, device=args.device,
-                             seed=args.seed, cp_only=True)
-        report = learned_key_attack(stolen, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    progress=not args.quiet)
-        report["no_key"] = stolen.score_no_key()
-        report["owner"] = stolen.score_owner()
-        return report
-
-    report = run()
+    stolen = _stolen_cp_model(args)
+    report = learned_key_attack(stolen, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                progress=not args.quiet)
+    _add_baselines(report, stolen)
     summary = f"{report['model']} taps {','.join(report['taps'])}: mIoU with the learned key {report['mIoU']:.2f}"
     if "fraction_recovered" in report:
         summary += f"; {report['fraction_recovered'] * 100:.0f} % of the channels recovered"
