@@ -40,6 +40,19 @@ BACKENDS = ("auto", "eager", "channels_last", "compile")
 PROBE_SEED = 20261130
 
 
+def set_threads(threads: int) -> None:
+    """`threads` intra-op threads for this process from now on (0: leave torch's default)."""
+    if threads > 0:
+        torch.set_num_threads(threads)
+
+
+def adopt_threads() -> None:
+    """In a thread torch did not start: take the process's thread count. OpenMP keeps the count per
+    thread, and a new thread starts with the cores' count until torch's first parallel call, which a
+    oneDNN convolution does not make: two teams of that size on a shared machine stall each other."""
+    torch.set_num_threads(torch.get_num_threads())
+
+
 def use_compile_cache(folder: Path) -> None:
     """Point inductor's on-disk cache at `folder` unless the operator set one already."""
     if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
@@ -114,6 +127,7 @@ class CompileJob:
             self.done.set()
 
     def _compile(self) -> None:
+        adopt_threads()
         started = time.perf_counter()
         try:
             eager = self._module

@@ -280,6 +280,7 @@ class DynamicBatcher:
         return jobs, False
 
     def _run(self) -> None:
+        backends.adopt_threads()
         stopping = False
         while not stopping:
             jobs, stopping = self._collect()

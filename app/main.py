@@ -15,7 +15,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from seglock.app import __version__
-from seglock.app.backends import use_compile_cache
+from seglock.app.backends import set_threads, use_compile_cache
 from seglock.app.bootstrap import first_start
 from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
@@ -73,6 +73,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
+    set_threads(settings.threads)
     home = Path(settings.home)
     home.mkdir(parents=True, exist_ok=True)
     url = settings.keystore_url.get_secret_value() if settings.keystore_url else None

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import copy
+import ctypes
+import os
+import threading
 import time
 
 import numpy as np
@@ -10,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from seglock.app.backends import CompileJob, compile_copy, probe_batch, use_compile_cache
+from seglock.app.backends import CompileJob, adopt_threads, compile_copy, probe_batch, set_threads, use_compile_cache
 from seglock.app.engine import ModelRunner
 from seglock.models import fold_key, load_artifact, protect, rekey
 from seglock.models.zoo import zoo_dir
@@ -43,6 +46,29 @@ def test_each_backend_gives_eager_masks(demo, backend):
     for seed, batch in ((1, 1), (2, 3), (3, 8)):
         x = inputs(seed, batch)
         assert np.array_equal(runner.predict(x), eager_masks(demo, x))
+
+
+def openmp_threads_of_a_new_thread(prepare) -> int:
+    """omp_get_max_threads() in a fresh thread after `prepare()`: what a oneDNN convolution there uses."""
+    libgomp = next(line.split()[-1] for line in open("/proc/self/maps") if "libgomp" in line)
+    seen: list[int] = []
+    thread = threading.Thread(target=lambda: (prepare(), seen.append(ctypes.CDLL(libgomp).omp_get_max_threads())))
+    thread.start()
+    thread.join()
+    return seen[0]
+
+
+@pytest.mark.skipif(not any("libgomp" in line for line in open("/proc/self/maps")), reason="torch without libgomp")
+def test_a_worker_thread_takes_the_process_thread_count():
+    before = torch.get_num_threads()
+    try:
+        set_threads(1)
+        assert openmp_threads_of_a_new_thread(adopt_threads) == 1
+        # the reason for adopt_threads: without it a new thread runs OpenMP's start-up count (one per core)
+        startup = int(os.environ.get("OMP_NUM_THREADS") or len(os.sched_getaffinity(0)))
+        assert openmp_threads_of_a_new_thread(lambda: None) == startup
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_unknown_backend_is_refused(demo):

@@ -18,6 +18,7 @@ SAMPLES = {
     "host": ("0.0.0.0", ["--host", "0.0.0.0"]),
     "port": (9001, ["--port", "9001"]),
     "workers": (3, ["--workers", "3"]),
+    "threads": (1, ["--threads", "1"]),
     "device": ("cpu", ["--device", "CPU"]),
     "amp": ("bf16", ["--amp", "bf16"]),
     "channels_last": (False, ["--no-channels-last"]),

@@ -94,8 +94,10 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from seglock.app.cli import CLIError
+    from seglock.app.settings import thread_environment
 
     settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
+    os.environ.update(thread_environment(settings.threads))  # before torch loads: every thread, every worker
     from seglock.models.device import resolve_device
 
     resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
