@@ -32,8 +32,8 @@ class Settings(BaseSettings):
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
-    threads: int = Field(0, ge=0, le=1024, description="torch (OpenMP) threads per server process; 0 = torch's default, "
-                                                       "one per core")
+    threads: int = Field(0, ge=0, le=1024,
+                         description="torch (OpenMP) threads per server process; 0 = torch's default, one per core")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory layout on CUDA")

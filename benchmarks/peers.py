@@ -1,6 +1,6 @@
 """seglock against its peers, serving the same models to the same client load.
 
-Servers (each a real process on loopback, one after the other):
+Servers (each a real process tree on loopback):
   seglock   `seglock serve` (default --backend auto), authentication on, /v1 multipart PNG
   litserve  LitServe with a LitAPI per model running the eager model, batching (max 8, 10 ms),
             JSON with a base64 PNG in and out, no authentication
@@ -12,10 +12,18 @@ module, which is what a peer holding the key would run).
 Load: the same httpx client at concurrency 1, 16 and 64 (--concurrency), the same scene image.
 Every server's mask of that image is checked against the eager forward's.
 
-Prints throughput and p50/p99 latency per server, model and concurrency, and seglock's ratios;
-targets at concurrency 16: seglock >= 1.3x LitServe's and the bare endpoint's throughput, p99 no worse.
+Equal-handed: every server gets `--workers` worker processes (seglock --workers, uvicorn workers,
+LitServe workers_per_device) and every process `--threads` torch/OpenMP threads (OMP_NUM_THREADS,
+set before torch loads), stated in the output. Robust on a shared machine: every server is started
+once and kept up, and the windows are interleaved in `--rounds` rounds (each round measures every
+model and concurrency on every server back to back, the servers' order rotating), so drift in the
+machine's load falls on all servers alike. Printed: medians over rounds of throughput, p50/p99 and
+the server's CPU time per image (its whole process tree; a load-independent cost), seglock's ratios
+as medians of per-round ratios, and the load average before and after.
+Targets at concurrency 16: seglock >= 1.3x LitServe's and the bare endpoint's throughput, p99 no worse.
 
-    python benchmarks/peers.py [--arch lraspp_mobilenet_v3_large] [--size 256] [--json OUT]
+    python benchmarks/peers.py [--arch lraspp_mobilenet_v3_large] [--size 256] [--workers 2] [--threads 1]
+                               [--rounds 3] [--concurrency 1,16,64] [--json OUT]
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ import torch
 from fastapi import FastAPI, UploadFile
 from fastapi.responses import Response
 from PIL import Image
+
+from seglock.app.settings import thread_environment
 
 SERVERS = ("seglock", "litserve", "bare")
 MODELS = ("plain", "cp")
@@ -75,9 +85,10 @@ def mask_png(mask: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def serve_bare(folder: Path, port: int) -> None:
-    import uvicorn
-
+def bare_app() -> FastAPI:
+    """The bare endpoint's app (a factory: `uvicorn --factory --workers N peers:bare_app` builds one
+    per worker, serving the models in $PEERS_WORK)."""
+    folder = Path(os.environ["PEERS_WORK"])
     app = FastAPI()
     models = {name: load_eager(folder, name) for name in MODELS}
 
@@ -95,7 +106,7 @@ def serve_bare(folder: Path, port: int) -> None:
     for name in MODELS:
         app.post(f"/predict/{name}")(endpoint(name))
     app.get("/health")(lambda: {"ok": True})
-    uvicorn.run(app, host="127.0.0.1", port=port, log_level="warning", access_log=False)
+    return app
 
 
 try:  # LitServe's workers are spawned processes: its API class must live at module level
@@ -129,11 +140,12 @@ if ls is not None:
             return {"mask": base64.b64encode(mask_png(mask)).decode()}
 
 
-def serve_litserve(folder: Path, port: int) -> None:
+def serve_litserve(folder: Path, port: int, workers: int) -> None:
     if ls is None:
         raise SystemExit("litserve is not installed: pip install 'seglock[dev]'")
     # timeout=False: no 504s, every request is measured rather than shed
-    server = ls.LitServer([LitSegment(folder, name) for name in MODELS], accelerator="cpu", timeout=False)
+    server = ls.LitServer([LitSegment(folder, name) for name in MODELS], accelerator="cpu", timeout=False,
+                          workers_per_device=workers)
     server.run(host="127.0.0.1", port=port, generate_client_file=False, num_api_servers=1, log_level="warning")
 
 
@@ -187,10 +199,19 @@ def start(kind: str, work: Path, setup: dict, env: dict, args) -> tuple[subproce
     if kind == "seglock":
         command = [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(setup["home"]), "--port", str(port),
                    "--no-demo", "--device", "cpu", "--max-batch", "8", "--max-wait-ms", "10",
+                   "--workers", str(args.workers), "--threads", str(args.threads),
                    "--compile-budget", str(args.compile_budget), "--log-level", "warning"]
         ready = "/readyz"
+    elif kind == "bare":  # uvicorn's own command: its workers do not re-import this script before answering pings
+        command = [sys.executable, "-m", "uvicorn", "peers:bare_app", "--factory",
+                   "--app-dir", str(Path(__file__).parent),
+                   "--host", "127.0.0.1", "--port", str(port), "--workers", str(args.workers),
+                   "--timeout-worker-healthcheck", "120", "--log-level", "warning", "--no-access-log"]
+        env = {**env, "PEERS_WORK": str(work)}
+        ready = "/health"
     else:
-        command = [sys.executable, __file__, "--serve", kind, "--work", str(work), "--port", str(port)]
+        command = [sys.executable, __file__, "--serve", kind, "--work", str(work), "--port", str(port),
+                   "--workers", str(args.workers), "--threads", str(args.threads)]
         ready = "/health"
     log = open(work / f"{kind}.log", "wb")  # noqa: SIM115 - closed with the process
     # a session of its own: LitServe's spawned workers stop with their server (stop() signals the group)
@@ -212,19 +233,27 @@ def wait_ready(process, base: str, path: str, limit_s: float, log: Path) -> None
     raise SystemExit(f"server not ready after {limit_s:.0f} s:\n{log.read_text()[-2000:]}")
 
 
-def wait_compiled(base: str, token: str, limit_s: float) -> str:
-    """seglock's backends once the background compiles settled (what a long-running server serves)."""
+def wait_compiled(base: str, token: str, limit_s: float, workers: int) -> str:
+    """seglock's backends once every worker's background compiles settled (what a long-running server
+    serves): asked until `4 * workers` answers in a row (any worker may answer) are settled."""
     deadline = time.monotonic() + limit_s
-    while True:
+    seen: set[str] = set()
+    settled_in_a_row = 0
+    while settled_in_a_row < 4 * workers:
         states = {}
         for model in MODELS:
             params = httpx.get(f"{base}/v2/models/{model}", headers={"Authorization": f"Bearer {token}"},
                                timeout=10).json()["parameters"]
             states[model] = (params["backend"], params["compile"])
-        if all(state != "compiling" for _, state in states.values()) or time.monotonic() > deadline:
-            return ", ".join(f"{m}: {b}" + ("" if c in (None, "ready") else f" (compile {c})")
-                             for m, (b, c) in states.items())
-        time.sleep(2)
+        if any(state == "compiling" for _, state in states.values()) and time.monotonic() < deadline:
+            settled_in_a_row = 0
+            seen.clear()
+            time.sleep(2)
+            continue
+        settled_in_a_row += 1
+        seen.add(", ".join(f"{m}: {b}" + ("" if c in (None, "ready") else f" (compile {c})")
+                           for m, (b, c) in states.items()))
+    return " / ".join(sorted(seen))
 
 
 def request_for(kind: str, model: str, setup: dict):
@@ -242,6 +271,24 @@ def request_for(kind: str, model: str, setup: dict):
         return f"/predict/{model}", {"files": {"image": ("x.png", png)}}, from_png
     return (f"/predict/{model}", {"json": {"image": base64.b64encode(png).decode()}},
             lambda r: np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["mask"])))))
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time (user + system) of a server and every process it started, so far."""
+    import psutil
+
+    total = 0.0
+    try:
+        root = psutil.Process(process.pid)
+        for proc in [root, *root.children(recursive=True)]:
+            try:
+                times = proc.cpu_times()
+                total += times.user + times.system
+            except psutil.NoSuchProcess:
+                pass
+    except psutil.NoSuchProcess:
+        pass
+    return total
 
 
 async def drive(base: str, path: str, kwargs: dict, concurrency: int, total: int) -> dict:
@@ -273,30 +320,61 @@ async def drive(base: str, path: str, kwargs: dict, concurrency: int, total: int
             "p99_ms": float(np.percentile(ms, 99)), "requests": total, "failed": failed[0]}
 
 
-def measure(kind: str, work: Path, setup: dict, env: dict, args) -> dict:
-    process, base, ready = start(kind, work, setup, env, args)
-    out: dict = {}
-    try:
-        wait_ready(process, base, ready, 900, work / f"{kind}.log")
+def window(server: dict, model: str, concurrency: int, total: int) -> dict:
+    """One measured window: the load, and the server's CPU time per answered image."""
+    path, kwargs, _ = server["requests"][model]
+    cpu_before = cpu_seconds(server["process"])
+    result = asyncio.run(drive(server["base"], path, kwargs, concurrency, total))
+    answered = result["requests"] - result["failed"]
+    result["cpu_ms_per_image"] = (cpu_seconds(server["process"]) - cpu_before) * 1000 / max(answered, 1)
+    return result
+
+
+def start_all(work: Path, setup: dict, env: dict, args) -> dict:
+    """Every server started once and kept up for the whole run; masks checked; each warmed up."""
+    servers: dict = {}
+    for kind in args.servers:  # started together, so their start-up (and seglock's compile) overlap
+        process, base, ready = start(kind, work, setup, env, args)
+        servers[kind] = {"process": process, "base": base, "ready": ready}
+    for kind, server in servers.items():
+        wait_ready(server["process"], server["base"], server["ready"], 900, work / f"{kind}.log")
         if kind == "seglock":
-            out["backend"] = wait_compiled(base, setup["token"], args.compile_budget + 120)
+            server["backend"] = wait_compiled(server["base"], setup["token"], args.compile_budget + 120,
+                                              args.workers)
+        server["requests"] = {model: request_for(kind, model, setup) for model in MODELS}
+        server["masks_identical"] = {}
         for model in MODELS:
-            path, kwargs, read_mask = request_for(kind, model, setup)
-            response = httpx.post(base + path, timeout=600, **kwargs)
+            path, kwargs, read_mask = server["requests"][model]
+            response = httpx.post(server["base"] + path, timeout=600, **kwargs)
             response.raise_for_status()
-            out.setdefault("masks_identical", {})[model] = bool(np.array_equal(read_mask(response),
-                                                                               setup["expected"][model]))
-            asyncio.run(drive(base, path, kwargs, 8, 16))  # warm-up
-            for concurrency in args.concurrency:
-                total = max(args.min_requests, args.requests_per_worker * concurrency)
-                result = asyncio.run(drive(base, path, kwargs, concurrency, total))
-                out.setdefault(model, {})[str(concurrency)] = result
-                print(f"  {kind:<9} {model:<6} c={concurrency:<3} {result['images_per_s']:6.1f} img/s  "
-                      f"p50 {result['p50_ms']:7.0f} ms  p99 {result['p99_ms']:7.0f} ms"
-                      + (f"  {result['failed']} failed" if result["failed"] else ""), flush=True)
-    finally:
-        stop(process)
-    return out
+            server["masks_identical"][model] = bool(np.array_equal(read_mask(response), setup["expected"][model]))
+            asyncio.run(drive(server["base"], path, kwargs, 8, 8 * args.workers))  # warm-up, every worker
+    return servers
+
+
+def run_rounds(servers: dict, args) -> dict:
+    """`--rounds` interleaved rounds: in each, every (model, concurrency) window is measured on every
+    server back to to back (the servers' order rotating from round to round), so drift in a shared
+    machine's load falls on all servers alike."""
+    kinds = list(servers)
+    samples: dict = {kind: {model: {str(c): [] for c in args.concurrency} for model in MODELS} for kind in kinds}
+    for index in range(args.rounds):
+        order = kinds[index % len(kinds):] + kinds[:index % len(kinds)]
+        for concurrency in args.concurrency:
+            total = max(args.min_requests, args.requests_per_worker * concurrency)
+            for model in MODELS:
+                for kind in order:
+                    result = window(servers[kind], model, concurrency, total)
+                    samples[kind][model][str(concurrency)].append(result)
+                    print(f"  round {index + 1} {kind:<9} {model:<6} c={concurrency:<3} "
+                          f"{result['images_per_s']:6.1f} img/s  p50 {result['p50_ms']:7.0f} ms  "
+                          f"p99 {result['p99_ms']:7.0f} ms  cpu {result['cpu_ms_per_image']:6.1f} ms/img"
+                          + (f"  {result['failed']} failed" if result["failed"] else ""), flush=True)
+    return samples
+
+
+def median_of(samples: list[dict], field: str) -> float:
+    return float(np.median([sample[field] for sample in samples]))
 
 
 def stop(process: subprocess.Popen) -> None:
@@ -311,31 +389,58 @@ def stop(process: subprocess.Popen) -> None:
         pass
 
 
-def report(results: dict, concurrency: list[int]) -> None:
-    print("\nserver    model  conc  img/s    p50 ms    p99 ms")
-    for kind in SERVERS:
+def summarize(samples: dict, args) -> dict:
+    """Medians over rounds per server, model and concurrency; seglock's ratios as medians of the
+    per-round ratios (each round's seglock window against the same round's peer window)."""
+    summary: dict = {kind: {model: {} for model in MODELS} for kind in samples}
+    for kind, models in samples.items():
+        for model, levels in models.items():
+            for c, rounds in levels.items():
+                summary[kind][model][c] = {field: median_of(rounds, field) for field in
+                                           ("images_per_s", "p50_ms", "p99_ms", "cpu_ms_per_image")}
+                summary[kind][model][c]["failed"] = sum(r["failed"] for r in rounds)
+    if "seglock" in samples:
+        for peer in (k for k in samples if k != "seglock"):
+            for model in MODELS:
+                for c in map(str, args.concurrency):
+                    ours, theirs = samples["seglock"][model][c], samples[peer][model][c]
+                    summary["seglock"][model][c][f"ratio_vs_{peer}"] = float(np.median(
+                        [o["images_per_s"] / t["images_per_s"] for o, t in zip(ours, theirs, strict=True)]))
+    return summary
+
+
+def report(summary: dict, servers: dict, args, load: tuple) -> None:
+    print(f"\nevery server process: {args.threads} torch thread(s) (OMP_NUM_THREADS={args.threads}); "
+          f"{args.workers} worker process(es) per server (seglock --workers, uvicorn workers, LitServe "
+          f"workers_per_device); medians of {args.rounds} interleaved rounds")
+    print(f"load average (1 min) before {load[0][0]:.2f}, after {load[1][0]:.2f}")
+    print("\nserver    model  conc  img/s    p50 ms    p99 ms  cpu ms/img")
+    for kind in summary:
         for model in MODELS:
-            for c in concurrency:
-                r = results[kind][model][str(c)]
-                print(f"{kind:<9} {model:<6} {c:>4} {r['images_per_s']:6.1f} {r['p50_ms']:9.0f} {r['p99_ms']:9.0f}")
-    print(f"\nseglock backends: {results['seglock'].get('backend')}")
+            for c in args.concurrency:
+                r = summary[kind][model][str(c)]
+                print(f"{kind:<9} {model:<6} {c:>4} {r['images_per_s']:6.1f} {r['p50_ms']:9.0f} {r['p99_ms']:9.0f} "
+                      f"{r['cpu_ms_per_image']:10.1f}" + (f"  ({r['failed']} failed)" if r["failed"] else ""))
+    if "seglock" in servers:
+        print(f"\nseglock backends: {servers['seglock'].get('backend')}")
     print("masks identical to the eager forward: "
-          + ", ".join(f"{k}/{m}={v}" for k in SERVERS for m, v in results[k]["masks_identical"].items()))
-    if "16" not in {str(c) for c in concurrency}:
+          + ", ".join(f"{k}/{m}={v}" for k, s in servers.items() for m, v in s["masks_identical"].items()))
+    if "seglock" not in summary or 16 not in args.concurrency:
         return
-    print("\nseglock's ratios at concurrency 16 (targets: throughput >= 1.3x, p99 no worse):")
-    for peer in ("litserve", "bare"):
+    print("\nseglock's ratios at concurrency 16, medians of per-round ratios (targets: throughput >= 1.3x, "
+          "median p99 no worse):")
+    for peer in (k for k in summary if k != "seglock"):
         for model in MODELS:
-            ours, theirs = results["seglock"][model]["16"], results[peer][model]["16"]
-            ratio = ours["images_per_s"] / theirs["images_per_s"]
+            ours, theirs = summary["seglock"][model]["16"], summary[peer][model]["16"]
+            ratio = ours[f"ratio_vs_{peer}"]
             ok = ratio >= 1.3 and ours["p99_ms"] <= theirs["p99_ms"]
             print(f"  vs {peer:<8} {model:<6} throughput {ratio:5.2f}x, p99 {ours['p99_ms']:.0f} vs "
-                  f"{theirs['p99_ms']:.0f} ms: {'ok' if ok else 'MISSED'}")
-    for peer in ("litserve", "bare"):
-        for c in concurrency:
-            ratios = [results["seglock"][m][str(c)]["images_per_s"] / results[peer][m][str(c)]["images_per_s"]
-                      for m in MODELS]
-            results.setdefault("ratios", {}).setdefault(peer, {})[str(c)] = ratios
+                  f"{theirs['p99_ms']:.0f} ms, cpu/img {ours['cpu_ms_per_image']:.1f} vs "
+                  f"{theirs['cpu_ms_per_image']:.1f} ms: {'ok' if ok else 'MISSED'}")
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def main() -> int:
@@ -344,34 +449,52 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--concurrency", type=lambda s: [int(c) for c in s.split(",")], default=[1, 16, 64],
                         help="comma-separated concurrency levels (default 1,16,64)")
-    parser.add_argument("--requests-per-worker", type=int, default=4, help="requests per concurrent worker")
-    parser.add_argument("--min-requests", type=int, default=16, help="at least this many requests per level")
+    parser.add_argument("--requests-per-worker", type=int, default=2,
+                        help="requests per concurrent client worker in each window")
+    parser.add_argument("--min-requests", type=int, default=16, help="at least this many requests per window")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="worker processes of every server (default: one per core)")
+    parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every server process "
+                                                               "(default 1)")
     parser.add_argument("--servers", type=lambda s: s.split(","), default=list(SERVERS),
                         help="comma-separated subset of seglock,litserve,bare")
     parser.add_argument("--compile-budget", type=float, default=900, help="seglock's --compile-budget")
     parser.add_argument("--json", help="write the results here too")
-    parser.add_argument("--serve", choices=["litserve", "bare"], help=argparse.SUPPRESS)
+    parser.add_argument("--serve", choices=["litserve"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args.serve == "bare":
-        serve_bare(Path(args.work), args.port)
-        return 0
+    if args.serve:
+        torch.set_num_threads(args.threads)  # as OMP_NUM_THREADS, which the driver set before torch loaded
     if args.serve == "litserve":
-        serve_litserve(Path(args.work), args.port)
+        serve_litserve(Path(args.work), args.port, args.workers)
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="seglock-peers-"))
-    env = {**os.environ, "SEGLOCK_MASTER_KEY": base64.b64encode(os.urandom(32)).decode()}
+    env = {**os.environ, "SEGLOCK_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
+           **thread_environment(args.threads)}
     setup = prepare(work, args, env)
-    print(f"peers benchmark: {args.arch} {args.size}px, concurrency {args.concurrency}, work folder {work}", flush=True)
-    results = {"arch": args.arch, "size": args.size, "concurrency": args.concurrency}
-    for kind in args.servers:
-        results[kind] = measure(kind, work, setup, env, args)
-    if set(args.servers) == set(SERVERS):
-        report(results, args.concurrency)
+    print(f"peers benchmark: {args.arch} {args.size}px, concurrency {args.concurrency}, servers {args.servers}, "
+          f"{args.workers} worker(s) x {args.threads} thread(s) each, work folder {work}", flush=True)
+    servers: dict = {}
+    try:
+        servers = start_all(work, setup, env, args)
+        load_before = os.getloadavg()
+        samples = run_rounds(servers, args)
+        load_after = os.getloadavg()
+    finally:
+        for server in servers.values():
+            stop(server["process"])
+    summary = summarize(samples, args)
+    report(summary, servers, args, (load_before, load_after))
     if args.json:
+        results = {"arch": args.arch, "size": args.size, "concurrency": args.concurrency, "workers": args.workers,
+                   "threads": args.threads, "rounds": args.rounds, "load_before": load_before,
+                   "load_after": load_after, "summary": summary, "samples": samples,
+                   "seglock_backend": servers.get("seglock", {}).get("backend"),
+                   "masks_identical": {k: s["masks_identical"] for k, s in servers.items()}}
         Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
     return 0
 

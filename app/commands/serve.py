@@ -113,8 +113,9 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--engine ray needs {exc.name!r}: pip install 'seglock[ray]'") from None
         ray_serve.run_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
         return 0
+    # a worker busy loading and compiling on a loaded machine must not miss uvicorn's 5 s ping and be restarted
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
-                   timeout_graceful_shutdown=30)
+                   timeout_graceful_shutdown=30, timeout_worker_healthcheck=120)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     logging.getLogger("seglock.app").info("web console: http://%s:%d/ui", host, settings.port)
     if settings.workers > 1:
