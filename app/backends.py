@@ -4,11 +4,14 @@ Backends (`--backend`, `SEGLOCK_BACKEND`):
     eager          the module as loaded (channels_last only on CUDA, as before)
     channels_last  weights and inputs in NHWC memory: oneDNN's fast path on CPU (1.67x on
                    lraspp_mobilenet_v3_large, masks identical)
+    fused          channels_last, and every BatchNorm that follows a convolution folded into that
+                   convolution's weights (one pass over the activations less per pair)
     compile        channels_last, then `torch.compile` (inductor) built on a background thread while
                    the channels_last module serves; swapped in between two batches once its masks on
                    a probe batch equal the eager ones
     auto           channels_last or eager, whichever is faster on a probe batch with masks identical to
-                   eager; then the compiled module too, if it is faster still and exact
+                   eager; then fused, if it is faster still and exact; then the compiled module too, if it
+                   is faster still and exact
 "Exact" means the argmax masks equal eager's on the probe batch, pixel for pixel. bf16/fp16 on CPU
 are not candidates: they change masks (see docs/serving.md).
 
@@ -33,10 +36,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger("seglock.engine")
 
-BACKENDS = ("auto", "eager", "channels_last", "compile")
+BACKENDS = ("auto", "eager", "channels_last", "fused", "compile")
 PROBE_SEED = 20261130
 
 
@@ -69,6 +73,24 @@ def probe_batch(input_size: tuple[int, int], batch: int) -> torch.Tensor:
 
 def to_channels_last(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
+
+
+def fold_batch_norms(module: nn.Module) -> nn.Module:
+    """Fold each eval-mode BatchNorm2d that directly follows a Conv2d in a Sequential (torchvision's
+    Conv2dNormActivation, LR-ASPP's head) into the convolution: y = (W*x + b - mean) * g / s + beta
+    is one convolution with weights W * g / s. In place; the BatchNorm becomes an Identity."""
+    for parent in list(module.modules()):
+        if not isinstance(parent, nn.Sequential):
+            continue
+        names = list(parent._modules)
+        for first, second in zip(names, names[1:], strict=False):
+            conv, norm = parent._modules[first], parent._modules[second]
+            if (isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d) and not conv.training
+                    and not norm.training and norm.running_mean is not None
+                    and conv.out_channels == norm.num_features):
+                parent._modules[first] = fuse_conv_bn_eval(conv, norm)
+                parent._modules[second] = nn.Identity()
+    return module
 
 
 def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:

@@ -89,11 +89,12 @@ class ModelRunner:
         self._lock = threading.Lock()  # held for one forward pass; swaps happen between batches
         self._pending: dict[str, torch.Tensor] | None = None
         self.channels_last = (channels_last and device.type == "cuda") if backend == "eager" else backend != "eager"
+        self.fold_norms = backend == "fused"
         self._probe = None if probe is None else probe.to(device)
         measured = backend in ("auto", "compile") and self._probe is not None
         pristine = copy.deepcopy(module).eval().to(device) if measured else None  # eager, contiguous
         self.module = self.prepare(module)
-        self.backend = "channels_last" if self.channels_last else "eager"
+        self.backend = self._layout()
         if measured:
             reference = self._eager_masks(pristine, self._probe)
             if backend == "auto":
@@ -104,8 +105,13 @@ class ModelRunner:
                     budget_s=compile_budget_s, must_be_faster=backend == "auto",
                     on_ready=self._install_compiled, name=name).start()
 
+    def _layout(self) -> str:
+        return "fused" if self.fold_norms else "channels_last" if self.channels_last else "eager"
+
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.eval().to(self.device)
+        if self.fold_norms:
+            module = backends.fold_batch_norms(module)
         if self.channels_last:
             module = module.to(memory_format=torch.channels_last)
         for parameter in module.parameters():
@@ -131,7 +137,8 @@ class ModelRunner:
             return module(batch).argmax(dim=1)
 
     def _pick_layout(self, eager: nn.Module, reference: torch.Tensor) -> None:
-        """auto: channels_last unless eager is faster on the probe, or channels_last changes a mask."""
+        """auto: channels_last unless eager is faster on the probe, or channels_last changes a mask;
+        then BatchNorms folded into the convolutions, if that is exact and faster still."""
         if not self.channels_last:
             return
         exact = torch.equal(self._run(self.module, self._probe), reference)
@@ -139,9 +146,20 @@ class ModelRunner:
         t_eager = backends.median_seconds(lambda: self._eager_masks(eager, self._probe))
         if not exact or t_eager < t_layout:
             self.channels_last = False
-            self.module, self.backend = self.prepare(eager), "eager"
+            self.module, self.backend = self.prepare(copy.deepcopy(eager)), "eager"
         log.info("model %s: %s (channels_last %.1f ms, eager %.1f ms per probe batch%s)", self.name,
                  self.backend, t_layout * 1e3, t_eager * 1e3, "" if exact else "; channels_last changed a mask")
+        t_current = min(t_layout, t_eager) if exact else t_eager
+        self.fold_norms = True
+        fused = self.prepare(copy.deepcopy(eager))
+        exact = torch.equal(self._run(fused, self._probe), reference)
+        t_fused = backends.median_seconds(lambda: self._run(fused, self._probe))
+        if exact and t_fused < t_current:
+            self.module, self.backend = fused, "fused"
+        else:
+            self.fold_norms = False
+        log.info("model %s: %s (BatchNorms folded %.1f ms%s)", self.name, self.backend, t_fused * 1e3,
+                 "" if exact else "; folding changed a mask")
 
     def _install_compiled(self, compiled: nn.Module, seconds: float) -> None:
         with self._lock:
@@ -158,17 +176,16 @@ class ModelRunner:
         """Replace the weights between two batches: a batch already running finishes on the old ones.
         A compiled module and a module of the same architecture (a key rotation): the new weights are
         copied into the compiled one, which stays compiled. Otherwise the new module replaces it."""
-        module = module.eval()
+        prepared = self.prepare(module)  # BatchNorms folded as the served module's are
         compiled = getattr(self.module, "_orig_mod", None)
-        if compiled is not None and _same_architecture(compiled, module):
-            state = {k: v.detach().to(self.device) for k, v in module.state_dict().items()}
+        if compiled is not None and _same_architecture(compiled, prepared):
+            state = {k: v.detach() for k, v in prepared.state_dict().items()}
             with self._lock:
                 self._pending = state
             return
-        prepared = self.prepare(module)
         with self._lock:
             self._pending = None
-            self.module, self.backend = prepared, "channels_last" if self.channels_last else "eager"
+            self.module, self.backend = prepared, self._layout()
 
     def _apply_pending(self) -> None:
         """Under `_lock`: copy rotated weights into the serving module."""

@@ -13,7 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from seglock.app.backends import CompileJob, adopt_threads, compile_copy, probe_batch, set_threads, use_compile_cache
+from seglock.app.backends import (CompileJob, adopt_threads, compile_copy, fold_batch_norms, probe_batch, set_threads,
+                                  use_compile_cache)
 from seglock.app.engine import ModelRunner
 from seglock.models import fold_key, load_artifact, protect, rekey
 from seglock.models.zoo import zoo_dir
@@ -36,16 +37,44 @@ def eager_masks(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
         return model(batch).argmax(1).to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("backend", ["eager", "channels_last", "auto"])
+@pytest.mark.parametrize("backend", ["eager", "channels_last", "fused", "auto"])
 def test_each_backend_gives_eager_masks(demo, backend):
     runner = ModelRunner(copy.deepcopy(demo), torch.device("cpu"), backend=backend,
                          probe=probe_batch((INPUT, INPUT), 4), compile_budget_s=0)
-    assert runner.backend in ("eager", "channels_last")
-    if backend == "channels_last":
-        assert runner.backend == "channels_last"
+    assert runner.backend in ("eager", "channels_last", "fused")
+    if backend in ("channels_last", "fused"):
+        assert runner.backend == backend
     for seed, batch in ((1, 1), (2, 3), (3, 8)):
         x = inputs(seed, batch)
         assert np.array_equal(runner.predict(x), eager_masks(demo, x))
+
+
+def test_folding_batch_norms_leaves_none_after_a_convolution_and_keeps_the_logits(demo):
+    folded = fold_batch_norms(copy.deepcopy(demo))
+    norms = [m for m in folded.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms == [] and sum(isinstance(m, nn.BatchNorm2d) for m in demo.modules()) == 5
+    x = inputs(5, 2)
+    with torch.inference_mode():
+        # the same function up to float rounding: W*g/s in one convolution instead of two passes
+        assert torch.allclose(folded(x), demo(x), atol=1e-4, rtol=1e-4)
+
+
+def test_a_batch_norm_not_after_a_convolution_stays():
+    module = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
+    folded = fold_batch_norms(copy.deepcopy(module))
+    assert [type(m).__name__ for m in folded] == ["ReLU", "BatchNorm2d", "Conv2d", "Identity"]
+
+
+def test_a_rotation_of_a_fused_model_keeps_it_fused(demo):
+    protected = copy.deepcopy(demo)
+    key = protect(protected, "dec1")
+    runner = ModelRunner(fold_key(copy.deepcopy(protected), "dec1", key), torch.device("cpu"), backend="fused")
+    new_key = rekey(protected, "dec1", key)  # what a rotation does: same masks, new weights
+    runner.swap(fold_key(copy.deepcopy(protected), "dec1", new_key))
+    assert runner.backend == "fused"
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.module.modules())
+    x = inputs(6, 3)
+    assert np.array_equal(runner.predict(x), eager_masks(demo, x))
 
 
 def openmp_threads_of_a_new_thread(prepare) -> int:
