@@ -13,8 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from seglock.app.backends import (CompileJob, adopt_threads, compile_copy, fold_batch_norms, probe_batch, set_threads,
-                                  use_compile_cache)
+from seglock.app.backends import (
+    CompileJob,
+    adopt_threads,
+    compile_copy,
+    fold_batch_norms,
+    probe_batch,
+    set_threads,
+    use_compile_cache,
+)
 from seglock.app.engine import ModelRunner
 from seglock.models import fold_key, load_artifact, protect, rekey
 from seglock.models.zoo import zoo_dir
