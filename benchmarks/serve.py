@@ -4,7 +4,8 @@
 (b) HTTP throughput at concurrency 16 on a real uvicorn server (default --backend auto, /v1 and
     /v2) vs the raw batched forward of the same model on the same device:
       vs the eager fp32 forward                                          target >= 1.5 CPU
-      vs the fastest exact raw forward found (channels_last, compile)    target >= 0.9
+      vs the fastest exact raw forward found (channels_last, fused,      target >= 0.9
+      compile)
     and the server's masks identical to the eager forward's
 (c) p50 / p99 latency at concurrency 1 and 16
 
@@ -42,7 +43,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seglock.app.backends import set_threads
+from seglock.app.backends import fold_batch_norms, set_threads
 from seglock.app.home import Home
 from seglock.app.settings import thread_environment
 from seglock.keystore import Keystore
@@ -107,18 +108,21 @@ def raw_worker(work: Path, batch: int, compile_budget: float) -> None:
     with torch.inference_mode():
         inputs = scaled_input(torch.from_numpy(np.stack([image] * batch)), "cp", IMAGENET_NORMALIZATION)
     cl_module = copy.deepcopy(served).to(memory_format=torch.channels_last)
+    fused_module = fold_batch_norms(copy.deepcopy(served)).to(memory_format=torch.channels_last)
     cl_inputs = inputs.contiguous(memory_format=torch.channels_last)
     info: dict = {"threads": torch.get_num_threads(), "backends": {}}
     with torch.inference_mode():
         reference = served(inputs).argmax(1)
         np.save(work / "eager-mask.npy", reference[0].numpy().astype(np.uint8))
         timers = {"eager": lambda: served(inputs).argmax(1),
-                  "channels_last": lambda: cl_module(cl_inputs).argmax(1)}
+                  "channels_last": lambda: cl_module(cl_inputs).argmax(1),
+                  "fused": lambda: fused_module(cl_inputs).argmax(1)}
         info["backends"]["eager"] = {"exact": True}
-        info["backends"]["channels_last"] = {"exact": torch.equal(timers["channels_last"](), reference)}
+        for name in ("channels_last", "fused"):
+            info["backends"][name] = {"exact": torch.equal(timers[name](), reference)}
         if compile_budget > 0:
-            started = time.perf_counter()
-            compiled = torch.compile(cl_module)
+            started = time.perf_counter()  # the module the server compiles: fused where fused is exact
+            compiled = torch.compile(fused_module if info["backends"]["fused"]["exact"] else cl_module)
             dynamic = cl_inputs.clone()
             torch._dynamo.mark_dynamic(dynamic, 0)  # as the server compiles it
             exact = torch.equal(compiled(dynamic).argmax(1), reference)
@@ -131,7 +135,10 @@ def raw_worker(work: Path, batch: int, compile_budget: float) -> None:
     with torch.inference_mode():
         for line in sys.stdin:
             name, repeats = line.split()
-            print(json.dumps({"seconds": timed(timers[name], int(repeats), warmup=1)}), flush=True)
+            cpu_before = time.process_time()
+            seconds = timed(timers[name], int(repeats), warmup=1)
+            cpu_per_image = (time.process_time() - cpu_before) / ((int(repeats) + 1) * batch)
+            print(json.dumps({"seconds": seconds, "cpu_s_per_image": cpu_per_image}), flush=True)
 
 
 class RawForwards:
@@ -149,12 +156,14 @@ class RawForwards:
             self.info = json.loads(process.stdout.readline())
         self.backends = self.info["backends"]
 
-    def images_per_s(self, name: str, repeats: int) -> float:
-        """Throughput of `name` with every worker running its batched forward at once."""
+    def measure(self, name: str, repeats: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) of `name` with every worker running its batched forward at once."""
         for process in self.processes:
             process.stdin.write(f"{name} {repeats}\n")
             process.stdin.flush()
-        return sum(self.batch / json.loads(process.stdout.readline())["seconds"] for process in self.processes)
+        answers = [json.loads(process.stdout.readline()) for process in self.processes]
+        return (sum(self.batch / answer["seconds"] for answer in answers),
+                1000 * statistics.mean(answer["cpu_s_per_image"] for answer in answers))
 
     def close(self) -> None:
         for process in self.processes:
@@ -233,6 +242,21 @@ async def load(base: str, token: str, data, concurrency: int, total: int, *,
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - started
     return total / elapsed, latencies
+
+
+def cpu_seconds(process: subprocess.Popen) -> float:
+    """CPU time (user + system) of the server and its worker processes, so far."""
+    import psutil
+
+    total = 0.0
+    root = psutil.Process(process.pid)
+    for proc in [root, *root.children(recursive=True)]:
+        try:
+            times = proc.cpu_times()
+            total += times.user + times.system
+        except psutil.NoSuchProcess:
+            pass
+    return total
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -327,8 +351,12 @@ def main() -> int:
         _, lat1 = asyncio.run(load(base, token, data, 1, 16))
         # interleaved rounds: drift in a shared machine's load falls on raw and HTTP alike
         for index in range(args.rounds):
-            measured = {name: raw.images_per_s(name, args.repeats) for name in raw.backends}
+            measured: dict[str, float] = {}
+            for name in raw.backends:
+                measured[name], measured[f"{name}_cpu_ms"] = raw.measure(name, args.repeats)
+            cpu_before = cpu_seconds(server)
             measured["http_v1"], latencies = asyncio.run(load(base, token, data, 16, args.requests))
+            measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / args.requests
             measured["http_v2"], _ = asyncio.run(load(base, token, image, 16, args.requests, v2=True))
             measured["c16_p50_ms"], measured["c16_p99_ms"] = percentile(latencies, 50), percentile(latencies, 99)
             rounds.append(measured)
@@ -346,7 +374,8 @@ def main() -> int:
     fastest = max(exact, key=median)
     ratios = {"vs_eager": [r["http_v1"] / r["eager"] for r in rounds],
               "vs_fastest": [r["http_v1"] / r[fastest] for r in rounds],
-              "v2_vs_eager": [r["http_v2"] / r["eager"] for r in rounds]}
+              "v2_vs_eager": [r["http_v2"] / r["eager"] for r in rounds],
+              "cpu_vs_fastest": [r[f"{fastest}_cpu_ms"] / r["http_v1_cpu_ms"] for r in rounds]}
     results = {
         "arch": args.arch, "size": args.size, "device": str(device), "tap": tap, "max_batch": args.max_batch,
         "workers": args.workers, "threads": args.threads, "load_before": load_before, "load_after": load_after,
@@ -356,6 +385,8 @@ def main() -> int:
                          "ratio": statistics.median(ratios["vs_eager"]),
                          "ratio_vs_fastest": statistics.median(ratios["vs_fastest"]),
                          "ratio_v2": statistics.median(ratios["v2_vs_eager"]),
+                         "cpu_ms_per_image": {name: median(f"{name}_cpu_ms") for name in [*raw.backends, "http_v1"]},
+                         "cpu_efficiency_vs_fastest": statistics.median(ratios["cpu_vs_fastest"]),
                          "masks_identical_to_eager": all(np.array_equal(m, eager_mask) for m in server_masks)},
         "c_latency_ms": {"c1_p50": percentile(lat1, 50), "c1_p99": percentile(lat1, 99),
                          "c16_p50": median("c16_p50_ms"), "c16_p99": median("c16_p99_ms")},
@@ -372,7 +403,8 @@ def main() -> int:
     b = results["b_throughput"]
     for name, info in raw.backends.items():
         print(f"    raw forward, batch {args.max_batch} x {args.workers} process(es): {name:<13} "
-              f"{b['raw_images_per_s'][name]:6.1f} img/s (median of {args.rounds} rounds)"
+              f"{b['raw_images_per_s'][name]:6.1f} img/s, {b['cpu_ms_per_image'][name]:.1f} CPU ms/img "
+              f"(medians of {args.rounds} rounds)"
               + ("" if info["exact"] else "  masks differ from eager")
               + (f", compiled in {info['compile_s']:.0f} s" if "compile_s" in info else ""))
     target_eager = 1.5 if device.type == "cpu" else 1.0
@@ -382,6 +414,11 @@ def main() -> int:
           f"(target >= {target_eager}: {'ok' if b['ratio'] >= target_eager else 'MISSED'}); /v2: {b['ratio_v2']:.3f}")
     print(f"    /v1 vs fastest exact raw forward ({fastest}): median of per-round ratios = "
           f"{b['ratio_vs_fastest']:.3f} (target >= 0.9: {'ok' if b['ratio_vs_fastest'] >= 0.9 else 'MISSED'})")
+    cpu = b["cpu_ms_per_image"]
+    print(f"    CPU time per image (load-independent): raw {fastest} forward {cpu[fastest]:.1f} ms, server over "
+          f"/v1 {cpu['http_v1']:.1f} ms (all its work: HTTP, PNG, auth, forward); raw/server = "
+          f"{b['cpu_efficiency_vs_fastest']:.3f} (the throughput ratio on an otherwise idle machine, with the "
+          f"client elsewhere)")
     print(f"    server masks (/v1 and /v2) identical to the eager forward: {b['masks_identical_to_eager']}")
     c = results["c_latency_ms"]
     print(f"(c) latency ms: concurrency 1 p50 {c['c1_p50']:.1f} p99 {c['c1_p99']:.1f}; "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import torch
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import Response
 
@@ -77,8 +78,12 @@ async def segment(
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
         if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
-    upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
-    tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
+
+    def decode_and_prepare() -> tuple[torch.Tensor, tuple[int, int]]:  # one trip to a worker thread, not two
+        upload = decode_upload(data, max_pixels=settings.max_pixels)
+        return inference.prepare(upload, hosted, encrypted=encrypted)
+
+    tensor, size = await asyncio.to_thread(decode_and_prepare)
     try:
         mask = await hosted.batcher.submit(tensor)
     except Overloaded as exc:
