@@ -93,13 +93,26 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
     return module
 
 
-def median_seconds(fn: Callable[[], object], repeats: int = 3) -> float:
-    samples = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - started)
-    return statistics.median(samples)
+def forward_clock(device: torch.device) -> Callable[[], float]:
+    """What candidates are timed with. On CPU with one thread: the calling thread's CPU time, which
+    a busy machine's preemption does not inflate (the forward runs entirely in that thread), so the
+    choice made at load is the one an idle machine would make. Otherwise wall time."""
+    if device.type == "cpu" and torch.get_num_threads() == 1:
+        return time.thread_time
+    return time.perf_counter
+
+
+def interleaved_seconds(runs: dict[str, Callable[[], object]], clock: Callable[[], float] = time.perf_counter,
+                        rounds: int = 3) -> dict[str, float]:
+    """Median time of each run over `rounds` rounds, each round timing every run once in turn, so
+    drift in the machine's load falls on every candidate alike."""
+    samples: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            started = clock()
+            run()
+            samples[name].append(clock() - started)
+    return {name: statistics.median(values) for name, values in samples.items()}
 
 
 class CompileJob:
@@ -165,8 +178,10 @@ class CompileJob:
                             self.name)
                 return self._finish("rejected")
             if self._must_be_faster:
-                t_compiled = median_seconds(lambda: self._run(compiled, probe))
-                t_eager = median_seconds(lambda: self._run(eager, probe))
+                times = interleaved_seconds({"compiled": lambda: self._run(compiled, probe),
+                                             "eager": lambda: self._run(eager, probe)},
+                                            forward_clock(probe.device))
+                t_compiled, t_eager = times["compiled"], times["eager"]
                 if t_compiled >= t_eager:
                     log.info("model %s: compiled %.1f ms vs %.1f ms per probe batch; not faster, not used",
                              self.name, t_compiled * 1e3, t_eager * 1e3)

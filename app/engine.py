@@ -137,29 +137,29 @@ class ModelRunner:
             return module(batch).argmax(dim=1)
 
     def _pick_layout(self, eager: nn.Module, reference: torch.Tensor) -> None:
-        """auto: channels_last unless eager is faster on the probe, or channels_last changes a mask;
-        then BatchNorms folded into the convolutions, if that is exact and faster still."""
+        """auto: the fastest of eager, channels_last and fused (channels_last with the BatchNorms
+        folded) on the probe, among those whose masks equal eager's; timed in interleaved rounds."""
         if not self.channels_last:
             return
-        exact = torch.equal(self._run(self.module, self._probe), reference)
-        t_layout = backends.median_seconds(lambda: self._run(self.module, self._probe))
-        t_eager = backends.median_seconds(lambda: self._eager_masks(eager, self._probe))
-        if not exact or t_eager < t_layout:
-            self.channels_last = False
-            self.module, self.backend = self.prepare(copy.deepcopy(eager)), "eager"
-        log.info("model %s: %s (channels_last %.1f ms, eager %.1f ms per probe batch%s)", self.name,
-                 self.backend, t_layout * 1e3, t_eager * 1e3, "" if exact else "; channels_last changed a mask")
-        t_current = min(t_layout, t_eager) if exact else t_eager
         self.fold_norms = True
-        fused = self.prepare(copy.deepcopy(eager))
-        exact = torch.equal(self._run(fused, self._probe), reference)
-        t_fused = backends.median_seconds(lambda: self._run(fused, self._probe))
-        if exact and t_fused < t_current:
-            self.module, self.backend = fused, "fused"
+        modules = {"channels_last": self.module, "fused": self.prepare(copy.deepcopy(eager))}
+        self.fold_norms = False
+        exact = {"eager": True, **{name: torch.equal(self._run(module, self._probe), reference)
+                                   for name, module in modules.items()}}
+        runs = {"eager": lambda: self._eager_masks(eager, self._probe),
+                **{name: (lambda m=module: self._run(m, self._probe)) for name, module in modules.items()}}
+        times = backends.interleaved_seconds(runs, backends.forward_clock(self.device))
+        best = min((name for name in runs if exact[name]), key=times.__getitem__)
+        if best == "eager":
+            self.channels_last = False
+            self.module = self.prepare(copy.deepcopy(eager))
         else:
-            self.fold_norms = False
-        log.info("model %s: %s (BatchNorms folded %.1f ms%s)", self.name, self.backend, t_fused * 1e3,
-                 "" if exact else "; folding changed a mask")
+            self.fold_norms = best == "fused"
+            self.module = modules[best]
+        self.backend = best
+        log.info("model %s: %s (per probe batch: %s)", self.name, best,
+                 ", ".join(f"{name} {times[name] * 1e3:.1f} ms" + ("" if exact[name] else " (changed a mask)")
+                           for name in runs))
 
     def _install_compiled(self, compiled: nn.Module, seconds: float) -> None:
         with self._lock:

@@ -66,6 +66,24 @@ def test_folding_batch_norms_leaves_none_after_a_convolution_and_keeps_the_logit
         assert torch.allclose(folded(x), demo(x), atol=1e-4, rtol=1e-4)
 
 
+def test_candidates_are_timed_in_interleaved_rounds():
+    calls: list[str] = []
+    ticks = iter(range(100))
+    times = interleaved_seconds({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                clock=lambda: next(ticks), rounds=3)
+    assert calls == ["a", "b", "a", "b", "a", "b"] and times == {"a": 1, "b": 1}
+
+
+def test_one_cpu_thread_is_timed_by_its_cpu_time_not_the_wall_clock():
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert forward_clock(torch.device("cpu")) is time.thread_time
+        assert forward_clock(torch.device("cuda")) is time.perf_counter
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_a_batch_norm_not_after_a_convolution_stays():
     module = nn.Sequential(nn.ReLU(), nn.BatchNorm2d(3), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)).eval()
     folded = fold_batch_norms(copy.deepcopy(module))
