@@ -18,6 +18,8 @@ from seglock.app.backends import (
     adopt_threads,
     compile_copy,
     fold_batch_norms,
+    forward_clock,
+    interleaved_seconds,
     probe_batch,
     set_threads,
     use_compile_cache,
