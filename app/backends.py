@@ -9,9 +9,9 @@ Backends (`--backend`, `SEGLOCK_BACKEND`):
     compile        channels_last, then `torch.compile` (inductor) built on a background thread while
                    the channels_last module serves; swapped in between two batches once its masks on
                    a probe batch equal the eager ones
-    auto           channels_last or eager, whichever is faster on a probe batch with masks identical to
-                   eager; then fused, if it is faster still and exact; then the compiled module too, if it
-                   is faster still and exact
+    auto           the fastest of eager, channels_last and fused on a probe batch among those whose
+                   masks equal eager's (timed in interleaved rounds; by the thread's CPU time on a
+                   one-thread CPU); then the compiled module too, if it is faster still and exact
 "Exact" means the argmax masks equal eager's on the probe batch, pixel for pixel. bf16/fp16 on CPU
 are not candidates: they change masks (see docs/serving.md).
 
