@@ -327,6 +327,8 @@ def main() -> int:
     Image.fromarray(image).save(buffer, format="PNG")
     data = buffer.getvalue()
     load_before = os.getloadavg()
+    print(f"building the raw forwards in {args.workers} process(es)"
+          + (f" (torch.compile: up to {args.compile_budget:.0f} s)" if args.compile_budget > 0 else ""), flush=True)
     raw = RawForwards(work, env, args)
     eager_mask = np.load(work / "eager-mask.npy")
     port = free_port()
@@ -345,6 +347,7 @@ def main() -> int:
                     break
             except httpx.TransportError:
                 time.sleep(0.2)
+        print("server ready; waiting for its backends to settle", flush=True)
         backend = wait_for_backend(base, token, args.compile_budget + 60, args.workers)
         asyncio.run(load(base, token, data, 16, 32))  # warm-up of every worker
         server_masks = asyncio.run(masks_over_http(base, token, data, image))
