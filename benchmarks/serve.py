@@ -341,12 +341,15 @@ def main() -> int:
     base = f"http://127.0.0.1:{port}"
     rounds: list[dict] = []
     try:
-        for _ in range(3000):
+        for _ in range(3000):  # 10 minutes
             try:
                 if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
                     break
             except httpx.TransportError:
-                time.sleep(0.2)
+                pass
+            time.sleep(0.2)
+        else:
+            raise SystemExit("the server did not become ready in 10 minutes")
         print("server ready; waiting for its backends to settle", flush=True)
         backend = wait_for_backend(base, token, args.compile_budget + 60, args.workers)
         asyncio.run(load(base, token, data, 16, 32))  # warm-up of every worker
