@@ -24,7 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import filelock
 
 from seglock.keystore import envelope, fsio
-from seglock.keystore.audit import AuditEntry, make_entry
+from seglock.keystore.audit import AuditEntry, AuditLog, AuditReport, make_entry
 from seglock.keystore.errors import (
     InvalidRecord,
     KeyStateError,
@@ -33,6 +33,7 @@ from seglock.keystore.errors import (
     KeystoreExists,
     KeystoreLocked,
     KeystoreNotFound,
+    KeystoreRolledBack,
     MasterKeyError,
     ModelKeyNotFound,
     TokenNotFound,
@@ -69,6 +70,7 @@ LOCK_FILENAME = "keystore.json.lock"
 PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet in force
 STATE_SCHEMA = 1
 DEFAULT_LOCK_TIMEOUT = 30.0
+ALLOW_ROLLBACK_ENV = "SEGLOCK_KEYSTORE_ALLOW_ROLLBACK"  # set once to accept a restored older keystore.json
 
 Clock = Callable[[], float]
 _compact = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
@@ -176,6 +178,8 @@ class Keystore:
         self._txn_thread: int | None = None
         self._txn_dirty = False
         self._next_master: tuple[MasterKey, dict] | None = None
+        self._txn_audit: list[AuditEntry] = []  # the open transaction's entries, written before its commit
+        self._audit: tuple[str, AuditLog] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -212,8 +216,25 @@ class Keystore:
             finished = store._finish_master_key_change()
             if finished is None:
                 raise
-            return finished
+            store = finished
+        store._check_not_rolled_back(env.get(ALLOW_ROLLBACK_ENV, "").strip().lower() in ("1", "true", "yes"))
         return store
+
+    def _check_not_rolled_back(self, allow: bool) -> None:
+        """Refuse a keystore.json older than the audit log says it was (an authentic file replayed)."""
+        logged, pre_commit = self._audit_log().last_generation()
+        generation = self._state.generation
+        # An entry written just before a commit that a crash cut off names one generation more.
+        if logged is None or logged <= generation or (logged == generation + 1 and pre_commit):
+            return
+        if not allow:
+            raise KeystoreRolledBack(
+                f"{self.path} is at generation {generation} but its audit log has seen generation {logged}: "
+                f"an older copy was put in place. If this is a restore you made, start once with "
+                f"{ALLOW_ROLLBACK_ENV}=1", path=self.path)
+        log.warning("accepted %s rolled back from generation %d to %d", self.path, logged, generation)
+        self._audit_log().append(make_entry(self._clock(), "system", "keystore.rollback", str(self.path), "ok",
+                                            f"from generation {logged} to {generation}"), generation=generation)
 
     @classmethod
     def init(
@@ -260,7 +281,8 @@ class Keystore:
             now = store._clock()
             store._kdf = master.new_kdf(store._scrypt)
             state = _State(created_at=now, generation=0, tokens={}, models={}, audit=[])
-            state.audit.append(make_entry(now, "system", "keystore.create", str(path), "ok", None))
+            store._audit_log().append(make_entry(now, "system", "keystore.create", str(path), "ok", None),
+                                      generation=1, pre_commit=True)
             store._commit(state)
             log.info("made a keystore at %s (master key from %s)", path, master.origin)
             return store
@@ -312,6 +334,11 @@ class Keystore:
             keys = self._envelope_keys(sealed.header.kdf)
             plaintext = envelope.unseal(sealed, keys, self.path, self._master.origin)
             state = _State.from_bytes(plaintext, self.path)
+            if self._state is not None and state.generation < self._state.generation:
+                raise KeystoreRolledBack(
+                    f"{self.path} went back from generation {self._state.generation} to {state.generation}: "
+                    "an older copy was put in place while it was open; restart to accept a restore",
+                    path=self.path)
         except BaseException:
             os.close(fd)
             raise
@@ -378,12 +405,37 @@ class Keystore:
                     self._reload()
                 fsio.remove_stale_temps(self.path)
                 self._txn, self._txn_thread, self._txn_dirty = self._state.copy(), threading.get_ident(), False
+                self._txn_audit = []
                 try:
                     yield self
                     if self._txn_dirty:
-                        self._commit(self._txn)
+                        self._commit_audited(self._txn)
                 finally:
                     self._txn, self._txn_thread, self._next_master = None, None, None
+                    self._txn_audit = []
+
+    def _commit_audited(self, state: _State) -> None:
+        """Write the transaction's audit entries, then the change: nothing is changed unaudited."""
+        audit = self._audit_log()
+        for entry in self._txn_audit:
+            audit.append(entry, generation=state.generation + 1, pre_commit=True)
+        try:
+            self._commit(state)
+        except BaseException:
+            try:
+                audit.append(make_entry(self._clock(), "system", "keystore.write", str(self.path), "error",
+                                        "the change above was not committed"), generation=self._state.generation)
+            except KeystoreError:
+                pass
+            raise
+
+    def _audit_log(self) -> AuditLog:
+        """The audit log beside the file, keyed from the master key in force."""
+        cache_key = json.dumps(self._kdf, sort_keys=True)
+        if self._audit is None or self._audit[0] != cache_key:
+            keys = self._envelope_keys(self._kdf)
+            self._audit = (cache_key, AuditLog(self.home, keys.audit, lock_timeout=self._lock_timeout))
+        return self._audit[1]
 
     def _commit(self, state: _State) -> None:
         master, kdf = self._next_master or (self._master, self._kdf)
@@ -412,7 +464,8 @@ class Keystore:
     def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
                 detail: str | None = None) -> AuditEntry:
         entry = make_entry(self._clock(), actor, action, target, outcome, detail)
-        self._writing().audit.append(entry)
+        self._writing()
+        self._txn_audit.append(entry)
         return entry
 
     # -- tokens ---------------------------------------------------------------------------
@@ -601,14 +654,25 @@ class Keystore:
         actor: str | None = None,
         detail: str | None = None,
     ) -> AuditEntry:
-        """Append an entry (joins an open transaction, else writes one); secrets are scrubbed."""
-        with self.transaction():
+        """Append an entry durably; secrets are scrubbed. Inside an open transaction it is written
+        with that transaction's changes; outside, it is one fsynced line in the audit log (O(1),
+        no keystore lock, the sealed keystore does not change). KeystoreError if it cannot be written."""
+        if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._record(actor, action, target, outcome, detail)
+        entry = make_entry(self._clock(), actor, action, target, outcome, detail)
+        self._audit_log().append(entry, generation=self._view().generation)
+        return entry
 
     def audit_log(self, *, limit: int | None = None) -> list[AuditEntry]:
-        """The audit entries, oldest first (the last `limit` if given)."""
-        entries = self._view().audit
-        return list(entries[-limit:] if limit else entries)
+        """The audit entries, oldest first (the last `limit` if given): those an older keystore
+        kept inside its envelope, then the audit log's."""
+        entries = list(self._view().audit) + self._audit_log().entries(limit=limit)
+        return entries[-limit:] if limit else entries
+
+    def verify_audit(self) -> AuditReport:
+        """Check the audit log's HMAC chain (see `seglock keystore audit --verify`)."""
+        self.refresh()
+        return self._audit_log().verify()
 
     # -- master key -----------------------------------------------------------------------
 
@@ -693,7 +757,7 @@ class Keystore:
                 model: [{"version": v.version, "id": v.id, "kind": v.kind, "state": v.state} for v in versions]
                 for model, versions in sorted(state.models.items())
             },
-            "audit_entries": len(state.audit),
+            "audit_entries": len(state.audit) + len(self._audit_log().entries()),
         }
 
     # -- lifetime -------------------------------------------------------------------------
