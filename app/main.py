@@ -15,8 +15,10 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from seglock.app import __version__
+from seglock.app.audit import Auditor
 from seglock.app.bootstrap import first_start
 from seglock.app.engine import resolve_device
+from seglock.app.imageio import UploadGate
 from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
@@ -25,7 +27,7 @@ from seglock.app.registry import Registry, RegistryError
 from seglock.app.routes import admin, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
-from seglock.keystore.errors import KeystoreError
+from seglock.keystore.errors import InvalidRecord, KeystoreError
 
 log = logging.getLogger("seglock.app")
 
@@ -50,6 +52,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
+    app.state.upload_gate = UploadGate(settings.decode_concurrency, settings.decode_queue)
     app.state.rate_limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
                               if settings.rate_limit_rps > 0 else None)
     install_error_handlers(app)
@@ -60,8 +63,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @app.exception_handler(KeystoreError)
     async def _keystore_error(_: Request, exc: KeystoreError) -> JSONResponse:
-        if exc.user_error:  # the caller's to fix; keystore messages never hold a secret
+        if isinstance(exc, InvalidRecord):  # a field of the caller's request; says nothing of the server
             return error_response(400, "bad_request", str(exc))
+        # Anything else is the server's: paths and the master key's source stay in the server's log.
         log.error("keystore error: %s", exc)
         return error_response(503, "keystore_unavailable", "the keystore cannot be used right now",
                               {"Retry-After": "5"})
@@ -69,15 +73,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(health.router)
     app.include_router(segment.router)
     app.include_router(admin.router)
-    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       max_small_body_bytes=settings.max_json_body_bytes)
     return app
 
 
 def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
     home = Path(settings.home)
-    home.mkdir(parents=True, exist_ok=True)
-    keystore = Keystore.open(home, create=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
+    keystore = Keystore.open(home, create=True, lock_timeout=settings.keystore_lock_timeout_s)
     tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
@@ -85,18 +90,9 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     registry.load_all()
     app.state.keystore = keystore
     app.state.registry = registry
-    app.state.audit = _auditor(keystore)
+    app.state.auditor = Auditor(keystore, window_s=settings.audit_window_s)
     if settings.warmup:
         registry.warm_up()
     app.state.ready = True
     log.info("ready: %d models on %s", len(registry.names()), registry.device)
 
-
-def _auditor(keystore: Keystore):
-    def audit(principal, action: str, target: str, outcome: str) -> None:
-        try:
-            keystore.audit(action, target, outcome, actor=principal.token_id)
-        except KeystoreError as exc:
-            log.error("audit entry not written: %s", exc)
-
-    return audit

@@ -1,18 +1,24 @@
 """Authentication as a FastAPI dependency: `Authorization: Bearer slk_...` checked in the keystore.
 
 The keystore is re-read when its file changes (a cheap stat per request), so a token made or
-revoked by the CLI in another process counts from the next request on.
+revoked by the CLI in another process counts from the next request on. The dependency is a
+plain function, so FastAPI runs it (keystore reads, audit writes) in a thread, off the event loop.
+A refused admin attempt is audited (once per caller, reason and path per audit window).
 """
 
 from __future__ import annotations
 
-from fastapi import Request
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 
 from seglock.app.errors import forbidden, rate_limited, unauthorized
 from seglock.app.ratelimit import retry_after_header
-from seglock.keystore.tokens import Grant
+from seglock.keystore.tokens import Grant, parse_token
 
 Principal = Grant
+# Declares the bearer scheme in the OpenAPI document (clients and fuzzers then send tokens);
+# auto_error=False: the checks below answer with seglock's own 401 bodies.
+bearer_scheme = HTTPBearer(auto_error=False, description="an API token: slk_<id>_<secret>")
 
 _REASONS_401 = {
     "malformed": "the API token is malformed",
@@ -36,7 +42,12 @@ def bearer_token(request: Request) -> str:
 def authenticate(request: Request, scope: str) -> Principal:
     """The grant of the request's token for `scope`; 401 or 403 otherwise."""
     keystore = request.app.state.keystore
-    check = keystore.check_token(bearer_token(request), scope=scope)
+    try:
+        token = bearer_token(request)
+    except Exception:
+        _audit_denied(request, scope, "anonymous", "no_token")
+        raise
+    check = keystore.check_token(token, scope=scope)
     if check.ok:
         request.state.token_id = check.grant.token_id
         limiter = getattr(request.app.state, "rate_limiter", None)
@@ -47,14 +58,28 @@ def authenticate(request: Request, scope: str) -> Principal:
                                    retry_after_header(wait))
         return check.grant
     if check.status == 403:
+        _audit_denied(request, scope, check.grant.token_id, check.reason)
         raise forbidden(f"this token lacks the '{scope}' scope")
+    # a revoked or expired token names a real record; any other id is the caller's invention
+    parts = parse_token(token) if check.reason in ("revoked", "expired") else None
+    _audit_denied(request, scope, parts[0] if parts else "anonymous", check.reason)
     raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))
+
+
+def _audit_denied(request: Request, scope: str, actor: str, reason: str) -> None:
+    auditor = getattr(request.app.state, "auditor", None)
+    if scope != "admin" or auditor is None:
+        return
+    path = request.url.path[:200]
+    auditor.record_once(("admin.denied", actor, reason, path), actor, "admin.denied",
+                        f"{request.method} {path}", "denied", reason)
 
 
 def require_scope(scope: str):
     """A dependency that admits tokens holding `scope`."""
 
-    def dependency(request: Request) -> Principal:
+    def dependency(request: Request,
+                   _credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> Principal:
         return authenticate(request, scope)
 
     dependency.__name__ = f"require_{scope}"
