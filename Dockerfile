@@ -33,16 +33,22 @@ WORKDIR /src
 
 # Torch first, from its own index when one is given, so the project's `torch>=…` is already met
 # and PyPI's (CUDA) build is never pulled in beside it. Its own layer: the slowest, changed least.
+COPY requirements.lock ./
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" "torch>=2.6,<3" "torchvision>=0.21"; \
+        torch=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock); \
+        vision=$(sed -n 's/^torchvision==\([^ ]*\).*/\1/p' requirements.lock); \
+        pip install --index-url "$TORCH_INDEX_URL" "torch==$torch" "torchvision==$vision"; \
     fi
 
-# Then the rest of the dependencies (the SDK's and the `server` extra's), read from pyproject.toml,
-# so a code change keeps this layer.
+# Then every dependency (the SDK's and the `server` extra's) at the exact versions and SHA-256
+# hashes of requirements.lock (pip-compile --generate-hashes), so a changed or substituted wheel
+# fails the build. With TORCH_INDEX_URL, torch, torchvision and the CUDA wheels PyPI's torch
+# brings (nvidia-*, triton) are left to that index (installed above) and dropped from the lock.
 COPY pyproject.toml README.md ./
-RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; print("\n".join(p["dependencies"] + p["optional-dependencies"]["server"]))' \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
+RUN if [ -n "$TORCH_INDEX_URL" ]; then \
+        python3 -c 'import re, sys; blocks = re.split(r"\n(?=[^\s#])", open("requirements.lock").read()); print("\n".join(b for b in blocks if not re.match(r"(torch|torchvision|triton|nvidia-[\w-]+)==", b)))' > /tmp/requirements.lock; \
+    else cp requirements.lock /tmp/requirements.lock; fi \
+    && pip install --require-hashes --no-deps -r /tmp/requirements.lock
 
 # The project itself, demo models (models/zoo) included as package data.
 COPY app ./app
@@ -75,6 +81,7 @@ ENV PATH=/opt/seglock/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     SEGLOCK_HOME=/var/lib/seglock \
+    SEGLOCK_REQUIRE_MASTER_KEY=1 \
     SEGLOCK_HOST=0.0.0.0 \
     SEGLOCK_PORT=8000
 
@@ -82,6 +89,10 @@ USER 10001:10001
 WORKDIR /var/lib/seglock
 VOLUME ["/var/lib/seglock"]
 EXPOSE 8000
+
+# SEGLOCK_REQUIRE_MASTER_KEY=1: the server refuses to start unless SEGLOCK_MASTER_KEY(_FILE) or
+# SEGLOCK_MASTER_PASSPHRASE(_FILE) is given; a master.key is never made in (or read from) the home
+# volume. `-e SEGLOCK_DEV=1` lifts this for a throwaway development run.
 
 # Liveness with the standard library (the image has no curl); the first start imports and
 # re-keys the demo models before the port opens, hence the long start period.

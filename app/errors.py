@@ -7,6 +7,7 @@ the handlers in `install_error_handlers` make sure nothing else reaches the clie
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -76,16 +77,19 @@ _STATUS_CODES = {
 
 
 def allowed_methods(request: Request) -> list[str]:
-    """Every method some route answers at this request's path."""
-    from starlette.routing import Match
-
-    scope = {**request.scope, "method": "GET"}
+    """Every method the OpenAPI document lists at this request's path (Starlette's own Allow header
+    names only the first route that matched the path)."""
+    path = request.url.path
     methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(scope)[0] != Match.NONE:
-            methods |= set(route_methods)
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{[^}]+\})", template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in operations if m in _HTTP_METHODS}
     return sorted(methods)
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
 
 
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

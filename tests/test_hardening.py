@@ -298,3 +298,34 @@ def test_a_token_cannot_tell_an_ungranted_model_from_an_unknown_one(server):
         assert known.status_code == unknown.status_code == 403
         assert known.json()["error"]["message"].replace("shf", "M") == unknown.json()["error"]["message"].replace(
             "nope", "M")
+
+
+# -- 8. the schema the fuzzer reads ----------------------------------------------------------------
+
+
+def test_the_openapi_schema_declares_the_bearer_scheme_and_every_error_status(server):
+    schema = server["make"]().get("/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"] == {
+        "type": "http", "scheme": "bearer", "description": "an API token: slk_<id>_<secret>"}
+    paths = schema["paths"]
+    expected = {("/v1/models/{name}/segment", "post"): {"400", "401", "403", "404", "409", "413", "415", "422"},
+                ("/v1/models/{name}/client-key", "get"): {"400", "401", "403", "404"},
+                ("/admin/models/{name}/rotate-key", "post"): {"400", "401", "403", "404", "409"},
+                ("/admin/tokens", "post"): {"400", "401", "403", "422"},
+                ("/admin/tokens/{token_id}", "delete"): {"401", "403", "404"}}
+    for (path, method), statuses in expected.items():
+        operation = paths[path][method]
+        assert statuses <= set(operation["responses"]), (path, method)
+        assert operation["security"] == [{"HTTPBearer": []}]
+
+
+def test_a_segment_token_body_valid_by_the_schema_is_accepted(server):
+    client = server["make"]()
+    made = client.post("/admin/tokens", json={"name": "0", "scopes": ["admin"], "models": ["plain"],
+                                              "expires_in_s": 1}, headers=auth(server, "admin"))
+    assert made.status_code == 201
+
+
+def test_a_wrong_method_names_every_method_of_the_path_in_allow(server):
+    answer = server["make"]().options("/admin/tokens")
+    assert answer.status_code == 405 and answer.headers["Allow"] == "GET, POST"

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from seglock.app.errors import documented, forbidden, not_found
 from seglock.app.security import Principal, require_scope
@@ -24,7 +24,8 @@ admin_only = require_scope("admin")
 NO_STORE = {"Cache-Control": "no-store"}
 MAX_LIFETIME_S = 10 * 365 * 86_400  # ten years: a finite expiry the keystore can store
 
-# A model name as the registry accepts it, or "*" alone (every model).
+MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+# A model name as the registry accepts it, or "*" (every model).
 ModelName = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
 
 
@@ -35,13 +36,24 @@ class TokenRequest(BaseModel):
                                                       max_length=2)
     models: list[ModelName] = Field(min_length=1, max_length=256,
                                     description='model names this token may use (or administer), or ["*"]')
-    expires_in_s: float | None = Field(None, gt=0, le=MAX_LIFETIME_S, allow_inf_nan=False,
-                                       description="lifetime in seconds (at most ten years); none = no expiry")
+    expires_in_s: float | None = Field(None, ge=1, le=MAX_LIFETIME_S, allow_inf_nan=False,
+                                       description="lifetime in seconds (1 s to ten years); none = no expiry")
 
-    model_config = {"json_schema_extra": {
-        # "*" stands alone: either exactly ["*"], or names without it
-        "properties": {"models": {"anyOf": [{"const": ["*"]},
-                                            {"items": {"not": {"const": "*"}}}]}}}}
+    @staticmethod
+    def _schema(schema: dict) -> None:
+        # "*" stands alone: either exactly ["*"], or model names without it
+        models = schema["properties"]["models"]
+        models["items"] = {"type": "string", "pattern": rf"^(\*|{MODEL_NAME_PATTERN[1:-1]})$"}
+        models["anyOf"] = [{"const": ["*"]}, {"items": {"type": "string", "pattern": MODEL_NAME_PATTERN,
+                                                          "not": {"const": "*"}}}]
+
+    model_config = {"json_schema_extra": _schema}
+
+    @model_validator(mode="after")
+    def _star_alone(self) -> "TokenRequest":
+        if ALL_MODELS in self.models and len(set(self.models)) > 1:
+            raise ValueError('"*" grants every model and cannot be listed with names')
+        return self
 
 
 def _within(principal: Principal, models: list[str] | tuple[str, ...]) -> bool:
