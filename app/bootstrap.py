@@ -16,7 +16,7 @@ from pathlib import Path
 
 import filelock
 
-from seglock.app.registry import BLOCK_MODES, import_artifact, models_dir
+from seglock.app.home import Home
 from seglock.keystore import Keystore
 from seglock.models import read_manifest
 
@@ -28,7 +28,7 @@ LOCK = ".first-start.lock"
 
 
 def is_empty_home(home: Path) -> bool:
-    folder = models_dir(home)
+    folder = Home(home).models_dir
     return not (folder.is_dir() and any(folder.iterdir())) and not (home / INITIAL_TOKENS).exists()
 
 
@@ -41,17 +41,18 @@ def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
     from seglock.models.keyfile import read_key_file
     from seglock.models.zoo import DEMO_MODELS, zoo_dir
 
+    target = Home(home, keystore)
     imported = []
     for name in DEMO_MODELS:
-        if (models_dir(home) / name).is_dir():  # imported by a first start that was cut off
+        if target.model_dir(name).is_dir():  # imported by a first start that was cut off
             imported.append(name)
             continue
         source = zoo_dir() / name
         manifest = read_manifest(source)
         key_path = zoo_dir() / "keys" / f"{name}.json"
         key = read_key_file(key_path).key if key_path.exists() else None
-        import_artifact(home, keystore, source, name=name, key=key, actor="bootstrap")
-        if manifest.mode in BLOCK_MODES:
+        target.import_artifact(source, name=name, key=key, actor="bootstrap")
+        if manifest.mode.is_block:
             log.warning("demo model %s keeps its bundled %s key: an input key cannot change without "
                         "re-training, so do not use this demo for anything that matters", name, manifest.mode)
         imported.append(name)

@@ -1,7 +1,9 @@
-"""One error type for the service, rendered as DESIGN's JSON error body.
+"""The service's errors, and the one place they become DESIGN's JSON error body.
 
-Every failure a request can cause becomes an `APIError` with its status and a stable code;
-the handlers in `install_error_handlers` make sure nothing else reaches the client.
+Domain errors (`ServiceError` and its subclasses) say what went wrong in the home, the registry
+or a request's key version, without any HTTP in them; `http_status` maps them to a status and a
+stable code once. Request-level failures are `APIError`s with their status and code. The handlers
+in `install_error_handlers` make sure nothing else reaches the client.
 """
 
 from __future__ import annotations
@@ -16,6 +18,68 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger("seglock.app")
+
+
+# -- domain errors: what went wrong, not how HTTP says it ------------------------------------------
+
+
+class ServiceError(Exception):
+    """A model operation that cannot be done as asked; the message is safe to show (no secrets)."""
+
+
+class InvalidModelName(ServiceError, ValueError):
+    """A name that breaks the model-name rule (seglock.client.modes.check_model_name)."""
+
+
+class ModelNotFound(ServiceError):
+    """No model of that name in the home, or none served."""
+
+
+class ModelExists(ServiceError):
+    """The home already has a model of that name."""
+
+
+class KeyRequired(ServiceError):
+    """A keyed model was given without its key."""
+
+
+class NotRotatable(ServiceError):
+    """The model's mode has no key to rotate (none, per-image)."""
+
+
+class NeedsRetraining(ServiceError):
+    """A new key for this mode means a new model (shf, np, ffx: the key is the model's input)."""
+
+
+class ModelUnavailable(ServiceError):
+    """The home's disk and keystore do not give a servable (artifact, key) pair for the model."""
+
+
+class StaleKeyVersion(ServiceError):
+    """An encrypted input names no key version, or not the current one."""
+
+
+_DOMAIN_HTTP: dict[type[ServiceError], tuple[int, str]] = {
+    InvalidModelName: (400, "bad_request"),
+    KeyRequired: (400, "bad_request"),
+    NotRotatable: (400, "bad_request"),
+    ModelNotFound: (404, "not_found"),
+    ModelExists: (409, "conflict"),
+    NeedsRetraining: (409, "conflict"),
+    StaleKeyVersion: (409, "conflict"),
+    ModelUnavailable: (503, "unavailable"),
+}
+
+
+def http_status(exc: ServiceError) -> tuple[int, str]:
+    """(status, code) of a domain error: the nearest mapped class, else 400 bad_request."""
+    for cls in type(exc).__mro__:
+        if cls in _DOMAIN_HTTP:
+            return _DOMAIN_HTTP[cls]
+    return 400, "bad_request"
+
+
+# -- request errors -------------------------------------------------------------------------------
 
 
 class APIError(Exception):
@@ -97,6 +161,11 @@ def error_response(status: int, code: str, message: str, headers: dict[str, str]
 
 
 def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ServiceError)
+    async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+        status, code = http_status(exc)
+        return error_response(status, code, str(exc))
+
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)

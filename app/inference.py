@@ -10,26 +10,25 @@ import json
 import numpy as np
 import torch
 
-from seglock.app.errors import conflict, unprocessable, unsupported_media
+from seglock.app.errors import StaleKeyVersion, unprocessable, unsupported_media
 from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
-from seglock.app.registry import BLOCK_MODES, HostedModel
+from seglock.app.registry import HostedModel
+from seglock.client.modes import Mode
 from seglock.client.transforms import encrypt_blocks, encrypt_per_image
 from seglock.client.transforms.ffx import FFX_MAX
-
-INPUT_ENCRYPTED_MODES = BLOCK_MODES + ("per-image",)
 
 
 def check_key_version(hosted: HostedModel, header: str | None) -> None:
     """Encrypted block inputs must name the key they were made with, and it must be current."""
     if header is None:
-        raise conflict(f"encrypted input for {hosted.name} needs X-Seglock-Key-Version "
+        raise StaleKeyVersion(f"encrypted input for {hosted.name} needs X-Seglock-Key-Version "
                        f"(current: {hosted.key_version})")
     try:
         version = int(header)
     except ValueError:
-        raise conflict(f"X-Seglock-Key-Version must be an integer (current: {hosted.key_version})") from None
+        raise StaleKeyVersion(f"X-Seglock-Key-Version must be an integer (current: {hosted.key_version})") from None
     if version != hosted.key_version:
-        raise conflict(f"key version {version} is stale; the current key version of {hosted.name} is "
+        raise StaleKeyVersion(f"key version {version} is stale; the current key version of {hosted.name} is "
                        f"{hosted.key_version}: fetch the client key again")
 
 
@@ -43,7 +42,7 @@ def encrypted_array(upload: Upload, hosted: HostedModel) -> np.ndarray:
     if upload.array.shape[:2] != (height, width):
         raise unprocessable(f"encrypted input must be exactly {height}x{width} (HxW), "
                             f"got {upload.array.shape[0]}x{upload.array.shape[1]}")
-    if hosted.mode == "ffx":
+    if hosted.mode is Mode.FFX:
         if upload.array.dtype != np.uint16 or int(upload.array.max(initial=0)) > FFX_MAX:
             raise unprocessable(f"ffx input must be a uint16 .npy with values 0..{FFX_MAX}")
     elif upload.array.dtype != np.uint8:
@@ -54,9 +53,9 @@ def encrypted_array(upload: Upload, hosted: HostedModel) -> np.ndarray:
 def plain_to_model_array(image: np.ndarray, hosted: HostedModel) -> np.ndarray:
     """A plain image resized to the model's input and, where the model needs it, encrypted here."""
     resized = resize_rgb(image, tuple(hosted.manifest.input_size))
-    if hosted.mode in BLOCK_MODES:
+    if hosted.mode.is_block:
         return encrypt_blocks(resized, hosted.block_key)
-    if hosted.mode == "per-image":
+    if hosted.mode is Mode.PER_IMAGE:
         protection = hosted.manifest.protection
         return encrypt_per_image(resized, block_size=protection["block_size"], sub_block=protection["sub_block"])
     return resized

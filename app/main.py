@@ -23,15 +23,13 @@ from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
-from seglock.app.registry import Registry, RegistryError
+from seglock.app.registry import Registry
 from seglock.app.routes import admin, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import InvalidRecord, KeystoreError
 
 log = logging.getLogger("seglock.app")
-
-_REGISTRY_CODES = {400: "bad_request", 404: "not_found", 409: "conflict", 503: "unavailable"}
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -56,10 +54,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.rate_limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
                               if settings.rate_limit_rps > 0 else None)
     install_error_handlers(app)
-
-    @app.exception_handler(RegistryError)
-    async def _registry_error(_: Request, exc: RegistryError) -> JSONResponse:
-        return error_response(exc.status, _REGISTRY_CODES.get(exc.status, "error"), str(exc))
 
     @app.exception_handler(KeystoreError)
     async def _keystore_error(_: Request, exc: KeystoreError) -> JSONResponse:

@@ -32,7 +32,7 @@ import torch
 from PIL import Image
 
 from seglock.app.engine import resolve_device
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 from seglock.keystore import Keystore
 from seglock.models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
 from seglock.models.artifact import IMAGENET_NORMALIZATION
@@ -141,7 +141,7 @@ def main() -> int:
                   key={"id": "kbench", "version": 1})
     home = work / "home"
     keystore = Keystore.open(home, create=True, env=env)
-    import_artifact(home, keystore, work / "artifact", key=key)
+    Home(home, keystore).import_artifact(work / "artifact", key=key)
     _, token = keystore.create_token("bench", ["segment"], ["bench"])
 
     # the raw batched forward of the served model, on the same device, with the same preprocessing

@@ -18,6 +18,7 @@ _EXPORTS = {
     "SegLockClient": "seglock.client.sdk",
     "AsyncSegLockClient": "seglock.client.sdk",
     "ModelInfo": "seglock.client.sdk",
+    "Mode": "seglock.client.modes",
     "RetryPolicy": "seglock.client.sdk",
     "SegLockError": "seglock.client.errors",
     "AuthenticationError": "seglock.client.errors",
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
         SegLockError,
         ServerError,
     )
+    from seglock.client.modes import Mode
     from seglock.client.sdk import AsyncSegLockClient, ModelInfo, RetryPolicy, SegLockClient
 
 

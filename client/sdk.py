@@ -43,12 +43,8 @@ from seglock.client.errors import (
     error_for_status,
 )
 from seglock.client.imaging import ImageInput
+from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey, TransformError, encrypt_blocks, encrypt_per_image
-
-PLAIN_MODES = ("none", "cp")
-BLOCK_MODES = ("shf", "np", "ffx")
-PER_IMAGE = "per-image"
-KNOWN_MODES = PLAIN_MODES + BLOCK_MODES + (PER_IMAGE,)
 
 TOKEN_ENV = "SEGLOCK_TOKEN"
 DEFAULT_TIMEOUT = 30.0
@@ -92,7 +88,8 @@ class ModelInfo:
     @property
     def encrypts_input(self) -> bool:
         """True where the SDK encrypts before sending (shf, np, ffx, per-image)."""
-        return self.mode in BLOCK_MODES or self.mode == PER_IMAGE
+        mode = Mode.parse(self.mode)
+        return mode is not None and mode.encrypts_input
 
     @classmethod
     def from_dict(cls, data: Any) -> "ModelInfo":
@@ -181,14 +178,14 @@ def _encrypted_upload(model_array: np.ndarray, image_size: tuple[int, int], info
                       key: tuple[int, BlockKey] | None, encoding: str) -> _Upload:
     """shf/np/ffx with the cached (version, key); per-image with fresh keys made and dropped here."""
     try:
-        if info.mode in BLOCK_MODES:
+        if _is_block(info):
             version, block_key = key
             encrypted = encrypt_blocks(model_array, block_key)
             headers = {KEY_VERSION_HEADER: str(version)}
         else:
             encrypted = encrypt_per_image(model_array, block_size=int(info.protection["block_size"]),
                                           sub_block=int(info.protection["sub_block"]))
-            headers = {ENCRYPTED_HEADER: PER_IMAGE}
+            headers = {ENCRYPTED_HEADER: Mode.PER_IMAGE.value}
     except (TransformError, KeyError, TypeError, ValueError) as exc:
         # the model's own parameters do not fit: nothing the caller's image can fix
         raise ServerError(f"model {info.name} cannot be used with its published parameters: {exc}",
@@ -222,8 +219,13 @@ def _key_from(answer: Any, info: ModelInfo) -> tuple[int, BlockKey]:
     return version, key
 
 
+def _is_block(info: ModelInfo) -> bool:
+    mode = Mode.parse(info.mode)
+    return mode is not None and mode.is_block
+
+
 def _check_mode(info: ModelInfo) -> None:
-    if info.mode not in KNOWN_MODES:
+    if Mode.parse(info.mode) is None:
         raise ServerError(f"model {info.name} uses protection mode {info.mode!r}, which this SDK "
                           "does not know: upgrade seglock", code="unknown_mode")
 
@@ -387,7 +389,7 @@ class SegLockClient(_ClientBase):
             return _mask_from(self._post(info, upload), upload)
         model_array, image_size = _model_array(image, info)
         for attempt in range(2):
-            key = self._block_key(info) if info.mode in BLOCK_MODES else None
+            key = self._block_key(info) if _is_block(info) else None
             upload = _encrypted_upload(model_array, image_size, info, key, self.encrypted_format)
             try:
                 return _mask_from(self._post(info, upload), upload)
@@ -406,7 +408,7 @@ class SegLockClient(_ClientBase):
         """
         concurrency = _check_concurrency(concurrency)
         info = self._model(model)  # fail fast on a bad token or model, before any image is read
-        if info.mode in BLOCK_MODES:
+        if _is_block(info):
             self._block_key(info)
 
         def one(index: int, image: ImageInput) -> tuple[int, np.ndarray | SegLockError]:
@@ -535,7 +537,7 @@ class AsyncSegLockClient(_ClientBase):
             return await asyncio.to_thread(_mask_from, response, upload)
         model_array, image_size = await asyncio.to_thread(_model_array, image, info)
         for attempt in range(2):
-            key = await self._block_key(info) if info.mode in BLOCK_MODES else None
+            key = await self._block_key(info) if _is_block(info) else None
             upload = await asyncio.to_thread(_encrypted_upload, model_array, image_size, info, key,
                                              self.encrypted_format)
             try:
@@ -554,7 +556,7 @@ class AsyncSegLockClient(_ClientBase):
         """(index, mask or SegLockError) as each image finishes; at most `concurrency` in flight."""
         concurrency = _check_concurrency(concurrency)
         info = await self._model(model)
-        if info.mode in BLOCK_MODES:
+        if _is_block(info):
             await self._block_key(info)
 
         async def one(index: int, image: ImageInput) -> tuple[int, np.ndarray | SegLockError]:

@@ -14,11 +14,12 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Any
 
+from seglock.client.modes import Mode
 from seglock.keystore.errors import InvalidRecord
 
 KINDS = ("cp", "block")
 STATES = ("pending", "active", "retiring", "destroyed")
-BLOCK_METHODS = ("shf", "np", "ffx")
+BLOCK_METHODS = Mode.block_modes()
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,6 @@ def checked_material(kind: str, material: Any) -> dict[str, Any]:
         size = copy.get("block_size")
         if not (isinstance(size, int) and not isinstance(size, bool) and size >= 1):
             raise InvalidRecord("block key material needs 'block_size', a positive integer")
-        if copy["method"] == "ffx" and not (isinstance(copy.get("password"), str) and copy["password"]):
+        if copy["method"] == Mode.FFX and not (isinstance(copy.get("password"), str) and copy["password"]):
             raise InvalidRecord("ffx key material needs 'password', a non-empty string")
     return copy

@@ -43,6 +43,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from seglock.client.modes import Mode, is_model_name
 from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
 from seglock.models.errors import ArtifactError, ModelError
@@ -67,18 +68,16 @@ WEIGHTS_FILE = "weights.safetensors"
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
 # Required public parameters of each protection mode (DESIGN "Protection modes").
-PROTECTION_MODES: dict[str, dict[str, type]] = {
-    "none": {},
-    "cp": {"tap": str},
-    "shf": {"block_size": int},
-    "np": {"block_size": int},
-    "ffx": {"block_size": int},
-    "per-image": {"block_size": int, "sub_block": int},
+PROTECTION_MODES: dict[Mode, dict[str, type]] = {
+    Mode.NONE: {},
+    Mode.CP: {"tap": str},
+    Mode.SHF: {"block_size": int},
+    Mode.NP: {"block_size": int},
+    Mode.FFX: {"block_size": int},
+    Mode.PER_IMAGE: {"block_size": int, "sub_block": int},
 }
-_KEYLESS_MODES = ("none", "per-image")  # no key to name: none has none, per-image's live and die with each image
 _SECRET_WORDS = ("perm", "secret", "password", "passphrase", "material", "seed", "token", "private", "nonce", "key")
 _LONGEST_INT_LIST = 16  # a longer list of integers looks like a permutation: refuse it
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _KEY_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _META_PREFIX = "seglock."
@@ -143,8 +142,8 @@ class Manifest:
         _check_manifest(self)
 
     @property
-    def mode(self) -> str:
-        return self.protection["mode"]
+    def mode(self) -> Mode:
+        return Mode(self.protection["mode"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -206,7 +205,7 @@ class Manifest:
 
 
 def _check_manifest(m: Manifest) -> None:
-    if not isinstance(m.name, str) or not _NAME.fullmatch(m.name):
+    if not is_model_name(m.name):
         raise ArtifactError(f"artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {m.name!r}")
     if m.format_version != FORMAT_VERSION:
         raise ArtifactError(f"manifest format_version {m.format_version!r} is not supported")
@@ -256,7 +255,8 @@ def _check_protection(protection: Mapping[str, Any], key: KeyRef | None) -> None
     for param, value in protection.items():
         if not _is_public_value(value):
             raise ArtifactError(f"protection parameter {param!r} must be a JSON scalar or a short list")
-    if mode in _KEYLESS_MODES and key is not None:
+    # no key to name: none has none, per-image's live and die with each image
+    if not Mode(mode).has_model_key and key is not None:
         raise ArtifactError(f"protection mode {mode!r} has no key to name")
 
 
@@ -345,7 +345,7 @@ def save_artifact(
 
 def _public_protection(model: nn.Module, protection: dict[str, Any]) -> dict[str, Any]:
     """Check a CP tap against the model and record its channel count (public: the tap's width)."""
-    if protection.get("mode") == "cp":
+    if protection.get("mode") == Mode.CP:
         try:
             tap = get_tap(model, protection.get("tap"))
         except ModelError as exc:
@@ -416,7 +416,7 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
     try:
         model = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
         load_state_exactly(model, load_safetensors(data), "its weights")
-        if manifest.mode == "cp":
+        if manifest.mode is Mode.CP:
             tap = get_tap(model, manifest.protection["tap"])
             if tap.channels != manifest.protection.get("channels", tap.channels):
                 raise ModelError(f"tap {tap.name!r} has {tap.channels} channels, not {manifest.protection['channels']}")

@@ -22,7 +22,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from seglock.client.transforms import CHANNELS, PER_IMAGE, BlockKey, PerImageKey, TransformError, input_scale
+from seglock.client.modes import Mode
+from seglock.client.transforms import CHANNELS, BlockKey, PerImageKey, TransformError, input_scale
 from seglock.client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
 from seglock.client.transforms.per_image import DEFAULT_BLOCK_SIZE, DEFAULT_SUB_BLOCK, check_geometry
 from seglock.client.transforms.randomness import RandBytes
@@ -49,11 +50,11 @@ def encrypt_blocks_torch(images: Tensor, key: BlockKey) -> Tensor:
     _check_key(key)
     batch = _check_tensor(images, (torch.uint8,), key.block_size)
     height, width = batch.shape[1:3]
-    if key.method == "shf":
+    if key.method == Mode.SHF:
         index = _on_device(key, "gather", height, width, batch.device,
                            lambda: key.gather_index(height, width))
         out = batch.reshape(batch.shape[0], -1).index_select(1, index)
-    elif key.method == "np":
+    elif key.method == Mode.NP:
         flip = _on_device(key, "np-xor", height, width, batch.device,
                           lambda: key.selection_mask(height, width).astype(np.uint8) * np.uint8(255))
         out = torch.bitwise_xor(batch, flip)  # 255 - x on the selected pixels
@@ -69,10 +70,10 @@ def encrypt_blocks_torch(images: Tensor, key: BlockKey) -> Tensor:
 def decrypt_blocks_torch(images: Tensor, key: BlockKey) -> Tensor:
     """Undo `encrypt_blocks_torch`: uint8 (ffx: any integer dtype) in, uint8 of the same shape out."""
     _check_key(key)
-    if key.method != "ffx":
+    if key.method != Mode.FFX:
         batch = _check_tensor(images, (torch.uint8,), key.block_size)
         height, width = batch.shape[1:3]
-        if key.method == "np":
+        if key.method == Mode.NP:
             return encrypt_blocks_torch(images, key)  # NP is its own inverse
         index = _on_device(key, "gather-inverse", height, width, batch.device,
                            lambda: key.gather_index(height, width, inverse=True))
@@ -151,7 +152,7 @@ class PerImageEncryption(nn.Module):
     def forward(self, images: Tensor) -> Tensor:
         encrypted = encrypt_per_image_torch(quantize(images), self.block_size, self.sub_block,
                                             randbytes=self._randbytes)
-        return to_model_input(encrypted, PER_IMAGE)
+        return to_model_input(encrypted, Mode.PER_IMAGE)
 
     def extra_repr(self) -> str:
         return f"block_size={self.block_size}, sub_block={self.sub_block}"

@@ -28,11 +28,12 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.artifact import Manifest, load_artifact
 from seglock.models.data import DatasetError, detect_format, open_dataset
 from seglock.models.errors import ModelError
-from seglock.models.inputs import BLOCK_MODES, model_input
+from seglock.models.inputs import model_input
 from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.metrics import MetricAccumulator
 from seglock.models.protect import CPKey, fold_key
@@ -49,7 +50,6 @@ __all__ = [
 ]
 
 CONDITIONS = ("correct", "plain", "wrong")
-KEYED_MODES = ("cp",) + BLOCK_MODES
 DEFAULT_SPLITS = {"folder": "val", "voc": "val", "cityscapes": "val"}
 _CACHE_BYTES = 1 << 30  # evaluation sets up to 1 GiB of pixels are read once and kept for every condition
 _WRONG_KEY_STREAM = 17
@@ -67,14 +67,14 @@ def _seeded_bytes(rng: np.random.Generator) -> Callable[[int], bytes]:
 def check_key(manifest: Manifest, key: Any) -> None:
     """The key fits the manifest's protection (kind, channels, method, block size)."""
     mode = manifest.mode
-    if mode == "cp":
+    if mode is Mode.CP:
         channels = manifest.protection.get("channels")
         if not isinstance(key, CPKey):
             raise EvaluateError(f"model {manifest.name} is cp-protected: it needs a cp key")
         if channels is not None and key.channels != channels:
             raise EvaluateError(f"the key has {key.channels} channels but tap "
                                 f"{manifest.protection['tap']!r} of {manifest.name} has {channels}")
-    elif mode in BLOCK_MODES:
+    elif mode.is_block:
         if not isinstance(key, BlockKey):
             raise EvaluateError(f"model {manifest.name} is {mode}-protected: it needs a block key")
         if key.method != mode or key.block_size != manifest.protection["block_size"]:
@@ -86,7 +86,7 @@ def check_key(manifest: Manifest, key: Any) -> None:
 
 def serving_model(model: nn.Module, manifest: Manifest, condition: str, key: Any = None) -> nn.Module:
     """The module a condition runs: cp with a key folds it in; everything else runs as given."""
-    if manifest.mode == "cp" and condition in ("correct", "wrong"):
+    if manifest.mode is Mode.CP and condition in ("correct", "wrong"):
         return fold_key(model, manifest.protection["tap"], key)
     return model
 
@@ -95,9 +95,9 @@ def encrypt_batch(images: torch.Tensor, manifest: Manifest, condition: str, key:
                   randbytes: Callable[[int], bytes] = os.urandom) -> torch.Tensor:
     """The NHWC batch a condition feeds: encrypted with `key` (block), fresh keys (per-image), or plain."""
     mode = manifest.mode
-    if condition == "plain" or mode in ("none", "cp"):
+    if condition == "plain" or not mode.encrypts_input:
         return images
-    if mode in BLOCK_MODES:
+    if mode.is_block:
         return encrypt_blocks_torch(images, key)
     return encrypt_per_image_torch(images, manifest.protection["block_size"], manifest.protection["sub_block"],
                                    randbytes=randbytes)
@@ -117,13 +117,13 @@ def predictions(
     """(predicted classes, target mask) per batch, both N x H x W int64 on the CPU."""
     if condition not in CONDITIONS:
         raise EvaluateError(f"condition must be one of {', '.join(CONDITIONS)}, got {condition!r}")
-    if condition == "correct" and manifest.mode in KEYED_MODES and key is None:
+    if condition == "correct" and manifest.mode.has_model_key and key is None:
         raise EvaluateError(f"model {manifest.name} is {manifest.mode}-protected: the correct condition needs its key")
-    if condition == "wrong" and manifest.mode not in KEYED_MODES:
+    if condition == "wrong" and not manifest.mode.has_model_key:
         raise EvaluateError(f"model {manifest.name} ({manifest.mode}) has no key, so no wrong key either")
     if condition == "wrong" and key is None:
         raise EvaluateError("the wrong-key condition needs the wrong key to use")
-    if condition != "plain" and manifest.mode in KEYED_MODES:
+    if condition != "plain" and manifest.mode.has_model_key:
         check_key(manifest, key)
     device = resolve_device(device)
     net = serving_model(model, manifest, condition, key).to(device).eval()
@@ -178,12 +178,12 @@ def evaluate_model(
 def wrong_keys(manifest: Manifest, n: int, *, key: Any = None, seed: int = 0) -> list[CPKey | BlockKey]:
     """`n` keys of the model's kind, none equal to `key`, from a generator seeded by `seed`."""
     mode = manifest.mode
-    if mode not in KEYED_MODES:
+    if not mode.has_model_key:
         raise EvaluateError(f"model {manifest.name} ({mode}) has no key to guess")
     rng = np.random.default_rng([seed, _WRONG_KEY_STREAM])
     keys: list[CPKey | BlockKey] = []
     while len(keys) < n:
-        if mode == "cp":
+        if mode is Mode.CP:
             candidate = CPKey(rng.permutation(manifest.protection["channels"]))
         else:
             candidate = BlockKey.generate(mode, manifest.protection["block_size"], randbytes=_seeded_bytes(rng))
@@ -267,7 +267,7 @@ def evaluate_conditions(
     model, manifest = load_artifact(artifact_dir)
     if key is not None:
         check_key(manifest, key)
-    keyed = manifest.mode in KEYED_MODES
+    keyed = manifest.mode.has_model_key
     if keyed and key is None and any(name == "correct" for name, _ in parsed):
         raise EvaluateError(f"model {manifest.name} is {manifest.mode}-protected: the correct condition needs its key "
                             "(a key file, or the home whose keystore holds it)")

@@ -13,11 +13,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch, to_model_input
-
-BLOCK_MODES = ("shf", "np", "ffx")
-
 
 def normalize(batch: Tensor, normalization: Mapping[str, Any]) -> Tensor:
     """(x - mean) / std per channel of an NCHW float batch."""
@@ -28,18 +26,18 @@ def normalize(batch: Tensor, normalization: Mapping[str, Any]) -> Tensor:
 
 def scaled_input(encrypted: Tensor, mode: str, normalization: Mapping[str, Any]) -> Tensor:
     """An already-encrypted (or plain, for none/cp) NHWC batch -> normalised NCHW model input."""
-    method = mode if mode in BLOCK_MODES else "none"
+    method = mode if Mode(mode).is_block else Mode.NONE
     return normalize(to_model_input(encrypted, method), normalization)
 
 
 def encrypt_for_mode(batch: Tensor, protection: Mapping[str, Any], key: BlockKey | None = None) -> Tensor:
     """Encrypt a uint8 NHWC batch the way a model of this protection expects its input."""
-    mode = protection["mode"]
-    if mode in BLOCK_MODES:
+    mode = Mode(protection["mode"])
+    if mode.is_block:
         if key is None:
             raise ValueError(f"a {mode} model needs its block key to encrypt inputs")
         return encrypt_blocks_torch(batch, key)
-    if mode == "per-image":
+    if mode is Mode.PER_IMAGE:
         return encrypt_per_image_torch(batch, protection["block_size"], protection["sub_block"])
     return batch
 

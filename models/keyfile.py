@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglock.client.modes import is_model_name
 from seglock.client.transforms import BlockKey, TransformError
 from seglock.models.errors import ModelError
 from seglock.models.protect import CPKey
@@ -28,7 +28,6 @@ FORMAT = "seglock-key"
 FORMAT_VERSION = 1
 KINDS = ("cp", "block")
 _FIELDS = {"format", "format_version", "kind", "model", "material"}
-_MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _MAX_BYTES = 1 << 20  # a key file is a few kB; refuse to read anything huge
 
 
@@ -60,7 +59,7 @@ def write_key_file(path: str | os.PathLike[str], key: CPKey | BlockKey, *, model
     """Write `key` to `path` (0600 from creation, atomic); returns the path."""
     path = Path(path)
     kind = key_kind(key)
-    if model is not None and (not isinstance(model, str) or not _MODEL_NAME.fullmatch(model)):
+    if model is not None and not is_model_name(model):
         raise KeyFileError(f"key file {path}: model name must be 1-64 letters, digits or . _ -")
     if path.is_dir():
         raise KeyFileError(f"key file {path} is a directory")
@@ -134,7 +133,7 @@ def _parse(path: Path, data: Any) -> KeyFile:
     kind, model, material = data["kind"], data["model"], data["material"]
     if kind not in KINDS:
         raise KeyFileError(f"key file {path} is malformed: kind must be one of {', '.join(KINDS)}")
-    if model is not None and (not isinstance(model, str) or not _MODEL_NAME.fullmatch(model)):
+    if model is not None and not is_model_name(model):
         raise KeyFileError(f"key file {path} is malformed: model must be null or a model name")
     try:
         key = CPKey.from_dict(material) if kind == "cp" else BlockKey.from_dict(material)

@@ -31,10 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglock.client.modes import Mode
+
 __all__ = ["Runs", "json_ready", "load_runs", "render_tables", "render_plots", "write_report"]
 
 ATTACK_KINDS = ("key-space", "random-key", "finetune", "weight-matching")
-BLOCK_METHODS = ("shf", "np", "ffx")
+BLOCK_METHODS = Mode.block_modes()
 DASH = "–"
 
 
@@ -152,7 +154,7 @@ def _variant(doc: Mapping[str, Any]) -> str:
 
 
 def _baseline(runs: Runs) -> Mapping[str, Any] | None:
-    plain = [d for d in runs.evaluations if _mode(d) == "none"]
+    plain = [d for d in runs.evaluations if _mode(d) == Mode.NONE]
     return plain[0] if plain else None
 
 
@@ -169,7 +171,7 @@ def _cp_by_tap(runs: Runs) -> dict[str, dict[str, Mapping[str, Any]]]:
     found: dict[str, dict[str, Mapping[str, Any]]] = {}
     architectures = []
     for doc in runs.evaluations:
-        if _mode(doc) == "cp":
+        if _mode(doc) == Mode.CP:
             found.setdefault(str(doc["protection"]["tap"]), {})[_variant(doc)] = doc
             architectures.append(doc.get("architecture"))
     order = _tap_order(architectures[0]) if architectures else []
@@ -191,11 +193,11 @@ def _tap_order(architecture: str | None) -> list[str]:
 def _label(doc: Mapping[str, Any]) -> str:
     p = doc.get("protection", {})
     mode = p.get("mode", "none")
-    if mode == "cp":
+    if mode == Mode.CP:
         return f"cp {p.get('tap')}" + (" (post hoc)" if _variant(doc) == "posthoc" else "")
     if mode in BLOCK_METHODS:
         return f"{mode} M={p.get('block_size')}"
-    if mode == "per-image":
+    if mode == Mode.PER_IMAGE:
         return f"per-image B={p.get('block_size')} S={p.get('sub_block')}"
     return "baseline"
 
@@ -227,7 +229,7 @@ def table_cp(runs: Runs) -> str | None:
 
 def table_shf(runs: Runs) -> str | None:
     """Paper 000 Table III: SHF on input images, correct key vs plain images, per block size."""
-    shf = _by_block(runs, "shf")
+    shf = _by_block(runs, Mode.SHF)
     if not shf:
         return None
     rows = [[str(m), _fmt(_metric(_condition(d, "correct"))), _fmt(_metric(_condition(d, "plain"))),
@@ -303,7 +305,7 @@ def table_block_access(runs: Runs) -> str | None:
 
 def table_per_image(runs: Runs) -> str | None:
     """Paper 003 Table II: aAcc, mIoU, mAcc of the baseline and per-image encryption per sub-block size."""
-    docs = sorted((d for d in runs.evaluations if _mode(d) == "per-image"),
+    docs = sorted((d for d in runs.evaluations if _mode(d) == Mode.PER_IMAGE),
                   key=lambda d: -int(d["protection"]["sub_block"]))
     if not docs:
         return None
@@ -400,7 +402,7 @@ def table_trends(runs: Runs) -> str | None:
                     kept = (worst - floor) / (base - floor)
                     rows.append([f"CP trained at {tap}: no key and wrong keys keep below 15 % of the baseline's "
                                  "gain over the floor", f"{kept * 100:.0f} % (floor {floor:.2f})", _verdict(kept < 0.15)])
-    shf = _by_block(runs, "shf")
+    shf = _by_block(runs, Mode.SHF)
     if len(shf) >= 2:
         values = [_metric(_condition(d, "correct")) for d in shf.values()]
         falls = all(a is not None and b is not None and b <= a + 1.0 for a, b in zip(values, values[1:]))
@@ -413,7 +415,7 @@ def table_trends(runs: Runs) -> str | None:
             rows.append([f"SHF: plain images work almost as well for small M (M={m0}, weak access control)",
                          f"plain {plain:.2f} vs correct {correct:.2f} ({plain / correct * 100:.0f} %)",
                          _verdict(plain >= 0.8 * correct)])
-    per_image = sorted((d for d in runs.evaluations if _mode(d) == "per-image"),
+    per_image = sorted((d for d in runs.evaluations if _mode(d) == Mode.PER_IMAGE),
                        key=lambda d: -int(d["protection"]["sub_block"]))
     if len(per_image) >= 2:
         values = [_metric(_condition(d, "correct")) for d in per_image]
@@ -443,7 +445,7 @@ def _random_docs(runs: Runs) -> list[Mapping[str, Any]]:
     return sorted(docs, key=_order(runs))
 
 
-_MODE_ORDER = {"none": 0, "cp": 1, "shf": 2, "np": 3, "ffx": 4, "per-image": 5}
+_MODE_ORDER = {mode.value: i for i, mode in enumerate(Mode)}  # declaration order: none, cp, shf, np, ffx, per-image
 
 
 def _order(runs: Runs):
@@ -452,7 +454,7 @@ def _order(runs: Runs):
 
     def key(doc: Mapping[str, Any]) -> tuple:
         p = doc.get("protection", {})
-        detail = taps.get(p.get("tap"), 0) if p.get("mode") == "cp" else -int(p.get("sub_block", 0) or 0) or int(
+        detail = taps.get(p.get("tap"), 0) if p.get("mode") == Mode.CP else -int(p.get("sub_block", 0) or 0) or int(
             p.get("block_size", 0) or 0)
         return (_MODE_ORDER.get(p.get("mode"), 9), _variant(doc) != "trained", detail)
 

@@ -40,6 +40,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from seglock.client.modes import Mode, is_model_name
 from seglock.client.transforms import BlockKey
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import check_divisible
@@ -49,7 +50,7 @@ from seglock.models.artifact import IMAGENET_NORMALIZATION, KeyRef, Manifest, sa
 from seglock.models.data import DatasetError, RandomResizedCropFlip, detect_format, open_dataset
 from seglock.models.data.folder import FolderDataset
 from seglock.models.errors import ModelError
-from seglock.models.inputs import BLOCK_MODES, encrypt_for_mode, scaled_input
+from seglock.models.inputs import encrypt_for_mode, scaled_input
 from seglock.models.keyfile import KeyFileError, read_key_file, write_key_file
 from seglock.models.metrics import IGNORE_INDEX, MetricAccumulator
 from seglock.models.protect import CPKey, apply_key
@@ -57,7 +58,6 @@ from seglock.models.taps import get_tap
 
 __all__ = [
     "CHECKPOINT_DIR",
-    "PROTECTIONS",
     "SCHEDULES",
     "FitResult",
     "TrainConfig",
@@ -70,8 +70,6 @@ __all__ = [
     "train",
 ]
 
-PROTECTIONS = ("none", "cp", "shf", "np", "ffx", "per-image")
-KEYED_MODES = ("cp",) + BLOCK_MODES
 SCHEDULES = ("poly", "cosine")
 CHECKPOINT_DIR = ".checkpoint"
 AUX_WEIGHT = 0.4  # torchvision's segmentation reference: loss = out + 0.5 aux; mmseg's FCN aux head: 0.4
@@ -88,7 +86,6 @@ HOLDOUT_EVERY = 10  # a folder data set without splits.json: every 10th stem val
 _CHECKPOINT_FILE = "last.pt"
 _CHECKPOINT_KEY = "key.json"
 _CHECKPOINT_FORMAT = "seglock-checkpoint"
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class TrainError(ModelError):
@@ -127,19 +124,19 @@ class TrainConfig:
 
     def protection(self) -> dict[str, Any]:
         """The public protection parameters of the artifact this config makes."""
-        mode = self.protect
-        if mode not in PROTECTIONS:
-            raise TrainError(f"protection must be one of {', '.join(PROTECTIONS)}, got {mode!r}")
-        if mode == "cp":
+        mode = Mode.parse(self.protect)
+        if mode is None:
+            raise TrainError(f"protection must be one of {', '.join(Mode)}, got {self.protect!r}")
+        if mode is Mode.CP:
             if not self.tap:
                 raise TrainError("cp training needs a tap (--tap): the feature map whose channels the key permutes")
-            return {"mode": "cp", "tap": self.tap}
-        if mode in BLOCK_MODES:
-            return {"mode": mode, "block_size": self.block_size or DEFAULT_BLOCK_SIZE}
-        if mode == "per-image":
-            return {"mode": mode, "block_size": self.block_size or DEFAULT_PER_IMAGE[0],
+            return {"mode": mode.value, "tap": self.tap}
+        if mode.is_block:
+            return {"mode": mode.value, "block_size": self.block_size or DEFAULT_BLOCK_SIZE}
+        if mode is Mode.PER_IMAGE:
+            return {"mode": mode.value, "block_size": self.block_size or DEFAULT_PER_IMAGE[0],
                     "sub_block": self.sub_block or DEFAULT_PER_IMAGE[1]}
-        return {"mode": "none"}
+        return {"mode": mode.value}
 
     def check(self) -> None:
         """Every option in range, with a message naming the flag."""
@@ -155,11 +152,12 @@ class TrainConfig:
             raise TrainError(f"schedule must be one of {', '.join(SCHEDULES)}, got {self.schedule!r}")
         if self.workers < 0 or self.seed < 0:
             raise TrainError("workers and seed must be non-negative")
-        if self.protect not in ("shf", "np", "ffx", "per-image") and (self.block_size or self.sub_block):
+        mode = Mode.parse(self.protect)
+        if (mode is None or not mode.encrypts_input) and (self.block_size or self.sub_block):
             raise TrainError(f"block-size and sub-block apply to block and per-image modes, not {self.protect!r}")
-        if self.protect != "cp" and self.tap:
+        if self.protect != Mode.CP and self.tap:
             raise TrainError(f"tap applies to cp, not {self.protect!r}")
-        if self.protect != "per-image" and self.sub_block:
+        if self.protect != Mode.PER_IMAGE and self.sub_block:
             raise TrainError("sub-block applies to per-image only")
         check_input_geometry(self.protection(), self.size)
 
@@ -208,18 +206,18 @@ class TrainResult:
 
 def default_normalization(mode: str) -> dict[str, list[float]]:
     """ImageNet statistics for plain pixels (none, cp); centred [0, 1] for encrypted inputs."""
-    source = IMAGENET_NORMALIZATION if mode in ("none", "cp") else CENTRED_NORMALIZATION
+    source = CENTRED_NORMALIZATION if Mode(mode).encrypts_input else IMAGENET_NORMALIZATION
     return {k: list(v) for k, v in source.items()}
 
 
 def check_input_geometry(protection: Mapping[str, Any], size: int | tuple[int, int]) -> None:
     """Block modes need M | H, W; per-image needs B | H, W and S | B."""
     height, width = (size, size) if isinstance(size, int) else size
-    mode = protection["mode"]
+    mode = Mode(protection["mode"])
     try:
-        if mode in BLOCK_MODES:
+        if mode.is_block:
             check_divisible(height, width, protection["block_size"])
-        elif mode == "per-image":
+        elif mode is Mode.PER_IMAGE:
             check_geometry(height, width, protection["block_size"], protection["sub_block"])
     except TransformError as exc:
         raise TrainError(f"input size {height}x{width} does not fit {mode}: {exc}") from None
@@ -270,14 +268,14 @@ def _set_epoch(dataset: Dataset, epoch: int) -> None:
 
 
 def _check_fit_key(model: nn.Module, protection: Mapping[str, Any], key: Any) -> None:
-    mode = protection.get("mode")
-    if mode not in PROTECTIONS:
-        raise TrainError(f"protection mode must be one of {', '.join(PROTECTIONS)}, got {mode!r}")
-    if mode == "cp":
+    mode = Mode.parse(protection.get("mode"))
+    if mode is None:
+        raise TrainError(f"protection mode must be one of {', '.join(Mode)}, got {protection.get('mode')!r}")
+    if mode is Mode.CP:
         tap = get_tap(model, protection.get("tap"))
         if not isinstance(key, CPKey) or key.channels != tap.channels:
             raise TrainError(f"cp training at tap {tap.name!r} needs a CPKey of {tap.channels} channels")
-    elif mode in BLOCK_MODES:
+    elif mode.is_block:
         if not isinstance(key, BlockKey) or key.method != mode or key.block_size != protection.get("block_size"):
             raise TrainError(f"{mode} training needs a {mode} BlockKey of block size {protection.get('block_size')}")
     elif key is not None:
@@ -367,12 +365,12 @@ def fit(
     amp_dtype = _amp_dtype(device) if use_amp else torch.float32
     channels_last = device.type == "cuda"
     normalization = dict(normalization or default_normalization(mode))
-    block_key = key if mode in BLOCK_MODES else None
+    block_key = key if Mode(mode).is_block else None
 
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    net = apply_key(model, protection["tap"], key).to(device) if mode == "cp" else model
+    net = apply_key(model, protection["tap"], key).to(device) if mode == Mode.CP else model
 
     drop_last = len(train_set) > batch_size  # no 1-image tail batch for BatchNorm
     steps_per_epoch = len(train_set) // batch_size if drop_last else 1
@@ -527,7 +525,7 @@ def training_data(config: TrainConfig) -> tuple[Dataset, Dataset, list[str]]:
 
 def _default_name(out_dir: Path) -> str:
     name = re.sub(r"[^A-Za-z0-9._-]", "-", out_dir.resolve().name).lstrip("._-")[:64]
-    if not name or not _NAME.fullmatch(name):
+    if not is_model_name(name):
         raise TrainError(f"cannot make a model name from {out_dir}: pass a name (--name)")
     return name
 
@@ -544,10 +542,10 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 
 
 def _make_key(model: nn.Module, protection: Mapping[str, Any]) -> CPKey | BlockKey | None:
-    mode = protection["mode"]
-    if mode == "cp":
+    mode = Mode(protection["mode"])
+    if mode is Mode.CP:
         return CPKey.generate(get_tap(model, protection["tap"]).channels)
-    if mode in BLOCK_MODES:
+    if mode.is_block:
         return BlockKey.generate(mode, protection["block_size"])
     return None
 
@@ -571,7 +569,7 @@ def _run_key(checkpoint_dir: Path, model: nn.Module, protection: Mapping[str, An
 
 class KeySink(Protocol):
     """Where a run's key goes when it is not a key file: the server side's keystore
-    (`seglock.app.registry.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
+    (`seglock.app.home.HomeKeySink`). `models` never imports the keystore itself (DESIGN)."""
 
     def check(self, name: str) -> None:
         """Raise (a ValueError) before training if `name` cannot be stored."""
@@ -597,13 +595,13 @@ def train(
     protection = config.protection()
     mode = protection["mode"]
     name = config.name or _default_name(out_dir)
-    if not _NAME.fullmatch(name):
+    if not is_model_name(name):
         raise TrainError(f"model name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {name!r}")
     if key_sink is not None and key_out is not None:
         raise TrainError("give the key one place: a home's keystore or a key file, not both")
-    if mode in KEYED_MODES and key_sink is None and key_out is None:
+    if Mode(mode).has_model_key and key_sink is None and key_out is None:
         raise TrainError(f"{mode} training makes a key: store it in a keystore (--home) or a key file (--key-out)")
-    if mode not in KEYED_MODES:
+    if not Mode(mode).has_model_key:
         key_sink = key_out = None  # nothing to store
     _check_out_dir(out_dir, config.resume)
     checkpoint_dir = out_dir / CHECKPOINT_DIR

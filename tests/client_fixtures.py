@@ -164,7 +164,7 @@ def make_client_artifacts(root: Path) -> dict[str, tuple[Path, object]]:
 def hosted(tmp_path_factory):
     """A loopback server hosting every mode: {"url", "tokens", "recorder", "home", "keys"}."""
     from seglock.app.main import create_app
-    from seglock.app.registry import import_artifact
+    from seglock.app.home import Home
     from seglock.app.settings import Settings
 
     root = tmp_path_factory.mktemp("client-server")
@@ -172,7 +172,7 @@ def hosted(tmp_path_factory):
     artifacts = make_client_artifacts(root / "artifacts")
     keystore = open_keystore(home)
     for path, key in artifacts.values():
-        import_artifact(home, keystore, path, key=key)
+        Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],

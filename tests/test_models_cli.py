@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from seglock.app.cli import main
-from seglock.app.registry import key_from_material, revisions
+from seglock.app.home import Home, key_from_material
 from seglock.keystore import Keystore
 from seglock.models import build_model, fold_key, load_artifact, read_manifest, save_artifact
 from seglock.models.data import open_dataset, write_synth_dataset
@@ -106,7 +106,7 @@ def test_import_list_rotate_round_trip_keeps_the_masks(tmp_path, images, plain_m
 
     def served():
         with Keystore.open(home) as store:
-            [path] = revisions(home, "streets").values()
+            [path] = Home(home).revisions("streets").values()
             model, manifest = load_artifact(path)
             key = key_from_material("cp", store.get_model_key("streets", manifest.key.version).material)
         return _masks(fold_key(model, "dec1", key), manifest, images), manifest, key
@@ -125,7 +125,7 @@ def test_import_list_rotate_round_trip_keeps_the_masks(tmp_path, images, plain_m
     assert rotated["key_version"] == manifest.key.version + 1
     masks_after, manifest_after, key_after = served()
     assert torch.equal(masks_after, plain_masks) and key_after != key
-    assert sorted(revisions(home, "streets")) == [2]
+    assert sorted(Home(home).revisions("streets")) == [2]
     with Keystore.open(home) as store:
         old = store.get_model_key("streets", manifest.key.version)
     assert old.state == "destroyed" and old.material is None
@@ -141,7 +141,7 @@ def test_import_takes_a_key_trained_into_the_same_home(tmp_path, capsys):
                  "--home", str(home)]) == 0
     assert main(["models", "import", "--home", str(home), "--model", str(tmp_path / "x")]) == 0
     assert "imported" in capsys.readouterr().out
-    assert sorted(revisions(home, "x")) == [1]
+    assert sorted(Home(home).revisions("x")) == [1]
 
 
 def test_list_reads_artifact_folders(tmp_path, capsys):

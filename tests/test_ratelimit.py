@@ -7,7 +7,7 @@ from fastapi.testclient import TestClient
 
 from seglock.app.main import create_app
 from seglock.app.ratelimit import RateLimiter, retry_after_header
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 from seglock.app.settings import Settings
 from tests.server_fixtures import MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
 
@@ -49,7 +49,7 @@ def test_server_answers_429_with_retry_after_past_the_limit(tmp_path, monkeypatc
     home = tmp_path / "home"
     keystore = open_keystore(home)
     path, _ = make_artifacts(tmp_path / "artifacts")["plain"]
-    import_artifact(home, keystore, path)
+    Home(home, keystore).import_artifact(path)
     _, token = keystore.create_token("c", ["segment"], ["plain"])
     settings = Settings(home=home, import_demo=False, rate_limit_rps=0.01, rate_limit_burst=2, warmup=False)
     with TestClient(create_app(settings)) as http:

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from seglock.app.observability import Metrics
-from seglock.app.registry import Registry, import_artifact, key_material, models_dir, reconcile, revisions
+from seglock.app.home import Home, key_material
+from seglock.app.registry import Registry
 from seglock.app.settings import Settings
 from seglock.models import KeyRef, load_artifact, rekey, save_artifact
 from seglock.models.protect import CPKey
@@ -24,7 +25,7 @@ def home(tmp_path):
     home = tmp_path / "home"
     keystore = open_keystore(home)
     path, key = artifacts["cp"]
-    import_artifact(home, keystore, path, key=key)
+    Home(home, keystore).import_artifact(path, key=key)
     return home
 
 
@@ -44,13 +45,13 @@ def mask(reg: Registry, image: np.ndarray) -> np.ndarray:
 def half_rotation(home, steps: int) -> None:
     """Run the first `steps` steps of a CP rotation by hand, as a crash would leave them."""
     keystore = open_keystore(home)
-    old_path = revisions(home, "cp")[1]
+    old_path = Home(home).revisions("cp")[1]
     model, manifest = load_artifact(old_path)
     old_key = keystore.get_model_key("cp", 1).material
     new_key = rekey(model, "dec2", CPKey.from_dict(old_key))
     added = keystore.add_model_key("cp", *key_material("cp", new_key), activate=False)
     if steps >= 2:
-        save_artifact(model, models_dir(home) / "cp" / "r2", name="cp", class_names=list(manifest.class_names),
+        save_artifact(model, Home(home).revision_dir("cp", 2), name="cp", class_names=list(manifest.class_names),
                       input_size=list(manifest.input_size), normalization=manifest.normalization,
                       protection={"mode": "cp", "tap": "dec2"}, key=KeyRef(id=added.id, version=added.version))
     if steps >= 3:
@@ -65,9 +66,9 @@ def test_a_rotation_cut_off_at_any_step_leaves_one_consistent_pair(home, steps, 
     before = mask(registry(home), image)
     half_rotation(home, steps)
     keystore = open_keystore(home)
-    path = reconcile(home, keystore, "cp")
+    path = Home(home, keystore).serving_revision("cp", repair=True)
     assert path.name == f"r{served}"
-    assert sorted(revisions(home, "cp")) == [served]
+    assert sorted(Home(home).revisions("cp")) == [served]
     states = {v.version: v.state for v in keystore.model_key_versions("cp")}
     assert states[served] == "active"
     assert [v for v, state in states.items() if state == "destroyed"] == destroyed
@@ -78,12 +79,12 @@ def test_a_worker_follows_a_rotation_made_by_another(home):
     image = scene(2, 32, 32)
     first, second = registry(home), registry(home)
     before = mask(second, image)
-    result = asyncio.run(first.rotate_key("cp", actor="test"))
+    result = asyncio.run(first.rotate_key("cp"))
     assert (result["previous_key_version"], result["key_version"]) == (1, 2)
     second.keystore.refresh()
     assert second.get("cp").key_version == 2 and second.get("cp").revision == 2
     np.testing.assert_array_equal(mask(second, image), before)
-    result = asyncio.run(second.rotate_key("cp", actor="test"))  # and can rotate again from there
+    result = asyncio.run(second.rotate_key("cp"))  # and can rotate again from there
     assert (result["previous_key_version"], result["key_version"]) == (2, 3)
     np.testing.assert_array_equal(mask(first, image), before)
     first.close()

@@ -14,7 +14,7 @@ from PIL import Image
 
 from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
-from seglock.app.registry import import_artifact, revisions
+from seglock.app.home import Home
 from seglock.app.settings import Settings
 from seglock.client.transforms import BlockKey, encrypt_blocks, encrypt_per_image
 from seglock.models import load_artifact
@@ -29,7 +29,7 @@ def server(tmp_path_factory):
     artifacts = make_artifacts(root / "artifacts")
     keystore = open_keystore(home)
     for name, (path, key) in artifacts.items():
-        import_artifact(home, keystore, path, key=key)
+        Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
@@ -248,7 +248,7 @@ def test_rotate_key_keeps_masks_identical_and_destroys_the_old_key(server):
     after = [mask_of(segment(server, "cp", data)) for data in images]
     for old, new in zip(before, after):
         np.testing.assert_array_equal(old, new)
-    assert list(revisions(home, "cp")) == [2]
+    assert list(Home(home).revisions("cp")) == [2]
     keystore = open_keystore(home)
     states = {v.version: v.state for v in keystore.model_key_versions("cp")}
     assert states == {body["previous_key_version"]: "destroyed", body["key_version"]: "active"}

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from seglock.app.cli import main
-from seglock.app.registry import HomeKeySink
+from seglock.app.home import HomeKeySink
 from seglock.client.transforms import BlockKey
 from seglock.keystore import Keystore
 from seglock.models import apply_key, fold_key, load_artifact

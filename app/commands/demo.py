@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image
 
 from seglock.app.cli import CLIError
+from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey, PerImageKey, decrypt_blocks, encrypt_blocks, input_scale
 
 PER_IMAGE_BLOCK = 16  # paper 003: the ViT patch size
@@ -48,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     _save(picture, out / "plain.png")
 
     results = []
-    for method in ("shf", "np", "ffx"):
+    for method in Mode.block_modes():
         key = BlockKey.generate(method, block_size)
         encrypted = encrypt_blocks(picture, key)
         ok = bool(np.array_equal(decrypt_blocks(encrypted, key), picture))
@@ -64,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     path = out / "per-image.png"
     _save(encrypted, path)
     # Timed as a client does it: fresh keys for every picture.
-    results.append(_result("per-image", ok, path, _median_ms(
+    results.append(_result(Mode.PER_IMAGE, ok, path, _median_ms(
         lambda: PerImageKey.generate(size, size, PER_IMAGE_BLOCK, PER_IMAGE_SUB_BLOCK).apply(picture)),
         _median_ms(lambda: key.invert(encrypted))))
 
@@ -124,5 +125,5 @@ def _median_ms(run: Callable[[], Any]) -> float:
 
 
 def _result(method: str, ok: bool, path: Path, encrypt_ms: float, decrypt_ms: float) -> dict[str, Any]:
-    return {"method": method, "encrypt_ms": encrypt_ms, "decrypt_ms": decrypt_ms,
+    return {"method": str(method), "encrypt_ms": encrypt_ms, "decrypt_ms": decrypt_ms,
             "round_trip_ok": ok, "file": str(path)}

@@ -3,8 +3,8 @@
 protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
             (DESIGN "Protection modes": no accuracy lost, no training)
 list        the models of a home (the revision in use) and/or artifact folders
-import      copy an artifact into a home (seglock.app.registry.import_artifact: cp keys are replaced)
-rotate-key  re-key a home's cp model: the flow of the server's admin route (Registry.rotate_key)
+import      copy an artifact into a home (seglock.app.home.Home.import_artifact: cp keys are replaced)
+rotate-key  re-key a home's cp model: the flow of the server's admin route (Home.rotate_key)
 """
 
 from __future__ import annotations
@@ -18,8 +18,7 @@ from typing import Any
 
 from seglock.app.cli import CLIError
 from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
-
-KEYED_MODES = ("cp", "shf", "np", "ffx")
+from seglock.client.modes import Mode, check_model_name, is_model_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -98,27 +97,14 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.registry import KEYED_MODES as REGISTRY_KEYED, MODEL_NAME, revisions
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.models import ArtifactError
 
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
-    found = revisions(home, name)
-    if not found:
-        raise CLIError(f"{home} has no model {name!r}")
-    newest = max(found)
     try:
-        manifests = {rev: read_manifest(path) for rev, path in found.items()}
-    except ArtifactError as exc:
+        return Home(home, keystore).serving_revision(name)
+    except (ServiceError, ArtifactError) as exc:
         raise CLIError(str(exc)) from None
-    if manifests[newest].mode not in REGISTRY_KEYED or keystore is None:
-        return found[newest]
-    active = keystore.active_model_key(name)
-    matching = [rev for rev, m in manifests.items()
-                if active is not None and m.key is not None and m.key.version == active.version]
-    if not matching:
-        raise CLIError(f"no revision of {name} in {home} matches its active key")
-    return found[max(matching)]
 
 
 def resolve_artifact(model: str, home: str | None) -> Path:
@@ -144,7 +130,7 @@ def key_from_file(path: str, manifest) -> Any:
         found = read_key_file(path)
     except KeyFileError as exc:
         raise CLIError(str(exc)) from None
-    if manifest.mode not in KEYED_MODES:
+    if not manifest.mode.has_model_key:
         raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
     if found.model is not None and found.model != manifest.name:
         raise CLIError(f"key file {path} is for model {found.model!r}, not {manifest.name!r}")
@@ -157,24 +143,24 @@ def key_from_file(path: str, manifest) -> Any:
 
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
-    from seglock.app.registry import key_from_material
-    from seglock.keystore import Keystore, ModelKeyNotFound
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
 
-    if manifest.mode not in KEYED_MODES:
+    if not manifest.mode.has_model_key:
         return None
-    if manifest.key is None:
-        raise CLIError(f"the manifest of {manifest.name} names no key version to look up")
     with keystore_call(lambda: Keystore.open(home)) as store:
         try:
-            stored = store.get_model_key(manifest.name, manifest.key.version)
-        except ModelKeyNotFound:
-            raise CLIError(f"the keystore in {home} has no key {manifest.name} v{manifest.key.version}") from None
-    if stored.id != manifest.key.id:
-        raise CLIError(f"the keystore in {home} holds another key as {manifest.name} v{manifest.key.version} "
-                       f"(id {stored.id}, the manifest names {manifest.key.id})")
-    if stored.material is None:
-        raise CLIError(f"key {manifest.name} v{manifest.key.version} in {home} was destroyed")
-    return key_from_material(manifest.mode, stored.material)
+            return Home(home, store).model_key(manifest)
+        except ServiceError as exc:
+            raise CLIError(str(exc)) from None
+
+
+def _check_name(name: str) -> None:
+    try:
+        check_model_name(name)
+    except ValueError as exc:
+        raise CLIError(str(exc)) from None
 
 
 def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
@@ -186,10 +172,8 @@ def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
 
 
 def _default_name(out: Path) -> str:
-    from seglock.app.registry import MODEL_NAME
-
     name = out.resolve().name
-    if not MODEL_NAME.match(name):
+    if not is_model_name(name):
         raise CLIError(f"cannot use {name!r} as a model name: pass --name")
     return name
 
@@ -198,15 +182,13 @@ def _default_name(out: Path) -> str:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    from seglock.app.registry import MODEL_NAME
     from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
     from seglock.models.keyfile import KeyFileError, write_key_file
     from seglock.models.protect import CPKey
 
     out = Path(args.out)
     name = args.name or _default_name(out)
-    if not MODEL_NAME.match(name):
-        raise CLIError(f"invalid model name {name!r}")
+    _check_name(name)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"{out} already exists and is not empty")
     key_out = Path(args.key_out) if args.key_out else None
@@ -216,8 +198,8 @@ def _protect(args: argparse.Namespace) -> int:
         model, manifest = load_artifact(args.model)
     except ModelError as exc:
         raise CLIError(str(exc)) from None
-    if manifest.mode != "none":
-        hint = "; to change a cp model's key use rotate-key" if manifest.mode == "cp" else ""
+    if manifest.mode is not Mode.NONE:
+        hint = "; to change a cp model's key use rotate-key" if manifest.mode is Mode.CP else ""
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
@@ -244,7 +226,7 @@ def _protect(args: argparse.Namespace) -> int:
     try:
         saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
                               input_size=list(manifest.input_size), normalization=manifest.normalization,
-                              protection={"mode": "cp", "tap": args.tap}, key=key_ref)
+                              protection={"mode": Mode.CP.value, "tap": args.tap}, key=key_ref)
     except ModelError as exc:
         raise CLIError(str(exc)) from None
     total = time.perf_counter() - started
@@ -260,12 +242,12 @@ def _protect(args: argparse.Namespace) -> int:
 
 
 def _check_home_free(home: Path, name: str) -> None:
-    from seglock.app.registry import revisions
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
 
     with keystore_call(lambda: Keystore.open(home, create=True)) as store:
-        taken = bool(store.model_key_versions(name))
-    if taken or revisions(home, name):
+        taken = Home(home, store).is_taken(name)
+    if taken:
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
 
 
@@ -306,12 +288,11 @@ def _row(manifest, path: Path, revision: int | None) -> dict[str, Any]:
 
 
 def _home_rows(home: Path) -> list[dict[str, Any]]:
-    from seglock.app.registry import MODEL_NAME, models_dir
+    from seglock.app.home import Home
     from seglock.keystore import Keystore, KeystoreError
     from seglock.models import read_manifest
 
-    folder = models_dir(home)
-    if not folder.is_dir():
+    if not Home(home).models_dir.is_dir():
         if not (home / "keystore.json").exists():
             raise CLIError(f"{home} is not a seglock home (no keystore.json, no models/)")
         return []
@@ -322,13 +303,12 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
         store = None  # still list what is on disk; the revision in use is then the newest
     rows = []
     try:
-        for child in sorted(folder.iterdir()):
-            if child.is_dir() and MODEL_NAME.match(child.name):
-                try:
-                    path = current_revision(home, child.name, store)
-                except CLIError:
-                    continue
-                rows.append(_row(read_manifest(path), path, int(path.name[1:])))
+        for name in Home(home).model_names():
+            try:
+                path = current_revision(home, name, store)
+            except CLIError:
+                continue
+            rows.append(_row(read_manifest(path), path, int(path.name[1:])))
     finally:
         if store is not None:
             store.close()
@@ -336,7 +316,8 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from seglock.app.registry import RegistryError, import_artifact
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
     from seglock.models import ArtifactError, read_manifest
 
@@ -348,49 +329,40 @@ def _import(args: argparse.Namespace) -> int:
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
-    elif manifest.mode in KEYED_MODES:
+    elif manifest.mode.has_model_key:
         if not (home / "keystore.json").exists():
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
     with keystore_call(lambda: Keystore.open(home, create=True)) as store:
         try:
-            imported = keystore_call(lambda: import_artifact(home, store, Path(args.model), name=args.name,
-                                                             key=key, actor=CLI_ACTOR))
-        except (RegistryError, ArtifactError) as exc:
+            imported = keystore_call(lambda: Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                               key=key, actor=CLI_ACTOR))
+        except (ServiceError, ArtifactError) as exc:
             raise CLIError(str(exc)) from None
     if made:
         print(f"made a new keystore in {home}", file=sys.stderr)
     result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
               "key_version": None if imported.key is None else imported.key.version,
-              "rekeyed": imported.mode == "cp"}
-    note = "; re-keyed to a fresh key" if imported.mode == "cp" else ""
+              "rekeyed": imported.mode is Mode.CP}
+    note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
     return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    import asyncio
-
-    import torch
-
-    from seglock.app.observability import Metrics
-    from seglock.app.registry import MODEL_NAME, Registry, RegistryError
-    from seglock.app.settings import Settings
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
     from seglock.keystore import Keystore
     from seglock.models import ModelError
 
     home = home_of(args)
-    if not MODEL_NAME.match(args.model):
-        raise CLIError(f"invalid model name {args.model!r}")
-    settings = Settings(home=home, device="cpu", amp="off", channels_last=False, warmup=False, max_batch=1)
+    _check_name(args.model)
     with keystore_call(lambda: Keystore.open(home)) as store:
-        registry = Registry(settings, store, Metrics(), torch.device("cpu"))
+        started = time.perf_counter()
         try:
-            registry.load(args.model)  # the one model, through the same reconcile and load as the server
-            result = keystore_call(lambda: asyncio.run(registry.rotate_key(args.model, actor=CLI_ACTOR)))
-        except (RegistryError, ModelError) as exc:
+            rotation = keystore_call(lambda: Home(home, store).rotate_key(args.model))
+        except (ServiceError, ModelError) as exc:
             raise CLIError(str(exc)) from None
-        finally:
-            registry.close()
+    result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
     return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
                                f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")

@@ -10,8 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
-
-PROTECTIONS = ("none", "cp", "shf", "np", "ffx", "per-image")
+from seglock.client.modes import Mode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data", required=True, metavar="DIR", help="data set folder")
     parser.add_argument("--arch", default="tiny", help="architecture (see models.list_architectures; default tiny)")
-    parser.add_argument("--protect", default="none", choices=PROTECTIONS, help="protection mode (default none)")
+    parser.add_argument("--protect", default=Mode.NONE.value, choices=[mode.value for mode in Mode],
+                        help="protection mode (default none)")
     parser.add_argument("--tap", help="cp: the feature map the key permutes (e.g. layer4, dec1)")
     parser.add_argument("--block-size", type=int, metavar="M",
                         help="shf/np/ffx: block size M (default 4); per-image: block size B (default 16)")
@@ -101,7 +101,7 @@ def finite_json(value: Any) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seglock.app.registry import HomeKeySink
+    from seglock.app.home import HomeKeySink
     from seglock.models.errors import ModelError
     from seglock.models.keyfile import KeyFileError
     from seglock.models.train import TrainConfig, train

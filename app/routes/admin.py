@@ -113,7 +113,7 @@ async def rotate_key(name: str, request: Request, principal: Principal = Depends
         await _record(request, principal, "rotate-key", name, "denied")
         raise forbidden(f"this token is not granted model {name}")
     try:
-        result = await state.registry.rotate_key(name, actor=principal.token_id)
+        result = await state.registry.rotate_key(name)
     except Exception as exc:
         await _record(request, principal, "rotate-key", name, "error", type(exc).__name__)
         raise

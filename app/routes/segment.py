@@ -11,8 +11,9 @@ from seglock.app import inference
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import BLOCK_MODES, HostedModel
+from seglock.app.registry import HostedModel
 from seglock.app.security import Principal, require_scope
+from seglock.client.modes import Mode
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
@@ -37,7 +38,7 @@ async def hosted_for(request: Request, name: str, principal: Principal) -> Hoste
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     # off the event loop: following another worker's rotation loads a model
-    return await asyncio.to_thread(request.app.state.registry.get, name)  # RegistryError(404)
+    return await asyncio.to_thread(request.app.state.registry.get, name)  # ModelNotFound (404)
 
 
 @router.get("/models", summary="The models this token may use, with their public protection parameters",
@@ -56,7 +57,7 @@ async def list_models(request: Request, principal: Principal = Depends(require_s
 async def client_key(name: str, request: Request,
                      principal: Principal = Depends(require_scope("segment"))) -> Response:
     hosted = await hosted_for(request, name, principal)
-    if hosted.mode not in BLOCK_MODES:
+    if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
     version = hosted.key_version
     # Audited before it is released (once per token, model, version and window); if the record
@@ -82,9 +83,9 @@ async def segment(
     hosted = await hosted_for(request, name, principal)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
-        if hosted.mode not in inference.INPUT_ENCRYPTED_MODES:
+        if not hosted.mode.encrypts_input:
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
-        if hosted.mode in BLOCK_MODES:
+        if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
     wants_json = _wants_json(accept)
     # The body is read and decoded only inside a slot: memory stays bounded however many upload at once.
@@ -132,7 +133,7 @@ async def read_image_field(request: Request) -> bytes:
 
 
 def _truthy(value: str | None) -> bool:
-    return value is not None and value.strip().lower() in ("1", "true", "yes", "per-image")
+    return value is not None and value.strip().lower() in ("1", "true", "yes", Mode.PER_IMAGE)
 
 
 def _wants_json(accept: str | None) -> bool:

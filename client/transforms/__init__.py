@@ -4,6 +4,7 @@ numpy only (plus pyffx for FFX tables); the torch training path in `seglock.mode
 the index maths exposed by `BlockKey` and `PerImageKey`.
 """
 
+from seglock.client.modes import Mode
 from seglock.client.transforms.block import (
     block_shuffle,
     decrypt_blocks,
@@ -14,14 +15,13 @@ from seglock.client.transforms.block import (
 )
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import CHANNELS
-from seglock.client.transforms.keys import METHODS, PER_IMAGE, BlockKey, input_scale, reference_permutation
+from seglock.client.transforms.keys import BlockKey, input_scale, reference_permutation
 from seglock.client.transforms.per_image import PerImageKey, encrypt_per_image
 
 __all__ = [
     "BlockKey",
     "CHANNELS",
-    "METHODS",
-    "PER_IMAGE",
+    "Mode",
     "PerImageKey",
     "TransformError",
     "block_shuffle",

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from seglock.client.modes import Mode
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.ffx import FFX_MAX, INVERSE_LOOKUP_OFFSET, LOOKUP_OFFSET
 from seglock.client.transforms.geometry import CHANNELS, check_divisible, check_images
@@ -20,9 +21,9 @@ def encrypt_blocks(images: np.ndarray, key: BlockKey) -> np.ndarray:
     _check_key(key)
     images = check_images(images, np.uint8)
     _check_size(images, key)
-    if key.method == "shf":
+    if key.method == Mode.SHF:
         return block_shuffle(images, key)
-    if key.method == "np":
+    if key.method == Mode.NP:
         return negative_positive(images, key)
     return ffx_encrypt(images, key)
 
@@ -30,11 +31,11 @@ def encrypt_blocks(images: np.ndarray, key: BlockKey) -> np.ndarray:
 def decrypt_blocks(images: np.ndarray, key: BlockKey) -> np.ndarray:
     """Undo `encrypt_blocks`: uint8 (uint16 for ffx) HWC or NHWC in, uint8 of the same shape out."""
     _check_key(key)
-    images = check_images(images, np.uint16 if key.method == "ffx" else np.uint8, "encrypted image")
+    images = check_images(images, np.uint16 if key.method == Mode.FFX else np.uint8, "encrypted image")
     _check_size(images, key)
-    if key.method == "shf":
+    if key.method == Mode.SHF:
         return block_shuffle(images, key, inverse=True)
-    if key.method == "np":
+    if key.method == Mode.NP:
         return negative_positive(images, key)  # NP is its own inverse
     return ffx_decrypt(images, key)
 

@@ -17,20 +17,20 @@ from typing import Any, Callable
 
 import numpy as np
 
+from seglock.client.modes import Mode
 from seglock.client.transforms import ffx as _ffx
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import CHANNELS, block_vector_index, check_block_size
 from seglock.client.transforms.randomness import RandBytes, random_permutations
 
-METHODS = ("shf", "np", "ffx")
-PER_IMAGE = "per-image"
+METHODS = Mode.block_modes()  # the methods a BlockKey can have: shf, np, ffx
 KEY_FORMAT = "seglock-block-key"
 KEY_FORMAT_VERSION = 1
 _CACHE_LIMIT = 16  # (height, width) layouts kept per key: a few image sizes in practice
 
 # Paper 001 section 2.4: inputs are divided by the largest value the encryption can produce
 # (plain and CP models see plain 8-bit images).
-_INPUT_SCALE = {"none": 255, "cp": 255, "shf": 255, "np": 255, "ffx": _ffx.FFX_MAX, PER_IMAGE: 255}
+_INPUT_SCALE = {mode.value: _ffx.FFX_MAX if mode is Mode.FFX else 255 for mode in Mode}
 
 
 def input_scale(method: str) -> int:
@@ -86,7 +86,7 @@ class BlockKey:
             raise TransformError(
                 f"key permutation must be a permutation of range({length}) for block size {block_size}"
             )
-        if method == "ffx":
+        if method == Mode.FFX:
             if not isinstance(password, str) or not password:
                 raise TransformError("an ffx key needs a non-empty password string")
         elif password is not None:
@@ -96,7 +96,7 @@ class BlockKey:
         elif not isinstance(tag, str) or not tag.isalnum() or len(tag) > 32:
             raise TransformError("key tag must be a short alphanumeric string")
         perm.flags.writeable = False
-        self._method = method
+        self._method = Mode(method).value  # a plain str: reprs and key files stay as they were
         self._block_size = block_size
         self._perm = perm
         self._password = password
@@ -115,7 +115,7 @@ class BlockKey:
         block_size = check_block_size(block_size)
         length = block_size * block_size * CHANNELS
         perm = random_permutations(1, length, randbytes)[0]
-        password = randbytes(16).hex() if method == "ffx" else None
+        password = randbytes(16).hex() if method == Mode.FFX else None
         return cls(method, block_size, perm, password)
 
     @classmethod
@@ -127,7 +127,7 @@ class BlockKey:
         block_size = check_block_size(block_size)
         if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not -(2**63) <= seed < 2**64:
             raise TransformError("seed must be an integer in torch.manual_seed's range")
-        if method == "ffx" and password is None:
+        if method == Mode.FFX and password is None:
             password = "password"  # the reference code's default, used in paper 001
         return cls(method, block_size, reference_permutation(int(seed), block_size * block_size * CHANNELS), password)
 
@@ -217,32 +217,32 @@ class BlockKey:
 
         With `inverse=True` the index undoes the shuffle.
         """
-        self._require(("shf",), "gather_index")
+        self._require((Mode.SHF,), "gather_index")
         return self._cached(("gather", height, width, inverse), lambda: self._build_gather(height, width, inverse))
 
     def selection_mask(self, height: int, width: int) -> np.ndarray:
         """bool[H, W, 3], read-only: the pixels NP and FFX transform in an HWC image (np/ffx keys)."""
-        self._require(("np", "ffx"), "selection_mask")
+        self._require((Mode.NP, Mode.FFX), "selection_mask")
         return self._cached(("mask", height, width), lambda: self._build_mask(height, width))
 
     def ffx_table(self) -> np.ndarray:
         """uint16[256], read-only: FFX encryption of each pixel value (ffx keys only)."""
-        self._require(("ffx",), "ffx_table")
+        self._require((Mode.FFX,), "ffx_table")
         return self._cached(("ffx",), lambda: _ffx.ffx_table(self._password))
 
     def ffx_inverse_table(self) -> np.ndarray:
         """int16[1000], read-only: the pixel value behind each FFX value, -1 where none (ffx keys)."""
-        self._require(("ffx",), "ffx_inverse_table")
+        self._require((Mode.FFX,), "ffx_inverse_table")
         return self._cached(("ffx-inverse",), lambda: _ffx.ffx_inverse_table(self.ffx_table()))
 
     def ffx_lookup(self) -> np.ndarray:
         """uint16[512]: FFX of a whole image is `lookup[value + 256 * selected]` (ffx keys only)."""
-        self._require(("ffx",), "ffx_lookup")
+        self._require((Mode.FFX,), "ffx_lookup")
         return self._cached(("ffx-lookup",), lambda: _ffx.ffx_lookup(self.ffx_table()))
 
     def ffx_inverse_lookup(self) -> np.ndarray:
         """int16[2000]: inverse FFX is `lookup[value + 1000 * selected]`, -1 if invalid (ffx keys)."""
-        self._require(("ffx",), "ffx_inverse_lookup")
+        self._require((Mode.FFX,), "ffx_inverse_lookup")
         return self._cached(("ffx-inverse-lookup",), lambda: _ffx.ffx_inverse_lookup(self.ffx_inverse_table()))
 
     def cached_layout(self, name: str, height: int, width: int, build: Callable[[], np.ndarray]) -> np.ndarray:
@@ -270,7 +270,7 @@ class BlockKey:
 
     # -- private --------------------------------------------------------------------------
 
-    def _require(self, methods: tuple[str, ...], what: str) -> None:
+    def _require(self, methods: tuple[Mode, ...], what: str) -> None:
         if self._method not in methods:
             raise TransformError(f"{what} applies to {'/'.join(methods)} keys, not {self._method!r}")
 
@@ -306,7 +306,7 @@ def _from_state(method: str, block_size: int, perm: np.ndarray, password: str | 
 
 def _check_method(method: object) -> None:
     if method not in METHODS:
-        raise TransformError(f"unknown block method {method!r}; expected one of {list(METHODS)}")
+        raise TransformError(f"unknown block method {method!r}; expected one of {[m.value for m in METHODS]}")
 
 
 def _as_int_vector(value: Any) -> np.ndarray | None:

@@ -19,13 +19,9 @@ import torch
 from seglock.models.artifact import load_artifact, save_artifact
 from seglock.models.attacks.data import attacker_subset, check_fraction
 from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
-from seglock.models.inputs import BLOCK_MODES
 from seglock.models.train import fit, resolve_device
 
 __all__ = ["finetune_attack", "headline"]
-
-KEYED = ("cp",) + BLOCK_MODES
-
 
 def headline(scores: dict[str, Any]) -> dict[str, Any]:
     """aAcc, mIoU, mAcc of a metrics dict (the per-class lists left out of attack reports)."""
@@ -58,7 +54,7 @@ def finetune_attack(
 
     before = evaluate_model(model, manifest, eval_set, condition="plain", device=device, seed=seed)
     owner = None
-    if key is not None or manifest.mode not in KEYED:
+    if key is not None or not manifest.mode.has_model_key:
         owner = evaluate_model(model, manifest, eval_set, condition="correct", key=key, device=device, seed=seed)
 
     # The thief's model is a plain model fed plain pixels the way a plain model of this family is.

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from seglock.client.modes import Mode
 from seglock.models.inputs import model_input
 from seglock.models.metrics import confusion_matrix, segmentation_metrics
 
@@ -68,25 +69,29 @@ def np_selected_count(length: int) -> int:
 
 def key_space(mode: str, **params: Any) -> dict[str, Any]:
     """{mode, params, log2, seglock_log2, model_log2, formula} for one protection mode and its parameters."""
-    if mode == "none":
+    known = Mode.parse(mode)
+    if known is None:
+        raise ValueError(f"unknown protection mode {mode!r}")
+    mode = known.value
+    if known is Mode.NONE:
         return _entry(mode, {}, 0.0, formula="no key")
-    if mode == "cp":
+    if known is Mode.CP:
         c = _positive(params, "channels")
         entry = _entry(mode, {"channels": c, **_optional(params, "tap")}, log2_factorial(c), formula=f"{c}!")
         return entry
-    if mode in ("shf", "np", "ffx"):
+    if known.is_block:
         m = _positive(params, "block_size")
         length = CHANNELS * m * m
-        if mode == "shf":
+        if known is Mode.SHF:
             return _entry(mode, {"block_size": m}, log2_factorial(length), formula=f"(3*{m}^2)! = {length}!")
         k = np_selected_count(length)
         selection = log2_binomial(length, k)
-        if mode == "np":
+        if known is Mode.NP:
             return _entry(mode, {"block_size": m}, float(length), seglock=selection,
                           formula=f"2^(3*{m}^2) = 2^{length}; seglock keys: C({length}, {k})")
         return _entry(mode, {"block_size": m}, selection, seglock=selection + FFX_PASSWORD_BITS,
                       formula=f"C({length}, {k}) with a fixed password; seglock keys add a {FFX_PASSWORD_BITS}-bit password")
-    if mode == "per-image":
+    if known is Mode.PER_IMAGE:
         b, s = _positive(params, "block_size"), _positive(params, "sub_block")
         height, width = _image_size(params)
         blocks = (height // b) * (width // b)
@@ -95,7 +100,7 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
         entry = _entry(mode, {"block_size": b, "sub_block": s, "image_size": [height, width]}, image_bits,
                        model=0.0, formula=f"(3!)^{blocks} * (({s}^2)!)^{3 * sub_blocks} per image; none for the model")
         return entry
-    raise ValueError(f"unknown protection mode {mode!r}")
+    raise AssertionError(f"key_space does not cover {known!r}")
 
 
 def brute_force(log2_keys: float, seconds_per_try: float | None) -> dict[str, Any]:
@@ -125,10 +130,10 @@ def key_space_table(
     seconds_per_try: float | None = None,
 ) -> list[dict[str, Any]]:
     """One entry per mode and parameter setting, each with its brute-force estimate."""
-    entries = [key_space("cp", channels=c, tap=name) for name, c in (taps or {}).items()]
-    entries += [key_space(mode, block_size=m) for mode in ("shf", "np", "ffx") for m in block_sizes]
+    entries = [key_space(Mode.CP, channels=c, tap=name) for name, c in (taps or {}).items()]
+    entries += [key_space(mode, block_size=m) for mode in Mode.block_modes() for m in block_sizes]
     entries += [
-        key_space("per-image", block_size=per_image_block, sub_block=s, image_size=list(image_size))
+        key_space(Mode.PER_IMAGE, block_size=per_image_block, sub_block=s, image_size=list(image_size))
         for s in sub_blocks
         if per_image_block % s == 0 and image_size[0] % per_image_block == 0 and image_size[1] % per_image_block == 0
     ]
@@ -220,13 +225,13 @@ def _human(log10_seconds: float) -> str:
 def model_key_space(manifest: Any) -> dict[str, Any]:
     """The key space of an artifact's own protection (mode and public parameters from its manifest)."""
     p = manifest.protection
-    if manifest.mode == "cp":
-        return key_space("cp", channels=p["channels"], tap=p["tap"])
-    if manifest.mode == "per-image":
-        return key_space("per-image", block_size=p["block_size"], sub_block=p["sub_block"],
+    if manifest.mode == Mode.CP:
+        return key_space(Mode.CP, channels=p["channels"], tap=p["tap"])
+    if manifest.mode == Mode.PER_IMAGE:
+        return key_space(Mode.PER_IMAGE, block_size=p["block_size"], sub_block=p["sub_block"],
                          image_size=list(manifest.input_size))
-    if manifest.mode == "none":
-        return key_space("none")
+    if manifest.mode == Mode.NONE:
+        return key_space(Mode.NONE)
     return key_space(manifest.mode, block_size=p["block_size"])
 
 
@@ -259,7 +264,7 @@ def key_space_attack(
         if seconds_per_try is None:
             image, mask = _one_image(data_dir, manifest)
             runner = model
-            if manifest.mode == "cp":  # a guess is tried by running the model with it at the tap
+            if manifest.mode is Mode.CP:  # a guess is tried by running the model with it at the tap
                 runner = apply_key(model, manifest.protection["tap"], CPKey.generate(manifest.protection["channels"]))
             seconds_per_try = measure_seconds_per_try(runner, manifest, image, mask, device=device, repeats=repeats)
             result["measured_on"] = {"device": str(device), "image_size": list(image_size), "repeats": repeats}

@@ -38,6 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader
 
+from seglock.client.modes import Mode
 from seglock.models.architectures import build_model, read_state_dict
 from seglock.models.artifact import load_artifact, read_manifest
 from seglock.models.attacks.assignment import SOLVER, linear_assignment
@@ -400,7 +401,7 @@ def weight_matching_attack(
     check_fraction(fraction)
     device = resolve_device(device)
     model, manifest = load_artifact(artifact_dir)
-    if manifest.mode != "cp":
+    if manifest.mode is not Mode.CP:
         raise AttackError(f"weight matching recovers channel permutations: {manifest.name} is {manifest.mode}, not cp")
     if key is not None:
         check_key(manifest, key)
