@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from seglock.app import memory
 from seglock.app.errors import APIError, bad_request, overloaded, too_large, unprocessable, unsupported_media
 # One source for the pixel maths the server and the SDK must agree on bit for bit.
 from seglock.client.imaging import mask_image, pil_to_rgb, resize_mask, resize_rgb  # noqa: F401 - re-exported
@@ -70,6 +71,7 @@ class UploadGate:
             yield
         finally:
             self._semaphore.release()
+            await asyncio.to_thread(memory.trim)  # what a decode freed goes back to the system
 
 
 def decode_upload(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Upload:
@@ -137,8 +139,9 @@ def _decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] |
                     original_size = (height, width)
             image.load()
             source_mode = image.mode
-            image = ImageOps.exif_transpose(image)
-            array = pil_to_rgb(image)
+            ImageOps.exif_transpose(image, in_place=True)  # the same pixels as the SDK's copy, without a copy
+            array = np.asarray(image) if image.mode == "RGB" else pil_to_rgb(image)
+            image.close()
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

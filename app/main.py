@@ -18,6 +18,7 @@ from seglock.app import __version__
 from seglock.app.audit import Auditor
 from seglock.app.bootstrap import first_start
 from seglock.app.engine import resolve_device
+from seglock.app import memory
 from seglock.app.imageio import UploadGate
 from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.middleware import RequestMiddleware
@@ -74,10 +75,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
+    memory.tune_malloc()
     home = Path(settings.home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
     keystore = Keystore.open(home, create=True, lock_timeout=settings.keystore_lock_timeout_s)
-    tokens_path = first_start(home, keystore, import_demo=settings.import_demo)
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo,
+                              token_ttl_s=settings.initial_token_ttl_s)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
     registry = Registry(settings, keystore, metrics, resolve_device(settings.device))

@@ -17,7 +17,7 @@ from PIL import Image
 
 from seglock.app.imageio import decode_upload
 from seglock.app.main import create_app
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 from seglock.app.settings import Settings
 from seglock.client.imaging import pil_to_rgb
 from seglock.keystore import Keystore
@@ -36,7 +36,7 @@ def server(tmp_path, artifacts, monkeypatch):
     home = tmp_path / "home"
     keystore = open_keystore(home)
     for name, (path, key) in artifacts.items():
-        import_artifact(home, keystore, path, key=key)
+        Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],
         "client": keystore.create_token("client", ["segment"], ["*"])[1],

@@ -15,7 +15,7 @@ import filelock
 import httpx
 import pytest
 
-from seglock.app.registry import import_artifact
+from seglock.app.home import Home
 from tests.server_fixtures import MASTER_KEY, live_server, make_artifacts, open_keystore, png_bytes, scene
 
 
@@ -27,7 +27,7 @@ def home_with_models(tmp_path_factory):
     keystore = open_keystore(home)
     for name in ("plain", "shf"):
         path, key = artifacts[name]
-        import_artifact(home, keystore, path, key=key)
+        Home(home, keystore).import_artifact(path, key=key)
     return home, keystore
 
 
