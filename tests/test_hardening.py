@@ -329,3 +329,48 @@ def test_a_segment_token_body_valid_by_the_schema_is_accepted(server):
 def test_a_wrong_method_names_every_method_of_the_path_in_allow(server):
     answer = server["make"]().options("/admin/tokens")
     assert answer.status_code == 405 and answer.headers["Allow"] == "GET, POST"
+
+
+def test_a_worker_starting_during_rotations_loads_the_model(server, monkeypatch):
+    import threading
+
+    import torch
+
+    from seglock.app.home import Home
+    from seglock.app.observability import Metrics
+    from seglock.app.registry import Registry
+
+    home = server["home"]
+    settings = Settings(home=home, import_demo=False, warmup=False)
+    real = Home.serving_module
+
+    def slow_disk(self, name, path):  # a large model on a slow disk: the load takes a while
+        import time
+
+        time.sleep(0.4)
+        return real(self, name, path)
+
+    stop = threading.Event()
+
+    def rotate_continuously():
+        rotator = Home(home, open_keystore(home))
+        while not stop.is_set():
+            rotator.rotate_key("cp")
+
+    rotating = threading.Thread(target=rotate_continuously)
+    rotating.start()
+    failures = []
+    try:
+        monkeypatch.setattr(Home, "serving_module", slow_disk)
+        for _ in range(3):
+            starting = Registry(settings, open_keystore(home), Metrics(), torch.device("cpu"))
+            try:
+                starting.load("cp")
+            except Exception as exc:  # noqa: BLE001 - any failure is the finding
+                failures.append(repr(exc))
+            finally:
+                starting.close()
+    finally:
+        stop.set()
+        rotating.join()
+    assert failures == []
