@@ -31,24 +31,20 @@ RUN python3 -m venv /opt/seglock
 
 WORKDIR /src
 
-# Torch first, from its own index when one is given, so the project's `torch>=…` is already met
-# and PyPI's (CUDA) build is never pulled in beside it. Its own layer: the slowest, changed least.
-COPY requirements.lock ./
+# Torch first, from its own index when one is given, so PyPI's (CUDA) build is never pulled in
+# beside it; at the versions of requirements-torch.txt. Its own layer: the slowest, changed least.
+COPY requirements-torch.txt ./
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        torch=$(sed -n 's/^torch==\([^ ]*\).*/\1/p' requirements.lock); \
-        vision=$(sed -n 's/^torchvision==\([^ ]*\).*/\1/p' requirements.lock); \
-        pip install --index-url "$TORCH_INDEX_URL" "torch==$torch" "torchvision==$vision"; \
+        pip install --index-url "$TORCH_INDEX_URL" -r requirements-torch.txt; \
+    else \
+        pip install -r requirements-torch.txt; \
     fi
 
-# Then every dependency (the SDK's and the `server` extra's) at the exact versions and SHA-256
-# hashes of requirements.lock (pip-compile --generate-hashes), so a changed or substituted wheel
-# fails the build. With TORCH_INDEX_URL, torch, torchvision and the CUDA wheels PyPI's torch
-# brings (nvidia-*, triton) are left to that index (installed above) and dropped from the lock.
+# Then every other dependency (the SDK's and the `server` extra's) at the exact versions and
+# SHA-256 hashes of requirements.lock: a changed or substituted wheel fails the build.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
-RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        python3 -c 'import re, sys; blocks = re.split(r"\n(?=[^\s#])", open("requirements.lock").read()); print("\n".join(b for b in blocks if not re.match(r"(torch|torchvision|triton|nvidia-[\w-]+)==", b)))' > /tmp/requirements.lock; \
-    else cp requirements.lock /tmp/requirements.lock; fi \
-    && pip install --require-hashes --no-deps -r /tmp/requirements.lock
 
 # The project itself, demo models (models/zoo) included as package data.
 COPY app ./app
