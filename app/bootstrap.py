@@ -12,14 +12,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import filelock
 
 from seglock.app.home import Home
+from seglock.client import fsio
 from seglock.keystore import Keystore
 from seglock.models import read_manifest
 
@@ -82,17 +81,7 @@ def write_initial_tokens(home: Path, keystore: Keystore, models: list[str], *,
             tokens["client"] = keystore.create_token("initial-client", ["segment"], models, expires_at=expires_at,
                                                      actor="bootstrap")[1]
     path = home / INITIAL_TOKENS
-    fd, tmp = tempfile.mkstemp(prefix=".initial-tokens.", dir=home)
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(tokens, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    fsio.write_atomic(path, json.dumps(tokens).encode("utf-8"), mode=fsio.SECRET_FILE_MODE)
     return path
 
 

@@ -33,16 +33,6 @@ class EngineStopped(Exception):
     """The engine is shutting down and takes no new work."""
 
 
-def resolve_device(spec: str) -> torch.device:
-    """`auto` picks the first CUDA device when there is one, else the CPU."""
-    if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(spec)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {spec!r} was asked for but CUDA is not available")
-    return device
-
-
 def autocast_dtype(spec: str, device: torch.device) -> torch.dtype | None:
     """Mixed precision only where it pays: on CUDA, bf16 if supported, else fp16."""
     if device.type != "cuda" or spec == "off":

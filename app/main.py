@@ -17,7 +17,6 @@ from fastapi.responses import JSONResponse
 from seglock.app import __version__
 from seglock.app.audit import Auditor
 from seglock.app.bootstrap import first_start
-from seglock.app.engine import resolve_device
 from seglock.app import memory
 from seglock.app.imageio import UploadGate
 from seglock.app.errors import error_response, install_error_handlers
@@ -29,6 +28,7 @@ from seglock.app.routes import admin, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import InvalidRecord, KeystoreError
+from seglock.models.device import resolve_device
 
 log = logging.getLogger("seglock.app")
 

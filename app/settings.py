@@ -20,7 +20,7 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
     workers: int = Field(1, ge=1, le=64)
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
     channels_last: bool = True
     max_batch: int = Field(8, ge=1, le=1024)
@@ -46,6 +46,6 @@ class Settings(BaseSettings):
     @classmethod
     def _device_spec(cls, value: str) -> str:
         value = value.strip().lower()
-        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+        if value in ("auto", "cpu", "cuda", "mps") or (value.startswith("cuda:") and value[5:].isdigit()):
             return value
-        raise ValueError("device must be auto, cpu, cuda or cuda:N")
+        raise ValueError("device must be auto, cpu, cuda, cuda:N or mps")

@@ -20,7 +20,6 @@ import io
 import json
 import sys
 import time
-from pathlib import Path
 from typing import Callable
 
 import httpx

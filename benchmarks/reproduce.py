@@ -359,7 +359,7 @@ def _labelled(result: dict[str, Any], *, variant: str, label: str | None) -> dic
 
 
 def _device(s: Settings) -> str:
-    from seglock.models.train import resolve_device
+    from seglock.models.device import resolve_device
 
     return str(resolve_device(s.device))
 

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from seglock.app.engine import resolve_device
 from seglock.app.home import Home
+from seglock.models.device import resolve_device
 from seglock.keystore import Keystore
 from seglock.models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
 from seglock.models.artifact import IMAGENET_NORMALIZATION

@@ -19,7 +19,7 @@ class Mode(StrEnum):
     """A model's protection mode, as stored in artifact manifests and served by `GET /v1/models`."""
 
     NONE = "none"  # an unprotected model
-    CP = "cp"  # channel permutation after a tap layer (paper 002): the key stays on the server
+    CP = "cp"  # channel permutation after a tap layer (paper 000): the key stays on the server
     SHF = "shf"  # block-wise pixel shuffling (paper 001)
     NP = "np"  # block-wise negative/positive transform (paper 001)
     FFX = "ffx"  # block-wise format-preserving Feistel encryption (paper 001)

@@ -20,7 +20,7 @@ from typing import Any
 
 import filelock
 
-from seglock.keystore import fsio
+from seglock.client import fsio
 from seglock.keystore.errors import InvalidRecord, KeystoreError, KeystoreLocked
 
 OUTCOMES = ("ok", "denied", "error")

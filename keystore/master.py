@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from seglock.keystore import fsio
+from seglock.client import fsio
 from seglock.keystore.errors import MasterKeyError, WrongMasterKey
 
 log = logging.getLogger("seglock.keystore")

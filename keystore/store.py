@@ -23,7 +23,8 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import filelock
 
-from seglock.keystore import envelope, fsio
+from seglock.client import fsio
+from seglock.keystore import envelope
 from seglock.keystore.audit import AuditEntry, AuditLog, AuditReport, make_entry
 from seglock.keystore.errors import (
     InvalidRecord,

@@ -28,9 +28,7 @@ import importlib.metadata
 import json
 import os
 import re
-import shutil
 import struct
-import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
@@ -43,6 +41,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
+from seglock.client import fsio
 from seglock.client.modes import Mode, is_model_name
 from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
@@ -324,22 +323,13 @@ def save_artifact(
         seglock_version=_seglock_version(),
     )
     _check_input_size(draft)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
-    try:
+    with fsio.atomic_directory(out_dir, mode=0o755) as tmp:
         weights_path = tmp / WEIGHTS_FILE
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
         save_file(state, str(weights_path), metadata=_weights_metadata(draft))
         digest, size = _sha256_file(weights_path)
         manifest = replace(draft, weights=WeightsRef(WEIGHTS_FILE, digest, size))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
-        for path in (weights_path, tmp / MANIFEST_FILE, tmp):
-            _fsync(path)
-        os.chmod(tmp, 0o755)
-        _move_into_place(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 
@@ -360,20 +350,6 @@ def _check_input_size(manifest: Manifest) -> None:
     fixed = manifest.architecture_kwargs.get("image_size")
     if fixed is not None and list(fixed) != list(manifest.input_size):
         raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, not {list(manifest.input_size)}")
-
-
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.{os.getpid()}.{tmp.name}.old")
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    _fsync(out_dir.parent)
-    if old is not None:
-        if old.is_dir():
-            shutil.rmtree(old)
-        else:
-            old.unlink()
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -463,14 +439,6 @@ def _sha256_file(path: Path) -> tuple[str, int]:
             digest.update(chunk)
             size += len(chunk)
     return digest.hexdigest(), size
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _seglock_version() -> str:

@@ -37,7 +37,7 @@ from seglock.models.inputs import model_input
 from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.metrics import MetricAccumulator
 from seglock.models.protect import CPKey, fold_key
-from seglock.models.train import resolve_device
+from seglock.models.device import resolve_device
 
 __all__ = [
     "CONDITIONS",

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from seglock.client import fsio
 from seglock.client.modes import is_model_name
 from seglock.client.transforms import BlockKey, TransformError
 from seglock.models.errors import ModelError
@@ -71,30 +71,13 @@ def write_key_file(path: str | os.PathLike[str], key: CPKey | BlockKey, *, model
                 "material": key.to_dict()}
     payload = (json.dumps(document, indent=1) + "\n").encode("utf-8")
     try:
-        # mkstemp creates the file 0600, so the secret is never readable by others, not even briefly.
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as exc:
-        raise KeyFileError(f"key file {path}: cannot write in {path.parent} ({exc.strerror})") from None
-    try:
-        os.fchmod(fd, 0o600)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if not overwrite:
-            # link() fails if the name was taken meanwhile: no silent replacement of another key.
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                raise KeyFileError(f"key file {path} already exists; refusing to overwrite it") from None
-            os.unlink(tmp)
-        else:
-            os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        if overwrite:
+            fsio.write_atomic(path, payload, mode=fsio.SECRET_FILE_MODE)
+        elif not fsio.atomic_create(path, payload, mode=fsio.SECRET_FILE_MODE):
+            # link() failed: the name was taken meanwhile; no silent replacement of another key.
+            raise KeyFileError(f"key file {path} already exists; refusing to overwrite it")
     except OSError as exc:
         raise KeyFileError(f"key file {path}: cannot write it ({exc.strerror})") from None
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return path
 
 
@@ -142,10 +125,3 @@ def _parse(path: Path, data: Any) -> KeyFile:
         raise KeyFileError(f"key file {path} is malformed: its material is not a valid {kind} key") from None
     return KeyFile(kind=kind, model=model, key=key, path=path)
 
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,7 +15,7 @@ import torch
 from seglock.app.cli import main
 from seglock.client.transforms import BlockKey
 from seglock.models import build_model, load_artifact, protect, save_artifact
-from seglock.models.attacks.assignment import hungarian, linear_assignment
+from seglock.models.attacks.assignment import linear_assignment
 from seglock.models.attacks.key_space import brute_force, key_space, key_space_table, log2_factorial, np_selected_count
 from seglock.models.attacks.weight_matching import match_key, reference_tensors, weight_cost
 from seglock.models.data import write_synth_dataset
@@ -93,14 +93,29 @@ def test_key_space_table_has_every_mode_and_setting():
 
 
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 6])
-def test_hungarian_finds_the_optimal_assignment(n):
+def test_linear_assignment_finds_the_optimal_assignment(n):
     rng = np.random.default_rng(n)
     for _ in range(10):
         cost = rng.normal(size=(n, n))
-        found = hungarian(cost)
+        found = linear_assignment(cost)
         best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
         assert sorted(found) == list(range(n))
         assert sum(cost[i, found[i]] for i in range(n)) == pytest.approx(best)
+
+
+@pytest.mark.parametrize("n", [1, 7, 40, 128])
+def test_scipy_and_the_old_hungarian_solver_reach_the_same_total_cost(n):
+    from hungarian_oracle import hungarian
+
+    rng = np.random.default_rng(100 + n)
+    for trial in range(5):
+        # Integer costs: sums are exact in float64, so equal optima compare equal whatever the order.
+        cost = rng.integers(-1000, 1000, size=(n, n)).astype(np.float64)
+        if trial == 4:
+            cost = np.floor(cost / 300)  # many ties: several optimal assignments
+        ours, oracle = linear_assignment(cost), hungarian(cost)
+        assert sorted(ours) == list(range(n)) and sorted(oracle) == list(range(n))
+        assert cost[np.arange(n), ours].sum() == cost[np.arange(n), oracle].sum()
 
 
 def test_linear_assignment_undoes_a_permutation():

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from seglock.app.engine import DynamicBatcher, EngineStopped, ModelRunner, Overloaded, autocast_dtype, resolve_device
+from seglock.app.engine import DynamicBatcher, EngineStopped, ModelRunner, Overloaded, autocast_dtype
+from seglock.models.device import resolve_device
 
 
 class ArgmaxOfInput(nn.Module):

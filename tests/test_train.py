@@ -17,7 +17,7 @@ from seglock.models.data import write_synth_dataset
 from seglock.models.inputs import model_input
 from seglock.models.keyfile import read_key_file
 from seglock.models.protect import CPKey
-from seglock.models.train import CHECKPOINT_DIR, TrainConfig, TrainError, fit, lr_factor, train
+from seglock.models.train import CHECKPOINT_DIR, FitConfig, TrainConfig, TrainError, fit, lr_factor, train
 
 
 @pytest.fixture(scope="module")
@@ -187,11 +187,11 @@ def test_fit_refuses_a_key_that_does_not_fit(scenes):
     data = open_dataset(scenes, "train", size=64)
     model = build_model("tiny", 6)
     with pytest.raises(TrainError, match="shf BlockKey of block size 4"):
-        fit(model, data, None, protection={"mode": "shf", "block_size": 4}, key=BlockKey.generate("shf", 2),
-            epochs=1, batch_size=8, lr=0.1, progress=False)
+        fit(model, data, None, FitConfig(epochs=1, lr=0.1), protection={"mode": "shf", "block_size": 4},
+            key=BlockKey.generate("shf", 2), progress=False)
     with pytest.raises(TrainError, match="CPKey of 32 channels"):
-        fit(model, data, None, protection={"mode": "cp", "tap": "dec1"}, key=CPKey.generate(16),
-            epochs=1, batch_size=8, lr=0.1, progress=False)
+        fit(model, data, None, FitConfig(epochs=1, lr=0.1), protection={"mode": "cp", "tap": "dec1"},
+            key=CPKey.generate(16), progress=False)
 
 
 @pytest.mark.parametrize(
@@ -237,3 +237,24 @@ def test_cli_user_errors_exit_2_with_one_line(scenes, tmp_path, capsys, args, me
                  "--out", str(tmp_path / "m"), "--quiet", *args])
     err = capsys.readouterr().err
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_the_recipe_has_one_home_that_the_cli_and_the_attacks_read():
+    import inspect
+
+    from seglock.app.cli import build_parser
+    from seglock.models.attacks import finetune_attack
+    from seglock.models.train import RECIPE
+
+    assert (RECIPE.epochs, RECIPE.batch_size, RECIPE.lr, RECIPE.momentum, RECIPE.weight_decay, RECIPE.schedule,
+            RECIPE.poly_power) == (30, 8, 0.02, 0.9, 1e-4, "poly", 0.9)  # paper 000 section IV-A at seglock's scale
+    args = build_parser().parse_args(["train", "--data", "d", "--out", "o"])
+    from seglock.app.commands.train import resolve_defaults
+
+    resolve_defaults(args)
+    assert (args.epochs, args.batch_size, args.lr, args.momentum, args.weight_decay, args.schedule, args.size) == (
+        RECIPE.epochs, RECIPE.batch_size, RECIPE.lr, RECIPE.momentum, RECIPE.weight_decay, RECIPE.schedule,
+        TrainConfig.size)
+    defaults = inspect.signature(finetune_attack).parameters
+    assert (defaults["epochs"].default, defaults["batch_size"].default, defaults["lr"].default) == (
+        RECIPE.epochs, RECIPE.batch_size, RECIPE.lr)

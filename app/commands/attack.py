@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
+from seglock.app.commands.train import RecipeDefault, resolve_defaults
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -102,7 +103,7 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--key-file", metavar="FILE", help="the owner's key file, to compare against")
         where.add_argument("--home", metavar="DIR", help="the home whose keystore holds the owner's key")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    parser.add_argument("--device", default="cpu", help="cpu, auto, cuda, cuda:N or mps (default cpu)")
     parser.add_argument("--seed", type=int, default=0, help="seed of wrong keys, the attacker's subset, training")
     parser.add_argument("--json", nargs="?", const="-", metavar="OUT",
                         help="write the JSON report to OUT; alone or with '-', print it on stdout")
@@ -111,9 +112,11 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
 
 
 def _training(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--epochs", type=int, default=30, metavar="E", help="attacker's training epochs (default 30)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
-    parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (default 0.02)")
+    parser.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                        help="attacker's training epochs (default %(default)s, the owner's recipe)")
+    parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                        help="batch size (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"), help="initial learning rate (default %(default)s)")
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -215,7 +218,7 @@ def _random_key(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from seglock.models.attacks import finetune_attack
 
-    key = resolve(args)
+    key = resolve(resolve_defaults(args))
     report = _guard(lambda: finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
                                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
                                             device=args.device, seed=args.seed, progress=not args.quiet,
@@ -232,7 +235,7 @@ def _weight_matching(args: argparse.Namespace) -> int:
 
     if args.method != "weights" and args.reference:
         raise CLIError(f"--reference applies to --method weights; '{args.method}' matches against the data")
-    key = resolve(args)
+    key = resolve(resolve_defaults(args))
     report = _guard(lambda: weight_matching_attack(
         args.model, args.data, method=args.method, reference=args.reference, fraction=args.fraction, key=key,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,

@@ -8,7 +8,7 @@ from typing import Any
 
 from seglock.app.cli import CLIError
 from seglock.app.commands.models import key_from_file, key_from_home, resolve_artifact
-from seglock.app.commands.train import finite_json, write_json
+from seglock.app.commands.train import write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,7 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     keys.add_argument("--home", metavar="DIR", help="take the model's key from this home's keystore")
     parser.add_argument("--conditions", default="correct,plain,random:100",
                         help="comma-separated: correct, plain, random:N (default correct,plain,random:100)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default auto)")
     parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
     parser.add_argument("--seed", type=int, default=0,
                         help="seed of the wrong keys and per-image keys, for a repeatable report (default 0)")
@@ -43,6 +43,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from seglock.models import ModelError, read_manifest
     from seglock.models.evaluate import evaluate_conditions, parse_conditions
+    from seglock.models.report import json_ready
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
@@ -68,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
     out = sys.stderr if args.json == "-" else sys.stdout
     print(format_table(results), file=out)
     if args.json:
-        write_json(args.json, finite_json(results))
+        write_json(args.json, json_ready(results))
     return 0
 
 

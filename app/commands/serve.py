@@ -20,7 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--home", help="home folder (keystore.json, models/); env SEGLOCK_HOME")
     parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N (default auto)")
+    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto)")
     parser.add_argument("--workers", type=int, help="worker processes (default 1)")
     parser.add_argument("--max-batch", type=int, help="largest batch per forward pass (default 8)")
     parser.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
@@ -53,6 +53,12 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         first = exc.errors()[0]
         raise CLIError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+    from seglock.models.device import DeviceError, resolve_device
+
+    try:
+        resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
     import uvicorn
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -4,13 +4,38 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
 from seglock.client.modes import Mode
+
+
+class RecipeDefault:
+    """A flag's default read from `seglock.models.training.config.TrainConfig` when it is shown
+    (`--help`) or used, so the defaults live in one place and building the parser imports no torch."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def value(self) -> Any:
+        from seglock.models.training.config import TrainConfig
+
+        return getattr(TrainConfig, self.name)
+
+    def __str__(self) -> str:
+        return str(self.value())
+
+    __repr__ = __str__
+
+
+def resolve_defaults(args: argparse.Namespace) -> argparse.Namespace:
+    """Replace every `RecipeDefault` left in `args` (flags not given) by its value."""
+    for name, value in vars(args).items():
+        if isinstance(value, RecipeDefault):
+            setattr(args, name, value.value())
+    return args
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -33,15 +58,23 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--block-size", type=int, metavar="M",
                         help="shf/np/ffx: block size M (default 4); per-image: block size B (default 16)")
     parser.add_argument("--sub-block", type=int, metavar="S", help="per-image: sub-block size S (default 4)")
-    parser.add_argument("--epochs", type=int, default=30, metavar="E", help="epochs (default 30)")
-    parser.add_argument("--batch-size", type=int, default=8, metavar="B", help="batch size (default 8)")
-    parser.add_argument("--lr", type=float, default=0.02, help="initial learning rate (default 0.02, paper 000)")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default 0.9)")
-    parser.add_argument("--weight-decay", type=float, default=1e-4, help="weight decay (default 1e-4)")
-    parser.add_argument("--schedule", default="poly", choices=("poly", "cosine"),
-                        help="poly: paper 000 eq. (8); cosine: warm restarts every 10 epochs (paper 001)")
-    parser.add_argument("--size", type=int, default=256, metavar="PX", help="input side in pixels (default 256)")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    parser.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                        help="epochs (default %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                        help="batch size (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"),
+                        help="initial learning rate (default %(default)s, paper 000)")
+    parser.add_argument("--momentum", type=float, default=RecipeDefault("momentum"),
+                        help="SGD momentum (default %(default)s)")
+    parser.add_argument("--weight-decay", type=float, default=RecipeDefault("weight_decay"),
+                        help="weight decay (default %(default)s)")
+    parser.add_argument("--schedule", default=RecipeDefault("schedule"), choices=("poly", "cosine"),
+                        help="poly: paper 000 eq. (8); cosine: warm restarts every 10 epochs (paper 001) "
+                             "(default %(default)s)")
+    parser.add_argument("--size", type=int, default=RecipeDefault("size"), metavar="PX",
+                        help="input side in pixels (default %(default)s)")
+    parser.add_argument("--device", default=RecipeDefault("device"),
+                        help="auto, cpu, cuda, cuda:N or mps (default %(default)s)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (default: on for CUDA)")
     parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
@@ -89,23 +122,14 @@ def write_json(target: str, data: Any) -> None:
         raise CLIError(f"cannot write {target}: {exc.strerror}") from None
 
 
-def finite_json(value: Any) -> Any:
-    """NaN -> None, recursively: JSON has no NaN."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: finite_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finite_json(v) for v in value]
-    return value
-
-
 def run(args: argparse.Namespace) -> int:
     from seglock.app.home import HomeKeySink
     from seglock.models.errors import ModelError
     from seglock.models.keyfile import KeyFileError
+    from seglock.models.report import json_ready
     from seglock.models.train import TrainConfig, train
 
+    resolve_defaults(args)
     config = TrainConfig(
         data=args.data, arch=args.arch, protect=args.protect, tap=args.tap, block_size=args.block_size,
         sub_block=args.sub_block, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
@@ -132,5 +156,5 @@ def run(args: argparse.Namespace) -> int:
           f"best epoch {result.best_epoch}/{config.epochs}{shown} -> {result.artifact}{where}",
           file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        write_json(args.json, finite_json({**result.summary(), "config": config.to_dict()}))
+        write_json(args.json, json_ready({**result.summary(), "config": config.to_dict()}))
     return 0

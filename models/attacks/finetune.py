@@ -1,8 +1,8 @@
 """Fine-tuning attack (paper 000 §III-E3, §IV-D, Table IV): retrain the stolen weights without the key.
 
 The thief holds the protected weights and D', a fraction (5 % or 10 % in the paper) of the training
-data. It trains the weights as a plain model on plain images of D' (same recipe as the owner: SGD,
-momentum 0.9, poly schedule, crop and flip; the best epoch by loss on D' itself, since the thief has
+data. It trains the weights as a plain model on plain images of D' (same recipe as the owner,
+`seglock.models.training.config.RECIPE`: SGD, momentum 0.9, poly schedule, crop and flip; the best epoch by loss on D' itself, since the thief has
 no other labelled data) and then uses the model without any key. Reported: mIoU without the key
 before (Table IV's 0 % row) and after, against the owner's mIoU with the key.
 """
@@ -19,7 +19,9 @@ import torch
 from seglock.models.artifact import load_artifact, save_artifact
 from seglock.models.attacks.data import attacker_subset, check_fraction
 from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
-from seglock.models.train import fit, resolve_device
+from seglock.models.device import resolve_device
+from seglock.models.training.config import RECIPE, FitConfig
+from seglock.models.training.loop import fit
 
 __all__ = ["finetune_attack", "headline"]
 
@@ -34,9 +36,9 @@ def finetune_attack(
     *,
     fraction: float,
     key: Any = None,
-    epochs: int = 30,
-    batch_size: int = 8,
-    lr: float = 0.02,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -60,9 +62,9 @@ def finetune_attack(
     # The thief's model is a plain model fed plain pixels the way a plain model of this family is.
     plain_manifest = dataclasses.replace(manifest, protection={"mode": "none"}, key=None)
     torch.manual_seed(seed)
-    result = fit(model, train_part, val_part, protection={"mode": "none"}, key=None, epochs=epochs,
-                 batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress,
-                 normalization=manifest.normalization)
+    recipe = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed)
+    result = fit(model, train_part, val_part, recipe, protection={"mode": "none"}, key=None,
+                 normalization=manifest.normalization, progress=progress)
     model.to("cpu")
     after = evaluate_model(model, plain_manifest, eval_set, condition="plain", device=device, seed=seed)
     if save_to is not None:

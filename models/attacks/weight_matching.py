@@ -48,6 +48,7 @@ from seglock.models.errors import ModelError
 from seglock.models.inputs import model_input
 from seglock.models.protect import CPKey
 from seglock.models.taps import Tap, get_tap
+from seglock.models.training.config import RECIPE, FitConfig
 
 __all__ = [
     "METHODS",
@@ -344,22 +345,22 @@ def train_reference(
     manifest: Any,
     *,
     fraction: float,
-    epochs: int = 30,
-    batch_size: int = 8,
-    lr: float = 0.02,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
     device: str = "cpu",
     seed: int = 1,
     progress: bool = True,
 ) -> nn.Module:
     """The attacker's own plain model of the stolen architecture, trained on its fraction D' from scratch."""
-    from seglock.models.train import fit
+    from seglock.models.training.loop import fit
 
     train_part, val_part, _ = attacker_subset(data_dir, tuple(manifest.input_size), fraction, seed=seed)
     torch.manual_seed(seed)
     reference = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
-    fit(reference, train_part, val_part, protection={"mode": "none"}, key=None, epochs=epochs,
-        batch_size=batch_size, lr=lr, device=device, seed=seed, progress=progress,
-        normalization=manifest.normalization)
+    recipe = FitConfig(epochs=epochs, batch_size=batch_size, lr=lr, device=device, seed=seed)
+    fit(reference, train_part, val_part, recipe, protection={"mode": "none"}, key=None,
+        normalization=manifest.normalization, progress=progress)
     return reference.to("cpu").eval()
 
 
@@ -379,9 +380,9 @@ def weight_matching_attack(
     reference: str | os.PathLike[str] | None = None,
     fraction: float = 0.1,
     key: CPKey | None = None,
-    epochs: int = 30,
-    batch_size: int = 8,
-    lr: float = 0.02,
+    epochs: int = RECIPE.epochs,
+    batch_size: int = RECIPE.batch_size,
+    lr: float = RECIPE.lr,
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
@@ -393,7 +394,7 @@ def weight_matching_attack(
     method "activations": against class statistics on `fraction` of the training data.
     """
     from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
-    from seglock.models.train import resolve_device
+    from seglock.models.device import resolve_device
 
     started = time.perf_counter()
     if method not in METHODS:
