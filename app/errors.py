@@ -164,7 +164,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         status, code = http_status(exc)
-        return error_response(status, code, str(exc))
+        return error_response(status, code, str(exc), {"Retry-After": "5"} if status == 503 else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
