@@ -8,12 +8,15 @@ is never released unaudited.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections import OrderedDict
 from typing import Callable, Hashable
 
 from seglock.keystore import Keystore
+
+log = logging.getLogger("seglock.app")
 
 MAX_REMEMBERED = 100_000  # (token, model) pairs remembered per worker; the oldest are forgotten
 
@@ -30,6 +33,13 @@ class Auditor:
                detail: str | None = None) -> None:
         """Write one entry now (blocking: call it off the event loop); KeystoreError if it cannot be."""
         self.keystore.audit(action, target, outcome, actor=actor, detail=detail)
+
+    def best_effort(self, grant, action: str, target: str | None, outcome: str) -> None:
+        """`deps.AuditDep`'s signature: write one entry for `grant`; a failure is logged, not raised."""
+        try:
+            self.record(grant.token_id, action, target, "error" if outcome == "failed" else outcome)
+        except Exception as exc:  # noqa: BLE001 - the console's views must not fail on the log
+            log.error("audit entry not written: %s", exc)
 
     def record_once(self, key: Hashable, actor: str | None, action: str, target: str | None,
                     outcome: str = "ok", detail: str | None = None) -> None:

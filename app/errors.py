@@ -186,25 +186,21 @@ def install_error_handlers(app: FastAPI) -> None:
         return error_response(422, "unprocessable", message)
 
 
-class ErrorBody(BaseModel):
-    """`{"error": {"code", "message"}}`: every error seglock answers."""
-
-    class Detail(BaseModel):
-        code: str
-        message: str
-
-    error: Detail
-
-
 _DESCRIPTIONS = {
-    400: "undecodable input or a request the server cannot do", 401: "no or bad API token",
-    403: "the token lacks the scope or the model grant", 404: "unknown model or token",
-    409: "stale key version", 413: "body, image or answer too large", 415: "unsupported media type",
-    422: "wrong shape, type or field", 429: "rate limited (Retry-After)",
-    503: "overloaded or the keystore is unavailable (Retry-After)",
+    400: "bad input", 401: "no or bad token", 403: "scope or grant missing", 404: "unknown model or id",
+    409: "conflict (stale key version, key that cannot rotate)", 413: "too large",
+    415: "unsupported media type", 422: "invalid parameters", 429: "rate limited",
+    503: "overloaded or keystore unavailable",
 }
 
 
-def documented(*statuses: int) -> dict[int | str, dict]:
-    """OpenAPI `responses` for the error statuses a route can answer."""
-    return {status: {"model": ErrorBody, "description": _DESCRIPTIONS[status]} for status in statuses}
+def error_responses(*statuses: int) -> dict[int | str, dict]:
+    """OpenAPI `responses` for these error statuses, each with DESIGN's error body."""
+    schema = {"type": "object", "required": ["error"], "properties": {"error": {
+        "type": "object", "required": ["code", "message"],
+        "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
+    return {status: {"description": _DESCRIPTIONS.get(status, "error"),
+                     "content": {"application/json": {"schema": schema}}} for status in statuses}
+
+
+documented = error_responses  # the hardening routes' name for it

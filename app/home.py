@@ -4,6 +4,12 @@
     HOME/models/<name>/r<N>/                 artifact revisions; manifest.key.version names the key
     HOME/models/<name>/.rotate.lock          held while the model's revisions or keys change
 
+Weights are encrypted at rest (`seglock.models.at_rest`: AES-256-GCM under the model's data key,
+which the keystore holds, bound to the model name and revision): every revision Home writes
+(import, rotation, `encrypt_at_rest`) is sealed, and is opened only in memory when loaded. A
+revision with plain weights (a home from before at-rest encryption) still loads, and is encrypted
+by the next rotation or by `seglock models encrypt` (`encrypt_at_rest`).
+
 The revision in use is the one whose manifest names the keystore's active key version (keyless
 models: the newest). Key rotation writes the new revision and key before activating them, so
 after a crash at any point `serving_revision(name, repair=True)` finds exactly one consistent
@@ -13,6 +19,8 @@ adds loaded modules, batchers and hot swaps on top of it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import re
 import shutil
@@ -33,11 +41,24 @@ from seglock.app.errors import (
     NeedsRetraining,
     NotRotatable,
 )
+from seglock.client import fsio
 from seglock.client.modes import Mode, check_model_name, is_model_name
 from seglock.client.transforms import BlockKey
 from seglock.keystore import Keystore
 from seglock.keystore.errors import KeystoreError, ModelKeyNotFound
-from seglock.models import CPKey, KeyRef, Manifest, fold_key, load_artifact, read_manifest, rekey, save_artifact
+from seglock.models import (
+    CPKey,
+    KeyRef,
+    Manifest,
+    at_rest,
+    fold_key,
+    load_artifact,
+    read_manifest,
+    rekey,
+    save_artifact,
+)
+from seglock.models.artifact import MANIFEST_FILE
+from seglock.models.errors import ArtifactError
 
 log = logging.getLogger("seglock.home")
 
@@ -200,9 +221,75 @@ class Home:
             raise ModelUnavailable(f"key {name} v{version} in {self.path} was destroyed")
         return key_from_material(manifest.mode, stored.material)
 
+    # -- weights at rest ----------------------------------------------------------------------------
+
+    def _data_key(self, name: str, *, create: bool = False, actor: str = "home") -> at_rest.DataKey:
+        found = self._keystore().data_key(name, create=create, actor=actor)
+        if found is None:
+            raise ModelUnavailable(f"the keystore in {self.path} has no at-rest data key for model {name}")
+        return at_rest.DataKey(*found)
+
+    def _sealer(self, name: str, revision: int, actor: str) -> Callable[[bytes], bytes]:
+        """What `save_artifact` encrypts a revision's weights with (the data key is made on first use)."""
+        key = self._data_key(name, create=True, actor=actor)
+        aad = at_rest.associated_data(name, revision)
+        return lambda plain: at_rest.seal(plain, key, aad)
+
+    def unsealer(self, name: str, path: Path) -> Callable[[bytes], bytes]:
+        """What `load_artifact` decrypts a revision's weights with, in memory (looked up only when sealed)."""
+        revision = _revision_number(path)
+        aad = at_rest.associated_data(name, revision)
+        return lambda data: at_rest.unseal(data, self._data_key(name), aad, where=f"weights of {name} r{revision}")
+
+    def load_revision(self, name: str, path: Path) -> tuple[nn.Module, Manifest]:
+        """(model with its stored weights, manifest) of a revision of `name`, decrypted in memory."""
+        return load_artifact(path, unseal=self.unsealer(name, path))
+
+    def export_revision(self, name: str, path: Path, out: Path) -> Manifest:
+        """Write a revision of `name` to `out` as a plain artifact: the same manifest and the very
+        weights bytes the home encrypted (a cp model's keyed weights, not the folded ones), checked
+        against the manifest's SHA-256 and loaded once before the folder is swapped in."""
+        manifest = read_manifest(path)
+        data = (path / manifest.weights.file).read_bytes()
+        if at_rest.is_sealed(data):
+            data = self.unsealer(name, path)(data)
+        if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
+            raise ArtifactError(f"the weights of {name} r{_revision_number(path)} do not match "
+                                "their manifest's SHA-256")
+        with fsio.atomic_directory(out, mode=0o755) as tmp:
+            (tmp / manifest.weights.file).write_bytes(data)
+            (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
+            load_artifact(tmp)  # the folder opens as an artifact on its own
+        return manifest
+
+    def is_encrypted(self, path: Path) -> bool:
+        """True when a revision's weights file is in the at-rest format."""
+        weights = path / read_manifest(path).weights.file
+        with weights.open("rb") as f:
+            return at_rest.is_sealed(f.read(len(at_rest.MAGIC)))
+
+    def encrypt_at_rest(self, name: str, *, actor: str = "cli") -> list[int]:
+        """Encrypt `name`'s revisions that still hold plain weights (a home from before at-rest
+        encryption); returns their numbers. Each weights file is replaced atomically (the write
+        helper's temp file holds only ciphertext), under the model's lock."""
+        done = []
+        with self.model_lock(name):
+            self._keystore().refresh()
+            for revision, path in sorted(self.revisions(name).items()):
+                if self.is_encrypted(path):
+                    continue
+                manifest = read_manifest(path)
+                weights = path / manifest.weights.file
+                load_artifact(path)  # the plain weights must match their manifest before they are sealed
+                sealed = self._sealer(name, revision, actor)(weights.read_bytes())
+                fsio.write_atomic(weights, sealed, mode=0o644)
+                log.info("model %s: r%d encrypted at rest", name, revision)
+                done.append(revision)
+        return done
+
     def serving_module(self, name: str, path: Path) -> tuple[nn.Module, Manifest, BlockKey | None]:
         """(module to run, manifest, block key) of a revision of `name`: a cp key is folded in."""
-        model, manifest = load_artifact(path)
+        model, manifest = self.load_revision(name, path)
         key = self.model_key(manifest, name)
         if isinstance(key, CPKey):
             return fold_key(model, manifest.protection["tap"], key), manifest, None  # zero cost at inference
@@ -237,7 +324,8 @@ class Home:
             key_ref = KeyRef(id=version.id, version=version.version)
         return save_artifact(model, self.revision_dir(name, 1), name=name, class_names=list(manifest.class_names),
                              input_size=list(manifest.input_size), normalization=manifest.normalization,
-                             protection=_saved_protection(manifest), key=key_ref)
+                             protection=_saved_protection(manifest), key=key_ref,
+                             seal=self._sealer(name, 1, actor))
 
     # -- rotation -----------------------------------------------------------------------------------
 
@@ -257,7 +345,7 @@ class Home:
         with self.model_lock(name):
             keystore.refresh()
             old_path = self._choose(name, repair=True)
-            model, manifest = load_artifact(old_path)
+            model, manifest = self.load_revision(name, old_path)
             tap = manifest.protection["tap"]
             old_version = manifest.key.version
             old_key = self.model_key(manifest, name)
@@ -268,7 +356,8 @@ class Home:
                                          class_names=list(manifest.class_names),
                                          input_size=list(manifest.input_size), normalization=manifest.normalization,
                                          protection=_saved_protection(manifest),
-                                         key=KeyRef(id=added.id, version=added.version))
+                                         key=KeyRef(id=added.id, version=added.version),
+                                         seal=self._sealer(name, new_revision, actor))
             keystore.set_active(name, added.version, actor=actor)
             rotation = Rotation(name, old_version, added.version, new_revision, new_manifest)
             if on_commit is not None:
@@ -332,6 +421,13 @@ def _key_mode(key: CPKey | BlockKey) -> Mode:
 def _saved_protection(manifest: Manifest) -> dict[str, Any]:
     # save_artifact records a cp tap's channel count itself
     return {k: v for k, v in manifest.protection.items() if k != "channels"}
+
+
+def _revision_number(path: Path) -> int:
+    match = _REVISION.fullmatch(Path(path).name)
+    if match is None:
+        raise ArtifactError(f"{path} is not a revision folder (r<N>) of a home")
+    return int(match.group(1))
 
 
 def _checked_name(name: str) -> str:

@@ -24,7 +24,7 @@ from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
-from seglock.app.routes import admin, health, segment
+from seglock.app.routes import account, admin, console, health, segment
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import InvalidRecord, KeystoreError
@@ -67,7 +67,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app.include_router(health.router)
     app.include_router(segment.router)
+    app.include_router(account.router)
     app.include_router(admin.router)
+    app.include_router(console.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        max_small_body_bytes=settings.max_json_body_bytes)
     return app
@@ -88,6 +90,7 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.keystore = keystore
     app.state.registry = registry
     app.state.auditor = Auditor(keystore, window_s=settings.audit_window_s)
+    app.state.audit = app.state.auditor.best_effort  # deps.AuditDep: (grant, action, target, outcome)
     if settings.warmup:
         registry.warm_up()
     app.state.ready = True

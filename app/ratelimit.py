@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from typing import Callable
+from collections.abc import Callable
 
 MAX_TRACKED = 100_000  # buckets kept; the fullest (least recently limited) are dropped first
 

@@ -1,24 +1,25 @@
 """Authentication as a FastAPI dependency: `Authorization: Bearer slk_...` checked in the keystore.
 
 The keystore is re-read when its file changes (a cheap stat per request), so a token made or
-revoked by the CLI in another process counts from the next request on. The dependency is a
-plain function, so FastAPI runs it (keystore reads, audit writes) in a thread, off the event loop.
-A refused admin attempt is audited (once per caller, reason and path per audit window).
+revoked by the CLI in another process counts from the next request on.
 """
 
 from __future__ import annotations
 
-from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from fastapi import Request
 
 from seglock.app.errors import forbidden, rate_limited, unauthorized
-from seglock.app.ratelimit import retry_after_header
+from seglock.app.ratelimit import RateLimiter, retry_after_header
+from seglock.keystore import Keystore
 from seglock.keystore.tokens import Grant, parse_token
 
 Principal = Grant
 # Declares the bearer scheme in the OpenAPI document (clients and fuzzers then send tokens);
 # auto_error=False: the checks below answer with seglock's own 401 bodies.
 bearer_scheme = HTTPBearer(auto_error=False, description="an API token: slk_<id>_<secret>")
+
+Principal = Grant
 
 _REASONS_401 = {
     "malformed": "the API token is malformed",
@@ -39,9 +40,11 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def authenticate(request: Request, scope: str) -> Principal:
-    """The grant of the request's token for `scope`; 401 or 403 otherwise."""
-    keystore = request.app.state.keystore
+def authenticate(request: Request, keystore: Keystore, scope: str, limiter: RateLimiter | None = None) -> Grant:
+    """The grant of the request's token for `scope`, within `limiter`'s rate; 401, 403 or 429 otherwise.
+
+    Routes take it as `seglock.app.deps.SegmentGrant` or `AdminGrant`.
+    """
     try:
         token = bearer_token(request)
     except Exception:
@@ -50,8 +53,7 @@ def authenticate(request: Request, scope: str) -> Principal:
     check = keystore.check_token(token, scope=scope)
     if check.ok:
         request.state.token_id = check.grant.token_id
-        limiter = getattr(request.app.state, "rate_limiter", None)
-        if limiter is not None and scope == "segment":
+        if limiter is not None:
             wait = limiter.acquire(check.grant.token_id)
             if wait:
                 raise rate_limited(f"this token is over its limit of {limiter.rate:g} requests per second",
@@ -67,6 +69,7 @@ def authenticate(request: Request, scope: str) -> Principal:
 
 
 def _audit_denied(request: Request, scope: str, actor: str, reason: str) -> None:
+    """A refused admin attempt is audited, once per caller, reason and path per audit window."""
     auditor = getattr(request.app.state, "auditor", None)
     if scope != "admin" or auditor is None:
         return
@@ -75,12 +78,10 @@ def _audit_denied(request: Request, scope: str, actor: str, reason: str) -> None
                         f"{request.method} {path}", "denied", reason)
 
 
-def require_scope(scope: str):
-    """A dependency that admits tokens holding `scope`."""
-
-    def dependency(request: Request,
-                   _credentials: HTTPAuthorizationCredentials | None = Depends(bearer_scheme)) -> Principal:
-        return authenticate(request, scope)
-
-    dependency.__name__ = f"require_{scope}"
-    return dependency
+def authenticate_any(request: Request, keystore: Keystore) -> Grant:
+    """The grant of the request's token whatever its scopes (`GET /v1/whoami`); 401 otherwise."""
+    check = keystore.check_token(bearer_token(request), scope="segment")
+    if (check.ok or check.reason == "scope") and check.grant is not None:  # valid, any scopes
+        request.state.token_id = check.grant.token_id
+        return check.grant
+    raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))

@@ -1,7 +1,8 @@
 """Server settings: one pydantic-settings class, read from `SEGLOCK_*` environment variables.
 
-Command-line flags of `seglock serve` override the environment; `--workers N` passes the
-settings to each worker through the same variables.
+`seglock serve` has one flag per field, made from it (`--max-batch` for `max_batch`, with the
+field's type, default and description); flags override the environment, and `--workers N` passes
+the settings to each worker through the same variables.
 """
 
 from __future__ import annotations
@@ -16,17 +17,17 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGLOCK_", extra="ignore")
 
-    home: Path = Field(Path("seglock-home"), description="folder with keystore.json and models/")
-    host: str = "127.0.0.1"
-    port: int = Field(8000, ge=0, le=65535)
-    workers: int = Field(1, ge=1, le=64)
+    home: Path = Field(Path("seglock-home"), description="home folder (keystore.json, models/)")
+    host: str = Field("127.0.0.1", description="address to bind")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on")
+    workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
-    amp: Literal["auto", "fp16", "bf16", "off"] = "auto"
-    channels_last: bool = True
-    max_batch: int = Field(8, ge=1, le=1024)
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000)
-    queue_size: int = Field(64, ge=1, le=100_000)
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest image upload (segment routes)")
+    amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
+    channels_last: bool = Field(True, description="channels-last memory layout on CUDA")
+    max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="milliseconds a batch waits to fill")
+    queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest image upload in bytes (413 above)")
     max_json_body_bytes: int = Field(64 * 1024, ge=1024, description="largest body on every other route")
     max_pixels: int = Field(16_000_000, ge=1, description="decode budget in 8-bit RGB pixels; 16-bit and alpha count double")
     max_json_mask_pixels: int = Field(1_048_576, ge=1, description="larger masks are answered as PNG only")
@@ -39,8 +40,8 @@ class Settings(BaseSettings):
     rate_limit_rps: float = Field(0.0, ge=0, description="segment requests per second per token; 0 = no limit")
     rate_limit_burst: int = Field(20, ge=1, description="requests a token may make at once before the limit applies")
     import_demo: bool = Field(True, description="import the bundled demo models into an empty home")
-    warmup: bool = True
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    warmup: bool = Field(True, description="run each model once before answering ready")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     @field_validator("device")
     @classmethod

@@ -98,9 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
     else:
         print(f"keystore with {args.tokens} tokens and {args.model_keys} model keys ({size / 1e6:.1f} MB on disk)")
-        print(f"  verify (valid token)      {verify_us:8.2f} us   target {VERIFY_TARGET_US:.0f} us   ratio {result['verify_ratio']:.3f}")
+        print(f"  verify (valid token)      {verify_us:8.2f} us   target {VERIFY_TARGET_US:.0f} us   "
+              f"ratio {result['verify_ratio']:.3f}")
         print(f"  verify (wrong secret)     {verify_bad_us:8.2f} us")
-        print(f"  one atomic write          {write_ms:8.2f} ms   target {WRITE_TARGET_MS:.0f} ms  ratio {result['write_ratio']:.3f}")
+        print(f"  one atomic write          {write_ms:8.2f} ms   target {WRITE_TARGET_MS:.0f} ms  "
+              f"ratio {result['write_ratio']:.3f}")
     ok = result["verify_ratio"] <= 1.0 and result["write_ratio"] <= 1.0
     return 0 if ok else 1
 

@@ -21,18 +21,18 @@ skipped, so an interrupted run continues where it stopped when run again with th
 
 from __future__ import annotations
 
-import os
-import sys
-
 import argparse
 import json
+import os
 import platform
 import shlex
 import shutil
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -150,7 +150,8 @@ def make_data(run: Run) -> str:
 
 
 def train_model(run: Run, data: str, name: str, *, protect: str = "none", tap: str | None = None,
-                block_size: int | None = None, sub_block: int | None = None, arch: str | None = None) -> tuple[Path, Path | None]:
+                block_size: int | None = None, sub_block: int | None = None,
+                arch: str | None = None) -> tuple[Path, Path | None]:
     """(artifact folder, key file or None); trains only if the artifact is not there yet."""
     from seglock.models.train import TrainConfig, train
 
@@ -172,7 +173,8 @@ def train_model(run: Run, data: str, name: str, *, protect: str = "none", tap: s
     result = train(config, out, key_out=key_file if protect in ("cp", "shf", "np", "ffx") else None,
                    progress=run.verbose)
     best = result.history[result.best_epoch - 1]
-    run.say(f"trained {name}: best epoch {result.best_epoch}/{s.epochs}, val mIoU {best.get('val_mIoU', float('nan')):.1f} "
+    run.say(f"trained {name}: best epoch {result.best_epoch}/{s.epochs}, "
+            f"val mIoU {best.get('val_mIoU', float('nan')):.1f} "
             f"({time.perf_counter() - started:.0f} s)")
     return out, result.key_file
 
@@ -294,12 +296,13 @@ def best_cp(run: Run) -> str:
 
 
 def attacks(run: Run, data: str, cp_models: dict[str, tuple[Path, Path]], baseline: Path) -> None:
+    from safetensors.torch import save_file
+
+    from seglock.models.artifact import read_manifest
     from seglock.models.attacks import finetune_attack, key_space_attack, random_key_attack, weight_matching_attack
     from seglock.models.attacks.weight_matching import train_reference
     from seglock.models.errors import ModelError
     from seglock.models.keyfile import read_key_file
-    from seglock.models.artifact import read_manifest
-    from safetensors.torch import save_file
 
     s = run.settings
     at = run.out / "attacks"
@@ -417,11 +420,13 @@ def main(argv: list[str] | None = None) -> int:
     recorded.write_text(json.dumps(wanted, indent=2) + "\n")
     run = Run(out, settings, verbose=args.verbose)
     load_before = _load()
-    run.say(f"reproduce {'--quick' if args.quick else '(paper scale)'} into {out}: {settings.arch} at {settings.size} px, "
+    run.say(f"reproduce {'--quick' if args.quick else '(paper scale)'} into {out}: "
+            f"{settings.arch} at {settings.size} px, "
             f"{settings.epochs} epochs, device {settings.device}, {torch.get_num_threads()} torch threads")
     reproduce(run)
     wall = time.perf_counter() - run.started
-    command = "python benchmarks/reproduce.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python benchmarks/reproduce.py " + " ".join(shlex.quote(a) for a in given)
     summary = {
         "kind": "run",
         "command": command.strip(),

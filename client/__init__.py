@@ -32,7 +32,11 @@ _EXPORTS = {
     "ConnectionFailed": "seglock.client.errors",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [  # _EXPORTS' names, written out so that linters and type checkers see them
+    "AsyncSegLockClient", "AuthenticationError", "ConnectionFailed", "InvalidInput", "KeyVersionConflict",
+    "Mode", "ModelInfo", "ModelNotFound", "Overloaded", "PermissionDenied", "RateLimited", "RetryPolicy",
+    "SegLockClient", "SegLockError", "ServerError",
+]
 
 if TYPE_CHECKING:
     from seglock.client.errors import (

@@ -17,8 +17,9 @@ import dataclasses
 import json
 import os
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence, TextIO
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 from PIL import Image
@@ -144,7 +145,7 @@ def run_models(args: argparse.Namespace) -> int:
               "-" if i.key_version is None else str(i.key_version)) for i in infos]
     widths = [max(len(row[c]) for row in rows) for c in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -241,6 +242,18 @@ def _write(image: Path, mask: np.ndarray, target: Path, with_overlay: bool,
     return entry
 
 
+class _Progress(Protocol):
+    """What the segment command needs of a progress bar (tqdm's names)."""
+
+    def update(self, n: int = 1) -> Any: ...
+
+    def write(self, line: str, file: TextIO | None = None) -> Any: ...
+
+    def __enter__(self) -> Any: ...
+
+    def __exit__(self, *exc_info: object) -> Any: ...
+
+
 class _SimpleProgress:
     """`tqdm`'s interface, as a one-line counter on stderr (used where tqdm is not installed)."""
 
@@ -257,7 +270,7 @@ class _SimpleProgress:
             print(file=sys.stderr)  # end the counter's line first
         print(line, file=file or sys.stderr)
 
-    def __enter__(self) -> "_SimpleProgress":
+    def __enter__(self) -> _SimpleProgress:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -265,12 +278,13 @@ class _SimpleProgress:
             print(file=sys.stderr)
 
 
-def _progress(total: int, *, quiet: bool):
+def _progress(total: int, *, quiet: bool) -> _Progress:
     try:
         from tqdm import tqdm
     except ImportError:
         return _SimpleProgress(total, quiet)
-    return tqdm(total=total, unit="image", desc=PROG, disable=quiet, file=sys.stderr)
+    bar: _Progress = tqdm(total=total, unit="image", desc=PROG, disable=quiet, file=sys.stderr)
+    return bar
 
 
 if __name__ == "__main__":

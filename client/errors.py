@@ -11,7 +11,8 @@ from __future__ import annotations
 import email.utils
 import json
 import time
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 _MAX_MESSAGE = 300  # a non-JSON error page is cut to this many characters
 
@@ -132,9 +133,7 @@ def parse_retry_after(value: str | None, *, now: float | None = None) -> float |
         try:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
-            return None
-        if when is None:
-            return None
+            return None  # Python 3.10+ raises rather than returning None
         seconds = when.timestamp() - (time.time() if now is None else now)
     if seconds != seconds:  # NaN
         return None

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from seglock.client.errors import InvalidInput, ServerError
 
-ImageInput = Union[str, os.PathLike, bytes, bytearray, memoryview, Image.Image, np.ndarray, IO[bytes]]
+ImageInput = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview, Image.Image, np.ndarray, IO[bytes]]
 
 SERVER_FORMATS = frozenset({"PNG", "JPEG", "WEBP"})  # what the server decodes; others are re-encoded
 _SIXTEEN_BIT_MODES = {"I;16", "I;16B", "I;16L", "I;16N", "I"}
@@ -131,7 +131,7 @@ def resize_rgb(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if array.shape[:2] == (height, width):
         return array
-    return np.asarray(Image.fromarray(array).resize((width, height), Image.BILINEAR))
+    return np.asarray(Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR))
 
 
 def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -139,7 +139,7 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     height, width = size
     if mask.shape == (height, width):
         return mask
-    return np.asarray(Image.fromarray(mask).resize((width, height), Image.NEAREST))
+    return np.asarray(Image.fromarray(mask).resize((width, height), Image.Resampling.NEAREST))
 
 
 # -- encoding -----------------------------------------------------------------------------

@@ -79,4 +79,5 @@ def check_model_name(name: Any) -> str:
     """`name` unchanged when it follows the model-name rule; ValueError naming the rule otherwise."""
     if not is_model_name(name):
         raise ValueError(f"invalid model name {name!r}: use {MODEL_NAME_RULE}")
-    return name
+    checked: str = name
+    return checked

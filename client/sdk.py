@@ -22,7 +22,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 from urllib.parse import quote
@@ -92,7 +92,7 @@ class ModelInfo:
         return mode is not None and mode.encrypts_input
 
     @classmethod
-    def from_dict(cls, data: Any) -> "ModelInfo":
+    def from_dict(cls, data: Any) -> ModelInfo:
         try:
             protection = dict(data["protection"])
             height, width = (int(v) for v in data["input_size"])
@@ -179,6 +179,8 @@ def _encrypted_upload(model_array: np.ndarray, image_size: tuple[int, int], info
     """shf/np/ffx with the cached (version, key); per-image with fresh keys made and dropped here."""
     try:
         if _is_block(info):
+            if key is None:
+                raise TransformError("no client key was fetched")
             version, block_key = key
             encrypted = encrypt_blocks(model_array, block_key)
             headers = {KEY_VERSION_HEADER: str(version)}
@@ -199,7 +201,7 @@ def _encrypted_upload(model_array: np.ndarray, image_size: tuple[int, int], info
 
 def _mask_from(response: httpx.Response, upload: _Upload) -> np.ndarray:
     mask = imaging.decode_mask_png(response.content)
-    if upload.model_size is not None:
+    if upload.model_size is not None and upload.image_size is not None:  # set together
         if mask.shape != tuple(upload.model_size):
             raise ServerError(f"the server answered a {mask.shape} mask for a {upload.model_size} input",
                               code="bad_mask")
@@ -250,7 +252,7 @@ class _BearerToken(httpx.Auth):
     def __init__(self, token: str) -> None:
         self._token = token
 
-    def auth_flow(self, request: httpx.Request):
+    def auth_flow(self, request: httpx.Request) -> Generator[httpx.Request, httpx.Response, None]:
         request.headers["Authorization"] = f"Bearer {self._token}"
         yield request
 
@@ -367,7 +369,7 @@ class SegLockClient(_ClientBase):
     def close(self) -> None:
         self._http.close()
 
-    def __enter__(self) -> "SegLockClient":
+    def __enter__(self) -> SegLockClient:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
@@ -400,7 +402,8 @@ class SegLockClient(_ClientBase):
         raise AssertionError("unreachable")
 
     def iter_segment(self, images: Iterable[ImageInput], model: str, *,
-                     concurrency: int = DEFAULT_CONCURRENCY) -> Iterator[tuple[int, np.ndarray | SegLockError]]:
+                     concurrency: int = DEFAULT_CONCURRENCY
+                     ) -> Generator[tuple[int, np.ndarray | SegLockError], None, None]:
         """(index, mask or SegLockError) for each image, in the order they finish.
 
         At most `concurrency` requests are in flight; `images` is read lazily, so it may be a
@@ -419,7 +422,7 @@ class SegLockClient(_ClientBase):
 
         source = enumerate(images)
         with concurrent.futures.ThreadPoolExecutor(concurrency, thread_name_prefix="seglock") as pool:
-            pending: set[concurrent.futures.Future] = set()
+            pending: set[concurrent.futures.Future[tuple[int, np.ndarray | SegLockError]]] = set()
             try:
                 while True:
                     for index, image in source:
@@ -493,6 +496,7 @@ class SegLockClient(_ClientBase):
             response, error, retryable, retry_after = self._outcome(result)
             if response is not None:
                 return response
+            assert error is not None  # _outcome gives a response or an error
             if not retryable or retry >= self.retry_policy.retries:
                 raise error
             self._sleep(self.retry_policy.delay(retry, retry_after))
@@ -520,7 +524,7 @@ class AsyncSegLockClient(_ClientBase):
     async def aclose(self) -> None:
         await self._http.aclose()
 
-    async def __aenter__(self) -> "AsyncSegLockClient":
+    async def __aenter__(self) -> AsyncSegLockClient:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
@@ -552,7 +556,7 @@ class AsyncSegLockClient(_ClientBase):
 
     async def iter_segment(self, images: Iterable[ImageInput], model: str, *,
                            concurrency: int = DEFAULT_CONCURRENCY
-                           ) -> AsyncIterator[tuple[int, np.ndarray | SegLockError]]:
+                           ) -> AsyncGenerator[tuple[int, np.ndarray | SegLockError], None]:
         """(index, mask or SegLockError) as each image finishes; at most `concurrency` in flight."""
         concurrency = _check_concurrency(concurrency)
         info = await self._model(model)
@@ -566,7 +570,7 @@ class AsyncSegLockClient(_ClientBase):
                 return index, exc
 
         source = enumerate(images)
-        pending: set[asyncio.Task] = set()
+        pending: set[asyncio.Task[tuple[int, np.ndarray | SegLockError]]] = set()
         try:
             while True:
                 for index, image in source:
@@ -635,6 +639,7 @@ class AsyncSegLockClient(_ClientBase):
             response, error, retryable, retry_after = self._outcome(result)
             if response is not None:
                 return response
+            assert error is not None  # _outcome gives a response or an error
             if not retryable or retry >= self.retry_policy.retries:
                 raise error
             await self._sleep(self.retry_policy.delay(retry, retry_after))

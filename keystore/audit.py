@@ -72,7 +72,7 @@ def make_entry(
         raise InvalidRecord(f"audit outcome must be one of {', '.join(OUTCOMES)}, got {outcome!r}")
     if not isinstance(action, str) or not action:
         raise InvalidRecord("an audit action must be a non-empty string")
-    fields = []
+    fields: list[str | None] = []
     for name, value in (("actor", actor), ("action", action), ("target", target), ("detail", detail)):
         if value is None:
             fields.append(None)
@@ -80,8 +80,9 @@ def make_entry(
         if not isinstance(value, str):
             raise InvalidRecord(f"audit {name} must be a string or None")
         fields.append(scrub(value)[:MAX_FIELD])
-    actor, action, target, detail = fields
-    return AuditEntry(time, actor, action, target, outcome, detail)
+    actor, scrubbed_action, target, detail = fields
+    assert scrubbed_action is not None  # checked to be a non-empty string above
+    return AuditEntry(time, actor, scrubbed_action, target, outcome, detail)
 
 
 # -- the log on disk ----------------------------------------------------------------------

@@ -23,7 +23,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -85,7 +85,7 @@ class Header:
     """The authenticated, unencrypted part of the file."""
 
     version: int
-    kdf: dict
+    kdf: dict[str, Any]
     nonce: bytes
     key_check: bytes
 
@@ -109,7 +109,7 @@ class Envelope:
     ciphertext: bytes
 
 
-def seal(plaintext: bytes, keys: EnvelopeKeys, kdf: dict) -> bytes:
+def seal(plaintext: bytes, keys: EnvelopeKeys, kdf: dict[str, Any]) -> bytes:
     """The file bytes holding `plaintext` under `keys`, with a fresh nonce."""
     header = Header(FORMAT_VERSION, kdf, os.urandom(NONCE_BYTES), keys.check)
     ciphertext = keys._aead.encrypt(header.nonce, plaintext, header.associated_data())
@@ -161,7 +161,7 @@ def unseal(envelope: Envelope, keys: EnvelopeKeys, path: Path, origin: str) -> b
         ) from None
 
 
-def _check_version(doc: dict, path: Path) -> None:
+def _check_version(doc: dict[str, Any], path: Path) -> None:
     version = doc.get("version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise UnsupportedFormatVersion(
@@ -171,19 +171,18 @@ def _check_version(doc: dict, path: Path) -> None:
         )
 
 
-def _refuse_unframed(data: bytes, path: Path) -> None:
+def _refuse_unframed(data: bytes, path: Path) -> NoReturn:
     """Raise the fitting error for bytes without a checksum frame."""
     try:
         text = data.decode("ascii")
     except UnicodeDecodeError:
         text = None
     if text is not None:
+        error: ValueError | None = None
         try:
             doc = json.loads(text)
         except ValueError as exc:
             doc, error = None, exc
-        else:
-            error = None
         # A later format may frame itself differently; say "version", not "damaged".
         if isinstance(doc, dict) and doc.get("format") == FORMAT and doc.get("version") != FORMAT_VERSION:
             _check_version(doc, path)
@@ -209,8 +208,8 @@ def _is_prefix_of_document(data: bytes, doc: Any, error: ValueError | None) -> b
     )
 
 
-def _decode(doc: dict, field: str, size: int | None, path: Path) -> bytes:
-    value = doc.get(field)
+def _decode(doc: dict[str, Any], field: str, size: int | None, path: Path) -> bytes:
+    value: Any = doc.get(field)  # None or a non-string: AttributeError below
     try:
         raw = base64.b64decode(value.encode("ascii"), validate=True)
     except (AttributeError, UnicodeEncodeError, binascii.Error, ValueError):
@@ -220,7 +219,7 @@ def _decode(doc: dict, field: str, size: int | None, path: Path) -> bytes:
     return raw
 
 
-def _envelope_from(doc: dict, path: Path) -> Envelope:
+def _envelope_from(doc: dict[str, Any], path: Path) -> Envelope:
     if tuple(doc) != _FIELDS:
         raise KeystoreCorrupt(f"{path} is damaged: unexpected header fields {sorted(doc)}", path=path)
     if doc["cipher"] != CIPHER:
@@ -238,7 +237,7 @@ def _envelope_from(doc: dict, path: Path) -> Envelope:
     return Envelope(header, ciphertext)
 
 
-def _checked_kdf(kdf: Any, path: Path) -> dict:
+def _checked_kdf(kdf: Any, path: Path) -> dict[str, Any]:
     if isinstance(kdf, dict) and list(kdf) == ["name"] and kdf["name"] == "none":
         return kdf
     if isinstance(kdf, dict) and list(kdf) == ["name", "salt", "n", "r", "p"] and kdf["name"] == "scrypt":

@@ -16,7 +16,7 @@ import secrets
 import stat
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NoReturn
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -135,7 +135,7 @@ class MasterKey:
 
     __str__ = __repr__
 
-    def __reduce__(self):  # never pickled into a worker's arguments or a crash dump
+    def __reduce__(self) -> NoReturn:  # never pickled into a worker's arguments or a crash dump
         raise TypeError("a MasterKey cannot be pickled")
 
 

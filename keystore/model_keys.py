@@ -81,7 +81,7 @@ def checked_material(kind: str, material: Any) -> dict[str, Any]:
     if not isinstance(material, dict) or not material:
         raise InvalidRecord(f"{kind} key material must be a non-empty dict")
     try:
-        copy = json.loads(json.dumps(material, allow_nan=False))
+        copy: dict[str, Any] = json.loads(json.dumps(material, allow_nan=False))
     except (TypeError, ValueError):
         raise InvalidRecord(f"{kind} key material must be JSON-serialisable (str keys, plain values)") from None
     if kind == "cp":

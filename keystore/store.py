@@ -8,7 +8,9 @@ a stat-based `refresh()`, so a change made elsewhere is seen on the next call.
 
 from __future__ import annotations
 
+import base64
 import copy
+import secrets
 import functools
 import json
 import logging
@@ -16,7 +18,7 @@ import os
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Mapping
@@ -70,6 +72,7 @@ KEYSTORE_FILENAME = "keystore.json"
 LOCK_FILENAME = "keystore.json.lock"
 PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet in force
 STATE_SCHEMA = 1
+DATA_KEY_BYTES = 32  # AES-256 (seglock.models.at_rest)
 DEFAULT_LOCK_TIMEOUT = 30.0
 ALLOW_ROLLBACK_ENV = "SEGLOCK_KEYSTORE_ALLOW_ROLLBACK"  # set once to accept a restored older keystore.json
 
@@ -91,10 +94,14 @@ class _State:
     tokens: dict[str, TokenRecord]
     models: dict[str, tuple[KeyVersion, ...]]
     audit: list[AuditEntry]
+    # per model, its at-rest data key {"id", "key" (base64), "created_at", "created_by"}; a
+    # keystore written before data keys existed has none (the field is then left out)
+    data_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def copy(self) -> "_State":
         # Records are immutable, so copying the containers is a full copy.
-        return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit))
+        return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit),
+                      dict(self.data_keys))
 
     def to_bytes(self) -> bytes:
         # Joined from each record's cached JSON: a write costs a join, not a full re-encode.
@@ -104,7 +111,9 @@ class _State:
         )
         audit = ",".join(entry.json_text for entry in self.audit)
         head = f'{{"schema":{STATE_SCHEMA},"created_at":{_compact(self.created_at)},"generation":{self.generation}'
-        return f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]}}'.encode("utf-8")
+        data_keys = f',"data_keys":{_compact(self.data_keys)}' if self.data_keys else ""
+        return (f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]{data_keys}}}'
+                .encode("utf-8"))
 
     @classmethod
     def from_bytes(cls, data: bytes, path: Path) -> "_State":
@@ -120,6 +129,7 @@ class _State:
                     m: tuple(KeyVersion.from_json(m, v) for v in versions) for m, versions in doc["models"].items()
                 },
                 audit=[AuditEntry.from_json(e) for e in doc["audit"]],
+                data_keys={m: _checked_data_key(m, rec) for m, rec in doc.get("data_keys", {}).items()},
             )
         except (KeyError, TypeError, ValueError, AttributeError):
             raise KeystoreCorrupt(
@@ -127,6 +137,13 @@ class _State:
                 "the file was left as it is",
                 path=path,
             ) from None
+
+
+def _checked_data_key(model: str, record: Any) -> dict[str, Any]:
+    if not (isinstance(record, dict) and isinstance(record.get("id"), str)
+            and len(base64.b64decode(record["key"], validate=True)) == DATA_KEY_BYTES):
+        raise ValueError(f"data key of {model}")
+    return record
 
 
 def _material_copy(version: KeyVersion) -> KeyVersion:
@@ -171,14 +188,14 @@ class Keystore:
         self._flock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
         self._mutex = threading.RLock()  # threads of one process: one transaction at a time
         self._keys: dict[str, envelope.EnvelopeKeys] = {}  # derived keys by KDF header
-        self._kdf: dict = {}
+        self._kdf: dict[str, Any] = {}
         self._state: _State | None = None
         self._stamp: _Stamp | None = None
         self._fd: int | None = None  # pins the loaded file's inode (see _stamp)
         self._txn: _State | None = None
         self._txn_thread: int | None = None
         self._txn_dirty = False
-        self._next_master: tuple[MasterKey, dict] | None = None
+        self._next_master: tuple[MasterKey, dict[str, Any]] | None = None
         self._txn_audit: list[AuditEntry] = []  # the open transaction's entries, written before its commit
         self._audit: tuple[str, AuditLog] | None = None
 
@@ -187,7 +204,7 @@ class Keystore:
     @classmethod
     def open(
         cls,
-        home: str | os.PathLike,
+        home: str | os.PathLike[str],
         *,
         create: bool = False,
         clock: Clock | None = None,
@@ -199,7 +216,7 @@ class Keystore:
         """Open `home/keystore.json`; with `create`, make it (and a dev master.key) when missing."""
         home = Path(home)
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         if not (home / KEYSTORE_FILENAME).exists():
             if not create:
                 raise KeystoreNotFound(
@@ -240,7 +257,7 @@ class Keystore:
     @classmethod
     def init(
         cls,
-        home: str | os.PathLike,
+        home: str | os.PathLike[str],
         *,
         clock: Clock | None = None,
         env: Mapping[str, str] | None = None,
@@ -251,14 +268,14 @@ class Keystore:
         """Make a new keystore in `home`; KeystoreExists if there is one."""
         home = Path(home)
         env = os.environ if env is None else env
-        options = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
         made = cls._create(home, env, master, options, exist_ok=False)
         assert made is not None
         return made
 
     @classmethod
     def _create(
-        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict, *, exist_ok: bool
+        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict[str, Any], *, exist_ok: bool
     ) -> "Keystore | None":
         """Make the keystore under the lock; None when another process made it first (and exist_ok)."""
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -312,7 +329,7 @@ class Keystore:
 
     # -- reading the file -----------------------------------------------------------------
 
-    def _envelope_keys(self, kdf: dict) -> envelope.EnvelopeKeys:
+    def _envelope_keys(self, kdf: dict[str, Any]) -> envelope.EnvelopeKeys:
         cache_key = json.dumps(kdf, sort_keys=True)
         keys = self._keys.get(cache_key)
         if keys is None:  # scrypt is slow on purpose: derive once per KDF header
@@ -346,7 +363,7 @@ class Keystore:
         self._install(state, fd, _stamp(st), sealed.header.kdf)
         log.debug("loaded %s (generation %d)", self.path, state.generation)
 
-    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict) -> None:
+    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict[str, Any]) -> None:
         old_fd = self._fd
         self._state, self._fd, self._stamp, self._kdf = state, fd, stamp, kdf
         if old_fd is not None:
@@ -405,7 +422,7 @@ class Keystore:
                 if changed:
                     self._reload()
                 fsio.remove_stale_temps(self.path)
-                self._txn, self._txn_thread, self._txn_dirty = self._state.copy(), threading.get_ident(), False
+                self._txn, self._txn_thread, self._txn_dirty = self._loaded.copy(), threading.get_ident(), False
                 self._txn_audit = []
                 try:
                     yield self
@@ -460,6 +477,13 @@ class Keystore:
         if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._txn
         self.refresh()
+        return self._loaded
+
+    @property
+    def _loaded(self) -> _State:
+        """The committed state (loaded by `open` before any use)."""
+        if self._state is None:
+            raise KeystoreError("internal: the keystore was used before it was loaded")
         return self._state
 
     def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
@@ -530,7 +554,7 @@ class Keystore:
         parts = parse_token(token)
         if parts is None:
             return TokenCheck(False, "malformed")
-        return check_token(self._state.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
+        return check_token(self._loaded.tokens.get(parts[0]), parts[1], self._clock(), scope, model)
 
     def verify_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> Grant | None:
         """The token's grant if it is valid, has `scope` and (if given) is granted `model`; else None."""
@@ -644,6 +668,27 @@ class Keystore:
         """Names of the models that have keys."""
         return sorted(self._view().models)
 
+    # -- at-rest data keys ----------------------------------------------------------------
+
+    def data_key(self, model: str, *, create: bool = False, actor: str | None = None) -> tuple[str, bytes] | None:
+        """(id, 32 secret bytes) of `model`'s at-rest data key (DESIGN Additions "At rest"): one per
+        model, for every revision; made from the OS CSPRNG on first use when `create`, else None."""
+        record = self._view().data_keys.get(model)
+        if record is None and create:
+            model = checked_name(model, "model name")
+            with self.transaction():
+                state = self._writing()
+                record = state.data_keys.get(model)
+                if record is None:
+                    record = {"id": "d" + secrets.token_hex(6),
+                              "key": base64.b64encode(secrets.token_bytes(DATA_KEY_BYTES)).decode("ascii"),
+                              "created_at": self._clock(), "created_by": actor}
+                    state.data_keys[model] = record
+                    self._record(actor, "data_key.add", model, detail=f"id={record['id']}")
+        if record is None:
+            return None
+        return record["id"], base64.b64decode(record["key"])
+
     # -- audit ----------------------------------------------------------------------------
 
     def audit(
@@ -709,6 +754,7 @@ class Keystore:
             to = f"a new generated key in {old.file}" if pending is not None else new.origin
             self._record(actor, "keystore.change_master_key", str(self.path), detail=f"from {old.origin} to {to}")
         if pending is not None:
+            assert old.file is not None  # a generated key is made only for a keystore opened with its file
             os.replace(pending, old.file)
             fsio.fsync_dir(self.home)
             self._master = read_master_key_file(old.file)
@@ -759,6 +805,7 @@ class Keystore:
                 for model, versions in sorted(state.models.items())
             },
             "audit_entries": len(state.audit) + len(self._audit_log().entries()),
+            "data_keys": sorted(state.data_keys),  # models whose weights are encrypted at rest (ids only)
         }
 
     # -- lifetime -------------------------------------------------------------------------

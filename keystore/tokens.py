@@ -12,9 +12,10 @@ import hmac
 import json
 import re
 import secrets
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Collection, Iterable
+from typing import Any
 
 from seglock.keystore.errors import InvalidRecord
 
@@ -143,7 +144,7 @@ class TokenRecord:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, token_id: str, data: dict[str, Any]) -> "TokenRecord":
+    def from_json(cls, token_id: str, data: dict[str, Any]) -> TokenRecord:
         return cls(
             id=token_id,
             name=data["name"],

@@ -19,6 +19,10 @@ Protection modes and their required public parameters: none; cp: tap (channels i
 shf, np, ffx: block_size; per-image: block_size, sub_block. Other public parameters may be added,
 but no field may be named like key material (key, perm, secret, password, seed, token, ...) or hold
 a long list of integers: saving and loading refuse such a manifest.
+
+Inside a home the weights file is encrypted at rest (`seglock.models.at_rest`; `save_artifact(...,
+seal=)`, `load_artifact(..., unseal=)`, given by `seglock.app.home.Home`); the manifest is the same
+and its sha256/bytes describe the plain safetensors bytes. Elsewhere artifacts are plain files.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import json
 import os
 import re
 import struct
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,6 +42,7 @@ from typing import Any
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 from safetensors.torch import save_file
 from torch import nn
 
@@ -45,6 +50,7 @@ from seglock.client import fsio
 from seglock.client.modes import Mode, is_model_name
 from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
+from seglock.models.at_rest import is_sealed
 from seglock.models.errors import ArtifactError, ModelError
 from seglock.models.taps import get_tap
 
@@ -297,8 +303,14 @@ def save_artifact(
     key: KeyRef | Mapping[str, Any] | None = None,
     overwrite: bool = False,
     created: datetime | None = None,
+    seal: Callable[[bytes], bytes] | None = None,
 ) -> Manifest:
-    """Write `model` as an artifact directory, atomically (a temp directory renamed into place)."""
+    """Write `model` as an artifact directory, atomically (a temp directory renamed into place).
+
+    With `seal` (a home's at-rest encryption, `seglock.models.at_rest`) the safetensors bytes are
+    made in memory and only `seal(bytes)` reaches the disk; the manifest still describes the plain
+    bytes (sha256, size), which loading checks after decryption.
+    """
     for attr in ("architecture", "architecture_kwargs", "num_classes"):
         if not hasattr(model, attr):
             raise ArtifactError("save the model built by models.build_model (not a keyed wrapper or a bare module)")
@@ -326,8 +338,14 @@ def save_artifact(
     with fsio.atomic_directory(out_dir, mode=0o755) as tmp:
         weights_path = tmp / WEIGHTS_FILE
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
-        save_file(state, str(weights_path), metadata=_weights_metadata(draft))
-        digest, size = _sha256_file(weights_path)
+        if seal is None:
+            save_file(state, str(weights_path), metadata=_weights_metadata(draft))
+            digest, size = _sha256_file(weights_path)
+        else:
+            plain = save_safetensors(state, metadata=_weights_metadata(draft))
+            digest, size = hashlib.sha256(plain).hexdigest(), len(plain)
+            weights_path.write_bytes(seal(plain))  # fsynced and swapped in with the folder
+            del plain
         manifest = replace(draft, weights=WeightsRef(WEIGHTS_FILE, digest, size))
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest.to_dict(), indent=2) + "\n", encoding="utf-8")
     return manifest
@@ -372,14 +390,28 @@ def read_manifest(path: str | os.PathLike[str]) -> Manifest:
         raise ArtifactError(f"{MANIFEST_FILE} of {path}: {exc}") from None
 
 
-def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu") -> tuple[nn.Module, Manifest]:
-    """(model in eval mode, manifest) after checking the manifest and the weights' SHA-256."""
+def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.device = "cpu",
+                  unseal: Callable[[bytes], bytes] | None = None) -> tuple[nn.Module, Manifest]:
+    """(model in eval mode, manifest) after checking the manifest and the weights' SHA-256.
+
+    Weights encrypted at rest (a home's revisions) are decrypted in memory by `unseal` (given by
+    `seglock.app.home.Home`); without it they are refused with a clear error. Plain weights load
+    either way.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     weights_path = path / manifest.weights.file
     if not weights_path.is_file():
         raise ArtifactError(f"{path} has no {manifest.weights.file}")
     data = weights_path.read_bytes()  # read once: the bytes hashed are the bytes loaded
+    if is_sealed(data):
+        if unseal is None:
+            raise ArtifactError(
+                f"the weights of {path} are encrypted at rest (a seglock home's revision): serve them from "
+                "their home, or write a plain artifact with "
+                "`seglock models export --model NAME --home HOME --out DIR`"
+            )
+        data = unseal(data)
     if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
         raise ArtifactError(
             f"{manifest.weights.file} of {path} does not match its manifest's SHA-256: the artifact is corrupt or was altered"

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -41,7 +41,7 @@ __all__ = [
 _DEVICE_CACHE_LIMIT = 16  # (name, shape, device) tensors kept per key
 # Device copies of a key's indices, dropped with the key; never module buffers, so key material
 # cannot end up in a state_dict or a weights file.
-_device_cache: "weakref.WeakKeyDictionary[BlockKey, dict[tuple, Tensor]]" = weakref.WeakKeyDictionary()
+_device_cache: weakref.WeakKeyDictionary[BlockKey, dict[tuple, Tensor]] = weakref.WeakKeyDictionary()
 _device_cache_lock = threading.Lock()
 
 

@@ -260,11 +260,14 @@ def evaluate_conditions(
     progress: bool = True,
     batch_size: int = 8,
     split: str | None = None,
+    unseal: Callable[[bytes], bytes] | None = None,
 ) -> dict[str, Any]:
-    """Every condition of `conditions` on the artifact and data set; a JSON-ready dict."""
+    """Every condition of `conditions` on the artifact and data set; a JSON-ready dict.
+
+    `unseal` decrypts a home revision's weights in memory (`seglock.app.home.Home.unsealer`)."""
     started = time.perf_counter()
     parsed = parse_conditions(conditions)
-    model, manifest = load_artifact(artifact_dir)
+    model, manifest = load_artifact(artifact_dir, unseal=unseal)
     if key is not None:
         check_key(manifest, key)
     keyed = manifest.mode.has_model_key

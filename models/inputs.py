@@ -17,6 +17,7 @@ from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch, to_model_input
 
+
 def normalize(batch: Tensor, normalization: Mapping[str, Any]) -> Tensor:
     """(x - mean) / std per channel of an NCHW float batch."""
     mean = torch.as_tensor(normalization["mean"], dtype=batch.dtype, device=batch.device).view(1, -1, 1, 1)

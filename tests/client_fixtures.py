@@ -101,7 +101,7 @@ class LoopbackServer:
         self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on"))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.socket]}, daemon=True)
 
-    def __enter__(self) -> "LoopbackServer":
+    def __enter__(self) -> LoopbackServer:
         self.thread.start()
         deadline = time.monotonic() + 60
         while not self.server.started:
@@ -163,8 +163,8 @@ def make_client_artifacts(root: Path) -> dict[str, tuple[Path, object]]:
 @pytest.fixture(scope="module")
 def hosted(tmp_path_factory):
     """A loopback server hosting every mode: {"url", "tokens", "recorder", "home", "keys"}."""
-    from seglock.app.main import create_app
     from seglock.app.home import Home
+    from seglock.app.main import create_app
     from seglock.app.settings import Settings
 
     root = tmp_path_factory.mktemp("client-server")

@@ -107,7 +107,8 @@ def live_server(home: Path, *args: str, ready_s: float = 180):
     log_path = home.parent / "server.log"
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port), "--device", "cpu",
+            [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port),
+             "--device", "cpu",
              *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         base = f"http://127.0.0.1:{port}"
         try:

@@ -91,7 +91,8 @@ def test_tiny_width_sets_its_channels():
 
 
 def test_unknown_architecture_is_refused_listing_the_known_ones():
-    with pytest.raises(ModelError, match="unknown architecture 'unet'; known: deeplabv3_mobilenet_v3_large, .*, vit_seg"):
+    known = "known: deeplabv3_mobilenet_v3_large, .*, vit_seg"
+    with pytest.raises(ModelError, match=f"unknown architecture 'unet'; {known}"):
         build_model("unet", NUM_CLASSES)
 
 
@@ -230,7 +231,8 @@ def test_head_tap_sits_after_the_classifier_relu_before_the_final_conv():
 def test_mobilenet_taps_and_their_channels():
     deeplab = taps(_on_meta("deeplabv3_mobilenet_v3_large"))
     lraspp = taps(_on_meta("lraspp_mobilenet_v3_large"))
-    blocks = {"features3": 24, "features6": 40, "features10": 80, "features12": 112, "features15": 160, "features16": 960}
+    blocks = {"features3": 24, "features6": 40, "features10": 80, "features12": 112, "features15": 160,
+              "features16": 960}
     assert {n: t.channels for n, t in deeplab.items()} == {**blocks, "head": 256}
     assert {n: t.channels for n, t in lraspp.items()} == blocks
     assert lraspp["features16"].consumers == ("classifier.cbr.0", "classifier.scale.1")

@@ -4,7 +4,7 @@ import importlib.metadata
 import json
 import re
 import struct
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 import torch
@@ -22,7 +22,8 @@ def _tiny() -> torch.nn.Module:
 
 
 def _save(model, out_dir, **fields):
-    return save_artifact(model, out_dir, **{"name": "streets", "class_names": CLASSES, "input_size": [64, 64], **fields})
+    defaults = {"name": "streets", "class_names": CLASSES, "input_size": [64, 64]}
+    return save_artifact(model, out_dir, **{**defaults, **fields})
 
 
 def _edit_manifest(path, edit):
@@ -58,7 +59,8 @@ def test_loaded_model_is_in_eval_mode(artifact):
 
 
 def test_round_trip_keeps_the_manifest(tmp_path):
-    saved = _save(_tiny(), tmp_path / "a", key={"id": "streets", "version": 2}, protection={"mode": "shf", "block_size": 4})
+    saved = _save(_tiny(), tmp_path / "a", key={"id": "streets", "version": 2},
+                  protection={"mode": "shf", "block_size": 4})
     assert load_artifact(tmp_path / "a")[1] == saved
 
 
@@ -71,8 +73,9 @@ def test_artifact_holds_exactly_a_manifest_and_safetensors_weights(artifact):
 
 
 def test_manifest_layout(tmp_path):
-    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=timezone.utc)
-    _save(_tiny(), tmp_path / "a", created=created, protection={"mode": "cp", "tap": "dec2"}, key={"id": "k1", "version": 1})
+    created = datetime(2025, 1, 2, 3, 4, 5, tzinfo=UTC)
+    _save(_tiny(), tmp_path / "a", created=created, protection={"mode": "cp", "tap": "dec2"},
+          key={"id": "k1", "version": 1})
     data = json.loads((tmp_path / "a" / "manifest.json").read_text())
     weights = data.pop("weights")
     assert data == {

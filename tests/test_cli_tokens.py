@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import pytest
 
@@ -15,7 +15,8 @@ from seglock.keystore import Keystore
 MASTER = base64.b64encode(bytes(range(32))).decode()
 OTHER = base64.b64encode(bytes(range(50, 82))).decode()
 TOKEN = re.compile(r"slk_([0-9a-f]{12})_[0-9a-f]{64}")
-MASTER_VARIABLES = [f"SEGLOCK_{n}_{s}" for n in ("MASTER", "NEW_MASTER") for s in ("KEY", "KEY_FILE", "PASSPHRASE", "PASSPHRASE_FILE")]
+MASTER_VARIABLES = [f"SEGLOCK_{n}_{s}" for n in ("MASTER", "NEW_MASTER")
+                    for s in ("KEY", "KEY_FILE", "PASSPHRASE", "PASSPHRASE_FILE")]
 
 
 @pytest.fixture(autouse=True)
@@ -46,7 +47,8 @@ def create(capsys, home, *extra: str) -> str:
 
 
 def test_create_prints_only_the_token_on_stdout(capsys, home):
-    code, out, err = run(capsys, "tokens", "create", "--home", str(home), "--name", "web", "--scope", "segment", "--model", "m1")
+    code, out, err = run(capsys, "tokens", "create", "--home", str(home), "--name", "web", "--scope", "segment",
+                         "--model", "m1")
     assert code == 0
     assert TOKEN.fullmatch(out.strip())
     assert "not shown again" in err and len(err.strip().splitlines()) == 1
@@ -74,12 +76,13 @@ def test_expires_sets_the_expiry_from_now(capsys, home):
 
 def test_expires_accepts_an_iso_date(capsys, home):
     create(capsys, home, "--scope", "admin", "--expires", "2999-01-31")
-    assert Keystore.open(home).list_tokens()[0].expires_at == datetime(2999, 1, 31, tzinfo=timezone.utc).timestamp()
+    assert Keystore.open(home).list_tokens()[0].expires_at == datetime(2999, 1, 31, tzinfo=UTC).timestamp()
 
 
 @pytest.mark.parametrize("when", ["soon", "0d", "2000-01-01"])
 def test_bad_expiry_is_a_user_error(capsys, home, when):
-    code, out, err = run(capsys, "tokens", "create", "--home", str(home), "--name", "n", "--scope", "admin", "--expires", when)
+    code, out, err = run(capsys, "tokens", "create", "--home", str(home), "--name", "n", "--scope", "admin",
+                         "--expires", when)
     assert (code, out) == (2, "")
     assert err.startswith("seglock: error: --expires") and err.count("\n") == 1
 

@@ -12,8 +12,8 @@ from PIL import Image
 from seglock.client import SegLockClient
 from seglock.client.cli import main
 from seglock.client.imaging import VOC_COLORMAP
-from tests.server_fixtures import scene as noise
 from tests.client_fixtures import hosted, png  # noqa: F401 - hosted is a fixture
+from tests.server_fixtures import scene as noise
 
 
 @pytest.fixture
@@ -75,7 +75,7 @@ def test_a_folder_stands_for_its_images_and_json_sums_up(env, pictures, tmp_path
     summary = json.loads(capsys.readouterr().out)
     assert [Path(e["mask"]).name for e in summary["written"]] == ["a.png", "b.png", "c.png"]
     assert summary["failed"] == 0
-    for entry, name in zip(summary["written"], "abc"):
+    for entry, name in zip(summary["written"], "abc", strict=False):
         assert (entry["height"], entry["width"]) == images[name].shape[:2]
         assert sum(entry["pixels"].values()) == entry["height"] * entry["width"]
         assert set(entry["pixels"]) <= {"background", "disc", "square"}

@@ -69,7 +69,7 @@ def server_side_masks(served, model: str, images) -> list[np.ndarray]:
 
 
 def miou(masks, scenes, num_classes: int) -> float:
-    conf = sum(confusion_matrix(mask, truth, num_classes) for mask, (_, truth) in zip(masks, scenes))
+    conf = sum(confusion_matrix(mask, truth, num_classes) for mask, (_, truth) in zip(masks, scenes, strict=False))
     return segmentation_metrics(conf)["mIoU"]
 
 
@@ -83,7 +83,7 @@ def test_sdk_masks_equal_the_server_side_path_and_reach_the_measured_miou(client
     images = [image for image, _ in scenes]
     by_sdk = client.segment_many(images, model, concurrency=4)
     by_server = server_side_masks(served, model, images)
-    for mine, theirs in zip(by_sdk, by_server):
+    for mine, theirs in zip(by_sdk, by_server, strict=False):
         np.testing.assert_array_equal(mine, theirs)
     assert len(scenes) == 40
     assert miou(by_sdk, scenes, infos[model].num_classes) == pytest.approx(MEASURED_MIOU[model], abs=0.05)
@@ -93,7 +93,7 @@ def test_sdk_masks_equal_the_server_side_path_and_reach_the_measured_miou(client
 def test_sdk_masks_equal_the_server_side_path_for_other_image_sizes(client, served, scenes, model):
     images = [np.asarray(Image.fromarray(image).resize((190, 150), Image.BILINEAR)) for image, _ in scenes[:4]]
     by_sdk = client.segment_many(images, model)
-    for mine, theirs in zip(by_sdk, server_side_masks(served, model, images)):
+    for mine, theirs in zip(by_sdk, server_side_masks(served, model, images), strict=False):
         assert mine.shape == (150, 190)
         np.testing.assert_array_equal(mine, theirs)
 

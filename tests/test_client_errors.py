@@ -33,7 +33,6 @@ from seglock.client.errors import error_for_status, parse_retry_after
 from seglock.client.imaging import mask_image
 from seglock.client.transforms import BlockKey
 
-
 TOKEN = "slk_abcdefabcdef_" + "5" * 64
 URL = "http://seglock.test"
 SHF_KEY = BlockKey.generate("shf", 2, randbytes=np.random.default_rng(0).bytes)
@@ -134,7 +133,8 @@ def test_retry_after_reads_seconds_and_http_dates():
 
 def test_an_error_body_that_is_not_json_keeps_its_first_line():
     raised = error_for_status(502, b"<html>Bad gateway</html>\nmore", {})
-    assert type(raised) is ServerError and raised.code == "server_error" and raised.message == "<html>Bad gateway</html>"
+    assert type(raised) is ServerError and raised.code == "server_error"
+    assert raised.message == "<html>Bad gateway</html>"
 
 
 @pytest.mark.parametrize("retries", [0, 1, 3])
@@ -148,7 +148,8 @@ def test_retries_on_503_stop_at_the_limit_with_exponential_backoff(retries):
 
 
 def test_429_then_success_returns_the_mask_after_one_wait():
-    script, sleeps = Script([error(429, "rate_limited", "slow down"), httpx.Response(200, content=mask_png())]), Sleeps()
+    script = Script([error(429, "rate_limited", "slow down"), httpx.Response(200, content=mask_png())])
+    sleeps = Sleeps()
     with client_for(script, 3, sleeps) as sdk:
         mask = sdk.segment(IMAGE, "plain")
     np.testing.assert_array_equal(mask, np.ones((8, 8), np.uint8))
@@ -193,7 +194,8 @@ def test_a_key_conflict_refetches_the_key_and_retries_exactly_once():
     with client_for(script) as sdk, pytest.raises(KeyVersionConflict):
         sdk.segment(IMAGE, "shf")
     assert script.paths() == ["models", "client-key", "segment", "client-key", "segment"]
-    assert [r.headers.get("x-seglock-key-version") for r in script.calls if r.url.path.endswith("segment")] == ["3", "3"]
+    segments = [r for r in script.calls if r.url.path.endswith("segment")]
+    assert [r.headers.get("x-seglock-key-version") for r in segments] == ["3", "3"]
 
 
 def test_every_request_carries_the_token_and_the_client_repr_does_not():

@@ -44,7 +44,7 @@ def transparent_palette_png() -> bytes:
 @pytest.mark.parametrize("data", [
     encoded(Image.fromarray(noise(0, 20, 30))),
     encoded(Image.fromarray(np.dstack([noise(1, 9, 7), np.arange(63, dtype=np.uint8).reshape(9, 7) * 4]))),
-    encoded(Image.fromarray((np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365))),
+    encoded(Image.fromarray(np.arange(48, dtype=np.uint16).reshape(6, 8) * 1365)),
     encoded(Image.fromarray(noise(2, 16, 16)), "JPEG", quality=90),
     encoded(Image.fromarray(noise(3, 16, 16)), "WEBP", lossless=True),
     encoded(Image.fromarray(noise(4, 10, 10)[:, :, 0]).convert("LA")),

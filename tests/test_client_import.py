@@ -66,3 +66,9 @@ def test_sdk_and_cli_import_and_work_without_torch_fastapi_or_the_server_package
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().endswith("sdk-ok")
+
+
+def test_all_lists_exactly_the_lazy_exports():
+    import seglock.client
+
+    assert seglock.client.__all__ == sorted(seglock.client._EXPORTS)

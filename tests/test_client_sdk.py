@@ -21,9 +21,9 @@ from seglock.client import (
 )
 from seglock.client.imaging import resize_rgb
 from seglock.client.transforms import encrypt_blocks
+from tests.client_fixtures import hosted, png, run  # noqa: F401 - hosted is a fixture
 from tests.server_fixtures import INPUT
 from tests.server_fixtures import scene as noise
-from tests.client_fixtures import hosted, png, run  # noqa: F401 - hosted is a fixture
 
 ALL_MODELS = ["cp", "ffx", "np", "per-image", "plain", "shf"]
 DETERMINISTIC = ["plain", "cp", "shf", "np", "ffx"]
@@ -194,7 +194,7 @@ def test_segment_many_keeps_the_order_of_the_images(client):
     images = [noise(seed, 24 + 8 * (seed % 3), 32) for seed in range(7)]
     masks = client.segment_many(images, "np", concurrency=3)
     assert [m.shape for m in masks] == [i.shape[:2] for i in images]
-    for image, mask in zip(images, masks):
+    for image, mask in zip(images, masks, strict=False):
         np.testing.assert_array_equal(mask, client.segment(image, "np"))
 
 
@@ -274,7 +274,7 @@ def test_async_client_gives_the_sync_clients_masks(client, hosted):
     assert sorted(names) == ALL_MODELS
     for model, mask in single.items():
         np.testing.assert_array_equal(mask, client.segment(images[0], model))
-    for image, mask in zip(images, many):
+    for image, mask in zip(images, many, strict=False):
         np.testing.assert_array_equal(mask, client.segment(image, "shf"))
     assert per_image.shape == (40, 36)
 

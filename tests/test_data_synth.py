@@ -1,14 +1,12 @@
 """Synthetic scenes: deterministic, valid masks, every class present, colour not a shortcut."""
 
-import argparse
 import json
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from seglock.app.cli import CLIError
-from seglock.app.commands import data as data_command
+from seglock.app.cli import main
 from seglock.models.data import DatasetError
 from seglock.models.data.synth import CLASS_NAMES, MAX_CLASSES, generate_scene, split_stems, write_synth_dataset
 
@@ -23,10 +21,7 @@ def _files(root):
 
 
 def _run_cli(argv):
-    parser = argparse.ArgumentParser(prog="seglock")
-    data_command.register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.handler(args)
+    return main(argv)
 
 
 def test_scene_is_uint8_rgb_with_a_uint8_mask_of_the_same_size():
@@ -163,13 +158,15 @@ def test_cli_synth_writes_the_layout_and_prints_a_json_summary(tmp_path, capsys)
     assert (out / "splits.json").is_file()
 
 
-def test_cli_synth_reports_user_errors_as_cli_errors(tmp_path):
+def test_cli_synth_reports_user_errors_as_one_line_and_exit_code_2(tmp_path, capsys):
     argv = ["data", "synth", "--out", str(tmp_path), "--n", "2", "--size", "32"]
     assert _run_cli(argv) == 0
-    with pytest.raises(CLIError, match="--force"):
-        _run_cli(argv)
-    with pytest.raises(CLIError, match="number of classes"):
-        _run_cli(argv + ["--force", "--classes", "11"])
+    capsys.readouterr()
+    assert _run_cli(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seglock: error: ") and "--force" in err and err.count("\n") == 1
+    assert _run_cli(argv + ["--force", "--classes", "11"]) == 2
+    assert "number of classes" in capsys.readouterr().err
 
 
 def test_cli_info_summarises_a_folder_data_set(tmp_path, capsys):
@@ -180,6 +177,7 @@ def test_cli_info_summarises_a_folder_data_set(tmp_path, capsys):
     assert summary["classes"] == ["background", "disc", "square"]
 
 
-def test_cli_info_on_a_directory_of_no_known_format_is_a_cli_error(tmp_path):
-    with pytest.raises(CLIError, match="cannot tell the data format"):
-        _run_cli(["data", "info", str(tmp_path)])
+def test_cli_info_on_a_directory_of_no_known_format_is_a_cli_error(tmp_path, capsys):
+    assert _run_cli(["data", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("seglock: error: ") and "cannot tell the data format" in err

@@ -40,7 +40,7 @@ def scenes(tmp_path_factory):
 @pytest.fixture(scope="module")
 def batch(scenes):
     data = open_dataset(scenes, "val", size=128)
-    images, masks = zip(*(data[i] for i in range(len(data))))
+    images, masks = zip(*(data[i] for i in range(len(data))), strict=False)
     return torch.stack(images), torch.stack(masks)
 
 
@@ -174,8 +174,9 @@ def test_keyless_models_have_no_random_condition(scenes):
 
 def test_per_image_correct_condition_is_repeatable_by_seed(scenes):
     path = zoo_dir() / "demo-per-image"
-    run = lambda seed: evaluate_conditions(path, scenes, key=None, conditions="correct", seed=seed,
-                                           progress=False)["conditions"]["correct"]
+    def run(seed):
+        return evaluate_conditions(path, scenes, key=None, conditions="correct", seed=seed,
+                                               progress=False)["conditions"]["correct"]
     assert run(3)["IoU"] == run(3)["IoU"]
 
 
@@ -226,6 +227,12 @@ def test_cli_takes_the_key_from_a_home(scenes, tmp_path, capsys):
     assert with_key == plain["conditions"]["correct"]["mIoU"]
     with Keystore.open(home) as store:
         assert [v.version for v in store.model_key_versions("p")] == [1]
+    # the same model imported into the home and named: its weights, encrypted at rest, open in memory
+    assert main(["models", "import", "--home", str(home), "--model", str(tmp_path / "p"), "--name", "q"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", "--model", "q", "--data", str(scenes), "--home", str(home),
+                 "--conditions", "correct", "--json", "-", "--quiet", "--device", "cpu"]) == 0
+    assert json.loads(capsys.readouterr().out)["conditions"]["correct"]["mIoU"] == with_key
 
 
 @pytest.mark.parametrize(

@@ -56,12 +56,13 @@ def states(home: Home, name: str) -> dict[int, str]:
 
 def add_revision(home: Home, name: str, revision: int, key_version: int | None) -> None:
     """Copy r1 of `name` as r<revision>, naming `key_version` (as a cut-off rotation leaves it)."""
-    model, manifest = load_artifact(home.revision_dir(name, 1))
+    model, manifest = home.load_revision(name, home.revision_dir(name, 1))
     key = None if key_version is None else KeyRef(id=home.keystore.get_model_key(name, key_version).id,
                                                    version=key_version)
     save_artifact(model, home.revision_dir(name, revision), name=name, class_names=list(manifest.class_names),
                   input_size=list(manifest.input_size), normalization=manifest.normalization,
-                  protection={k: v for k, v in manifest.protection.items() if k != "channels"}, key=key)
+                  protection={k: v for k, v in manifest.protection.items() if k != "channels"}, key=key,
+                  seal=home._sealer(name, revision, "test"))
 
 
 # -- layout ----------------------------------------------------------------------------------------
@@ -260,7 +261,7 @@ def test_a_second_rotation_without_a_callback(home):
 
 
 def test_rotation_first_repairs_a_rotation_that_was_cut_off(home):
-    model, manifest = load_artifact(home.revision_dir("cp", 1))
+    model, manifest = home.load_revision("cp", home.revision_dir("cp", 1))
     new_key = rekey(model, "dec2", home.model_key(manifest))
     pending = home.keystore.add_model_key("cp", *key_material(Mode.CP, new_key), activate=False)
     add_revision(home, "cp", 2, pending.version)

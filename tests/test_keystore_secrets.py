@@ -70,7 +70,8 @@ def test_no_secret_appears_in_logs_errors_reprs_or_cli_output(tmp_path, monkeypa
     leaks.token(admin)
     cp = ks.add_model_key("m", "cp", {"perm": perm})
     block = ks.add_model_key("b", "block", {"method": "ffx", "block_size": 4, "password": password})
-    seen += [repr(x) for x in (record, cp, block, ks, ks.verify_token(token, model="m"), ks.check_token(token, model="x"))]
+    checked = (ks.verify_token(token, model="m"), ks.check_token(token, model="x"))
+    seen += [repr(x) for x in (record, cp, block, ks, *checked)]
     ks.audit("admin.request", token, "denied", actor=record.id, detail=f"Authorization: Bearer {admin}")
     ks.revoke_token(record.id)
     seen.append(repr(ks.check_token(token, model="m")))

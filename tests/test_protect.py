@@ -20,7 +20,8 @@ from seglock.models.protect import CPKey, apply_key, rekey_state_dict
 ATOL = 1e-4  # |logit difference| allowed where the maths is exact
 SIZE = 32  # input side: the smallest the ResNets keep a spatial map at in layer4 and the head
 NUM_CLASSES = 3
-ARCH_KWARGS = {"vit_seg": {"image_size": [SIZE, SIZE], "embed_dim": 32, "depth": 1, "num_heads": 2, "head_channels": 32}}
+ARCH_KWARGS = {"vit_seg": {"image_size": [SIZE, SIZE], "embed_dim": 32, "depth": 1, "num_heads": 2,
+                           "head_channels": 32}}
 RESNET_TAPS = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
 MOBILENET_TAPS = ["features3", "features6", "features10", "features12", "features15", "features16"]
 TAP_NAMES = {

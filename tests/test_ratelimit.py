@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
+from seglock.app.home import Home
 from seglock.app.main import create_app
 from seglock.app.ratelimit import RateLimiter, retry_after_header
-from seglock.app.home import Home
 from seglock.app.settings import Settings
 from tests.server_fixtures import MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
 

@@ -14,7 +14,7 @@ from seglock.app.observability import Metrics
 from seglock.app.home import Home, key_material
 from seglock.app.registry import Registry
 from seglock.app.settings import Settings
-from seglock.models import KeyRef, load_artifact, rekey, save_artifact
+from seglock.models import KeyRef, rekey, save_artifact
 from seglock.models.protect import CPKey
 from tests.server_fixtures import make_artifacts, open_keystore, scene
 
@@ -46,14 +46,15 @@ def half_rotation(home, steps: int) -> None:
     """Run the first `steps` steps of a CP rotation by hand, as a crash would leave them."""
     keystore = open_keystore(home)
     old_path = Home(home).revisions("cp")[1]
-    model, manifest = load_artifact(old_path)
+    model, manifest = Home(home, keystore).load_revision("cp", old_path)  # decrypted in memory
     old_key = keystore.get_model_key("cp", 1).material
     new_key = rekey(model, "dec2", CPKey.from_dict(old_key))
     added = keystore.add_model_key("cp", *key_material("cp", new_key), activate=False)
     if steps >= 2:
         save_artifact(model, Home(home).revision_dir("cp", 2), name="cp", class_names=list(manifest.class_names),
                       input_size=list(manifest.input_size), normalization=manifest.normalization,
-                      protection={"mode": "cp", "tap": "dec2"}, key=KeyRef(id=added.id, version=added.version))
+                      protection={"mode": "cp", "tap": "dec2"}, key=KeyRef(id=added.id, version=added.version),
+                      seal=Home(home, keystore)._sealer("cp", 2, "test"))
     if steps >= 3:
         keystore.set_active("cp", added.version)
     if steps >= 4:

@@ -12,7 +12,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def _scores(miou, aacc=None, macc=None):
-    return {"aAcc": aacc if aacc is not None else miou + 20, "mIoU": miou, "mAcc": macc if macc is not None else miou + 5}
+    return {"aAcc": aacc if aacc is not None else miou + 20, "mIoU": miou,
+            "mAcc": macc if macc is not None else miou + 5}
 
 
 def _random(values):
@@ -125,7 +126,8 @@ def test_per_image_table_orders_sub_blocks_like_paper_003(runs_dir):
 def test_trend_table_checks_the_papers_trends_with_the_measured_numbers(runs_dir):
     table = render_tables(load_runs(runs_dir))["The papers' trends, checked"]
     assert "| CP trained at dec2: correct key within 2 points of the baseline | 60.50 vs 61.25 (-0.75) | yes |" in table
-    assert "| CP trained at dec2: no key and wrong keys below 15 % of the baseline | no key 4.25, wrong keys 4.50 vs 9.19 | yes |" in table
+    assert ("| CP trained at dec2: no key and wrong keys below 15 % of the baseline "
+            "| no key 4.25, wrong keys 4.50 vs 9.19 | yes |") in table
     assert "| SHF: accuracy with the key falls as M grows | M=2: 55.00, M=8: 30.00 | yes |" in table
     assert "plain 50.00 vs correct 55.00 (91 %) | yes |" in table
     assert "| Per-image: accuracy rises as S shrinks | S=16: 30.00, S=4: 45.00 | yes |" in table
@@ -137,7 +139,8 @@ def test_trend_table_states_the_floor_of_the_data(runs_dir):
     table = render_tables(load_runs(runs_dir))["The papers' trends, checked"]
     assert "scores mIoU 19.25 on these data (31 % of the baseline)" in table
     # wrong keys 4.50 are below the floor: nothing of the baseline's gain over it is kept
-    assert "| CP trained at dec2: no key and wrong keys keep below 15 % of the baseline's gain over the floor | -35 % (floor 19.25) | yes |" in table
+    assert ("| CP trained at dec2: no key and wrong keys keep below 15 % of the baseline's gain over the floor "
+            "| -35 % (floor 19.25) | yes |") in table
 
 
 def test_a_trend_that_does_not_hold_is_marked(runs_dir):
@@ -150,7 +153,8 @@ def test_a_trend_that_does_not_hold_is_marked(runs_dir):
 
 def test_attack_tables_render_key_space_wrong_keys_and_weight_matching(runs_dir):
     tables = render_tables(load_runs(runs_dir))
-    assert "| cp | channels=16, tap=dec2 | 44.3 | 44.3 | 44.3 |" in tables["Key spaces and brute force (paper 000, Table I and §III-E1)"]
+    key_spaces = tables["Key spaces and brute force (paper 000, Table I and §III-E1)"]
+    assert "| cp | channels=16, tap=dec2 | 44.3 | 44.3 | 44.3 |" in key_spaces
     assert "4.00 ms" in tables["Key spaces and brute force (paper 000, Table I and §III-E1)"]
     wrong = tables["Random wrong keys (paper 000, Fig. 9)"]
     assert "| cp dec2 | 4 | 3.00 |" in wrong and "| shf M=8 | 4 | 10.00 |" in wrong

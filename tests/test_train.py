@@ -37,7 +37,7 @@ def _batch(scenes, n=8):
     from seglock.models.data import open_dataset
 
     data = open_dataset(scenes, "val", size=64)
-    images, masks = zip(*(data[i] for i in range(n)))
+    images, masks = zip(*(data[i] for i in range(n)), strict=False)
     return torch.stack(images), torch.stack(masks)
 
 
@@ -65,7 +65,7 @@ def test_best_epoch_is_the_lowest_validation_loss_and_its_weights_are_saved(plai
     assert manifest.input_size == (64, 64)
     from seglock.models.data import open_dataset
 
-    images, masks = zip(*open_dataset(scenes, "val", size=64))
+    images, masks = zip(*open_dataset(scenes, "val", size=64), strict=False)
     with torch.no_grad():
         logits = model(model_input(torch.stack(images), manifest))
     loss = torch.nn.functional.cross_entropy(logits, torch.stack(masks), ignore_index=255).item()
@@ -121,7 +121,8 @@ def test_a_taken_name_in_the_home_is_refused_before_training(scenes, tmp_path):
     with Keystore.open(home, create=True) as store:
         store.add_model_key("taken", "cp", CPKey.generate(4).to_dict())
     with pytest.raises(TrainError, match="already has a model named 'taken'"):
-        train(_config(scenes, protect="cp", tap="dec1", name="taken"), tmp_path / "m", key_sink=HomeKeySink(home), progress=False)
+        train(_config(scenes, protect="cp", tap="dec1", name="taken"), tmp_path / "m", key_sink=HomeKeySink(home),
+              progress=False)
     assert not (tmp_path / "m").exists()
 
 
@@ -143,11 +144,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(scenes, tmp_path):
         train(_config(scenes), tmp_path / "resumed", progress=False)
     resumed = train(_config(scenes, resume=True), tmp_path / "resumed", progress=False)
     assert resumed.history == [
-        {**h, "seconds": r["seconds"]} for h, r in zip(straight.history, resumed.history)
+        {**h, "seconds": r["seconds"]} for h, r in zip(straight.history, resumed.history, strict=False)
     ]
     a, _ = load_artifact(tmp_path / "straight")
     b, _ = load_artifact(tmp_path / "resumed")
-    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items(), strict=False):
         assert torch.equal(x, y), name
     assert not (tmp_path / "resumed" / CHECKPOINT_DIR).exists()
 

@@ -67,7 +67,8 @@ KEYED = {
     "cp": ({"mode": "cp", "tap": "dec1"}, lambda: CPKey(np.random.default_rng(0).permutation(32)),
            "b725808a8ab649758ecd5df2ec6d9f8fdc9ef68d44a4b1b9f64d21fe91a43522", [1.589443027973175, 1.235414981842041]),
     "shf": ({"mode": "shf", "block_size": 4}, lambda: BlockKey.from_reference("shf", block_size=4, seed=7),
-            "1ef42d5c3bf27777ba4e3297751ca2c77740f59f0e7e03c00dc4acd965687e31", [1.5935550332069397, 1.214747577905655]),
+            "1ef42d5c3bf27777ba4e3297751ca2c77740f59f0e7e03c00dc4acd965687e31",
+            [1.5935550332069397, 1.214747577905655]),
 }
 
 

@@ -60,7 +60,7 @@ def test_exposed_keys_invert_each_image_of_a_batch():
     batch = picture(batch=3)
     encrypted, keys = _encrypt_per_image_with_key(batch, 16, 4)
     assert len(keys) == 3
-    assert np.array_equal(np.stack([k.invert(e) for k, e in zip(keys, encrypted)]), batch)
+    assert np.array_equal(np.stack([k.invert(e) for k, e in zip(keys, encrypted, strict=False)]), batch)
 
 
 @pytest.mark.parametrize("sub_block", [16, 8, 4, 2])

@@ -2,19 +2,18 @@
 
 Every action prints a short summary, or the JSON report with --json, and writes the JSON report to
 --out FILE; `seglock report` lays those files out as the papers' tables. The owner's key (--key-file
-or --home, as for `seglock evaluate`) is optional: the attacker never has it, but given it the report adds the owner's numbers
-(and, for weight matching, how many channels were recovered).
+or --home, as for `seglock evaluate`) is optional: the attacker never has it, but given it the report
+adds the owner's numbers (and, for weight matching, how many channels were recovered).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
+from seglock.app.commands.common import add_actions, json_text, write_json
 from seglock.app.commands.train import RecipeDefault, resolve_defaults
 
 
@@ -29,8 +28,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "with an assignment solver (weight-matching)."
         ),
     )
-    actions = parser.add_subparsers(dest="attack_command", metavar="ATTACK")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "attack_command")
+    actions.metavar = "ATTACK"
 
     key_space = actions.add_parser(
         "key-space", help="log2 of every mode's key space and the brute-force time",
@@ -41,9 +40,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     key_space.add_argument("--model", metavar="DIR", help="artifact whose own key space and try rate to report")
-    key_space.add_argument("--data", metavar="DIR", help="data set to take the timed image from (default: random pixels)")
+    key_space.add_argument("--data", metavar="DIR",
+                           help="data set to take the timed image from (default: random pixels)")
     key_space.add_argument("--seconds-per-try", type=float, metavar="S", help="use this rate instead of measuring")
-    key_space.add_argument("--image-size", type=int, metavar="PX", help="image side for per-image keys (default: the model's)")
+    key_space.add_argument("--image-size", type=int, metavar="PX",
+                           help="image side for per-image keys (default: the model's)")
     key_space.add_argument("--repeats", type=int, default=5, metavar="N", help="timed tries (median; default 5)")
     _common(key_space, data=False, key=False)
     key_space.set_defaults(handler=_key_space)
@@ -79,8 +80,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "e.g. public pretrained weights; without it, a plain model the attacker trains on --fraction of the "
             "data); 'activations' matches each producer channel's class profile to each consumer column's class "
             "sensitivity on --fraction of the data; 'statistics' finds the key under which the consumers' mean "
-            "outputs on --fraction of the data agree with the BatchNorm statistics stored after them. Reports the channels recovered (given the owner's key) and "
-            "the mIoU reached with the recovered key."
+            "outputs on --fraction of the data agree with the BatchNorm statistics stored after "
+            "them. Reports the channels recovered (given the owner's key) and the mIoU reached with the recovered key."
         ),
     )
     matching.add_argument("--method", choices=("weights", "activations", "statistics"), default="weights",
@@ -98,7 +99,8 @@ def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = T
     if data:
         parser.add_argument("--model", required=True, metavar="DIR",
                             help="the stolen model's artifact folder (or a model name in --home)")
-        parser.add_argument("--data", required=True, metavar="DIR", help="data set (folder format, VOC2012, Cityscapes)")
+        parser.add_argument("--data", required=True, metavar="DIR",
+                            help="data set (folder format, VOC2012, Cityscapes)")
     if key:
         where = parser.add_mutually_exclusive_group()
         where.add_argument("--key-file", metavar="FILE", help="the owner's key file, to compare against")
@@ -119,21 +121,13 @@ def _training(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=RecipeDefault("lr"), help="initial learning rate (default %(default)s)")
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def resolve(args: argparse.Namespace) -> Any:
     """Resolve --model (a folder, or a model name in --home) in place; the owner's key or None."""
     from seglock.app.commands.models import key_from_file, key_from_home, resolve_artifact
-    from seglock.models import ModelError, read_manifest
+    from seglock.models import read_manifest
 
     args.model = str(resolve_artifact(args.model, getattr(args, "home", None)))
-    try:
-        manifest = read_manifest(args.model)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    manifest = read_manifest(args.model)
     if getattr(args, "key_file", None):
         return key_from_file(args.key_file, manifest)
     if getattr(args, "home", None):
@@ -143,33 +137,15 @@ def resolve(args: argparse.Namespace) -> Any:
 
 def emit(args: argparse.Namespace, report: dict[str, Any], summary: str) -> int:
     """The summary line (stderr when JSON goes to stdout), the JSON on stdout and/or to --out."""
-    from seglock.models.report import json_ready
-
-    text = json.dumps(json_ready(report), indent=2, allow_nan=False, default=str) + "\n"
     targets = [t for t in (args.out, args.json) if t]
     for target in targets:
-        if target == "-":
-            continue
-        try:
-            Path(target).parent.mkdir(parents=True, exist_ok=True)
-            Path(target).write_text(text, encoding="utf-8")
-        except OSError as exc:
-            raise CLIError(f"cannot write {target}: {exc.strerror}") from None
+        if target != "-":
+            write_json(target, report)
     to_stdout = "-" in targets
     print(summary, file=sys.stderr if to_stdout else sys.stdout)
     if to_stdout:
-        sys.stdout.write(text)
+        sys.stdout.write(json_text(report))
     return 0
-
-
-def _guard(run):
-    """Turn the models part's errors into one-line CLI errors."""
-    from seglock.models.errors import ModelError
-
-    try:
-        return run()
-    except (ModelError, FileNotFoundError) as exc:
-        raise CLIError(str(exc)) from None
 
 
 def _key_space(args: argparse.Namespace) -> int:
@@ -182,8 +158,8 @@ def _key_space(args: argparse.Namespace) -> int:
         from seglock.app.commands.models import resolve_artifact
 
         args.model = str(resolve_artifact(args.model, None))
-    report = _guard(lambda: key_space_attack(args.model, args.data, seconds_per_try=args.seconds_per_try,
-                                             image_size=size, device=args.device, repeats=args.repeats))
+    report = key_space_attack(args.model, args.data, seconds_per_try=args.seconds_per_try,
+                              image_size=size, device=args.device, repeats=args.repeats)
     own = report.get("own")
     if own is not None:
         bf = own.get("brute_force") or {}
@@ -200,8 +176,8 @@ def _random_key(args: argparse.Namespace) -> int:
     if args.n < 1:
         raise CLIError("--n must be at least 1")
     key = resolve(args)
-    report = _guard(lambda: random_key_attack(args.model, args.data, n=args.n, key=key, device=args.device,
-                                              seed=args.seed, progress=not args.quiet))
+    report = random_key_attack(args.model, args.data, n=args.n, key=key, device=args.device,
+                               seed=args.seed, progress=not args.quiet)
     stats = next((v for k, v in report["conditions"].items() if k.startswith("random")), {})
     plain = report["conditions"]["plain"]["mIoU"]
     if stats.get("applicable", True) and isinstance(stats.get("mIoU"), dict):
@@ -219,10 +195,9 @@ def _finetune(args: argparse.Namespace) -> int:
     from seglock.models.attacks import finetune_attack
 
     key = resolve(resolve_defaults(args))
-    report = _guard(lambda: finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
-                                            epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                            device=args.device, seed=args.seed, progress=not args.quiet,
-                                            save_to=args.save))
+    report = finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
+                             epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                             device=args.device, seed=args.seed, progress=not args.quiet, save_to=args.save)
     summary = (f"{report['model']}: fine-tuned on {report['attacker_images']} images ({args.fraction * 100:g} %): "
                f"mIoU without the key {report['before']['mIoU']:.2f} -> {report['after']['mIoU']:.2f}")
     if report.get("owner"):
@@ -236,12 +211,13 @@ def _weight_matching(args: argparse.Namespace) -> int:
     if args.method != "weights" and args.reference:
         raise CLIError(f"--reference applies to --method weights; '{args.method}' matches against the data")
     key = resolve(resolve_defaults(args))
-    report = _guard(lambda: weight_matching_attack(
+    report = weight_matching_attack(
         args.model, args.data, method=args.method, reference=args.reference, fraction=args.fraction, key=key,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, device=args.device, seed=args.seed,
-        progress=not args.quiet))
+        progress=not args.quiet)
     miou = report["mIoU"]
-    summary = f"{report['model']} tap {report['tap']} ({args.method}): mIoU with the recovered key {miou['recovered']:.2f}"
+    summary = (f"{report['model']} tap {report['tap']} ({args.method}): "
+               f"mIoU with the recovered key {miou['recovered']:.2f}")
     if "fraction_recovered" in report:
         summary += (f"; {report['channels_recovered']}/{report['channels']} channels recovered"
                     f" (owner's key {miou['owner']:.2f}, no key {miou['plain']:.2f})")

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
-from seglock.app.cli import CLIError
+from seglock.app.commands.common import add_actions, progress_bar
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -17,8 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "Make the synthetic scene data set, or check a data set in the folder, VOC2012 or Cityscapes layout."
         ),
     )
-    actions = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "data_command")
 
     synth = actions.add_parser(
         "synth",
@@ -59,24 +57,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.set_defaults(handler=_info)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def _synth(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
+    from seglock.models.data import write_synth_dataset
 
-    from seglock.models.data import DatasetError, write_synth_dataset
-
-    with tqdm(total=args.n, desc="synth", unit="scene", file=sys.stderr, disable=None) as bar:
-        try:
-            summary = write_synth_dataset(
-                args.out, args.n, args.seed, args.size, args.classes, args.val_fraction,
-                force=args.force, on_scene=lambda: bar.update(1),
-            )
-        except DatasetError as exc:
-            raise CLIError(str(exc)) from None
+    with progress_bar(args.n, "synth", "scene") as bar:
+        summary = write_synth_dataset(
+            args.out, args.n, args.seed, args.size, args.classes, args.val_fraction,
+            force=args.force, on_scene=lambda: bar.update(1),
+        )
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -85,15 +73,12 @@ def _synth(args: argparse.Namespace) -> int:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from seglock.models.data import DatasetError, describe, detect_format, open_dataset
+    from seglock.models.data import describe, detect_format, open_dataset
 
-    try:
-        kind = args.kind or detect_format(args.root)
-        split = args.split or ("all" if kind == "folder" else "train")
-        dataset = open_dataset(args.root, split, kind=kind, size=None)
-        dataset.load(0)  # one item read end to end: the files decode and the mask fits the classes
-    except DatasetError as exc:
-        raise CLIError(str(exc)) from None
+    kind = args.kind or detect_format(args.root)
+    split = args.split or ("all" if kind == "folder" else "train")
+    dataset = open_dataset(args.root, split, kind=kind, size=None)
+    dataset.load(0)  # one item read end to end: the files decode and the mask fits the classes
     summary = {"kind": kind, "split": split, **describe(dataset)}
     del summary["size"]
     if args.json:

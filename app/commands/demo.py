@@ -6,8 +6,9 @@ import argparse
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -56,8 +57,8 @@ def run(args: argparse.Namespace) -> int:
         path = out / f"{method}.png"
         _save(_viewable(encrypted, method), path)
         results.append(_result(method, ok, path,
-                               _median_ms(lambda: encrypt_blocks(picture, key)),
-                               _median_ms(lambda: decrypt_blocks(encrypted, key))))
+                               _median_ms(lambda key=key: encrypt_blocks(picture, key)),
+                               _median_ms(lambda key=key, encrypted=encrypted: decrypt_blocks(encrypted, key))))
 
     key = PerImageKey.generate(size, size, PER_IMAGE_BLOCK, PER_IMAGE_SUB_BLOCK)
     encrypted = key.apply(picture)

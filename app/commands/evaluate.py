@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
+from seglock.app.commands.common import write_json
 from seglock.app.commands.models import key_from_file, key_from_home, resolve_artifact
-from seglock.app.commands.train import write_json
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -41,35 +43,37 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from seglock.models import ModelError, read_manifest
+    from seglock.models import read_manifest
     from seglock.models.evaluate import evaluate_conditions, parse_conditions
-    from seglock.models.report import json_ready
 
     if args.batch_size < 1:
         raise CLIError(f"--batch-size must be positive, got {args.batch_size}")
     if args.seed < 0:
         raise CLIError(f"--seed must be non-negative, got {args.seed}")
-    try:
-        parse_conditions(args.conditions)
-        artifact = resolve_artifact(args.model, args.home)
-        manifest = read_manifest(artifact)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    parse_conditions(args.conditions)
+    artifact = resolve_artifact(args.model, args.home)
+    manifest = read_manifest(artifact)
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
     elif args.home:
         key = key_from_home(args.home, manifest)
-    try:
+    with contextlib.ExitStack() as stack:
+        unseal = None
+        if args.home and Path(args.home).resolve() / "models" in Path(artifact).resolve().parents:
+            # a model of the home, by name: its weights are decrypted in memory with the home's data key
+            from seglock.app.home import Home
+            from seglock.keystore import Keystore
+
+            store = stack.enter_context(Keystore.open(args.home))
+            unseal = Home(args.home, store).unsealer(Path(artifact).parent.name, Path(artifact))
         results = evaluate_conditions(artifact, args.data, key=key, conditions=args.conditions,
                                       device=args.device, seed=args.seed, progress=not args.quiet,
-                                      batch_size=args.batch_size, split=args.split)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+                                      batch_size=args.batch_size, split=args.split, unseal=unseal)
     out = sys.stderr if args.json == "-" else sys.stdout
     print(format_table(results), file=out)
     if args.json:
-        write_json(args.json, json_ready(results))
+        write_json(args.json, results)
     return 0
 
 

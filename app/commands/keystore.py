@@ -6,47 +6,11 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import Any, Callable
 
 from seglock.app.cli import CLIError
-from seglock.keystore import Keystore, KeystoreError
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, format_time, home_of, open_keystore
+from seglock.keystore import Keystore
 from seglock.keystore.master import NEW_ENV_PREFIX, master_key_from_env
-
-CLI_ACTOR = "cli"
-DEFAULT_HOME = "seglock-home"  # as `seglock serve`
-
-
-def add_home_argument(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--home", metavar="DIR",
-        help=f"home folder holding keystore.json (default: $SEGLOCK_HOME, else ./{DEFAULT_HOME})",
-    )
-
-
-def home_of(args: argparse.Namespace) -> Path:
-    return Path(args.home or os.environ.get("SEGLOCK_HOME") or DEFAULT_HOME)
-
-
-def keystore_call(fn: Callable[[], Any]) -> Any:
-    """Run `fn`; a keystore error the user can fix becomes a CLIError (exit 2), others exit 1."""
-    try:
-        return fn()
-    except KeystoreError as exc:
-        if exc.user_error:
-            raise CLIError(str(exc)) from None
-        raise
-
-
-def open_keystore(args: argparse.Namespace) -> Keystore:
-    return keystore_call(lambda: Keystore.open(home_of(args)))
-
-
-def format_time(epoch: float | None) -> str:
-    if epoch is None:
-        return "-"
-    return datetime.fromtimestamp(epoch, tz=timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,8 +23,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
             "or HOME/master.key (made on a developer's first start)."
         ),
     )
-    actions = parser.add_subparsers(dest="keystore_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "keystore_command")
 
     init = actions.add_parser("init", help="make a new keystore", description="Make HOME/keystore.json (0600).")
     add_home_argument(init)
@@ -94,13 +57,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     audit.set_defaults(handler=_audit)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def _init(args: argparse.Namespace) -> int:
-    store = keystore_call(lambda: Keystore.init(home_of(args)))
+    store = Keystore.init(home_of(args))
     with store:
         if store.master_key_file is not None:
             print(
@@ -114,8 +72,8 @@ def _init(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    with open_keystore(args) as store:
-        summary = keystore_call(store.status)
+    with open_keystore(home_of(args)) as store:
+        summary = store.status()
     if args.json:
         print(json.dumps(summary, indent=2))
         return 0
@@ -136,9 +94,9 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _change_master_key(args: argparse.Namespace) -> int:
-    new = keystore_call(lambda: master_key_from_env(os.environ, NEW_ENV_PREFIX))
-    with open_keystore(args) as store:
-        now = keystore_call(lambda: store.change_master_key(new, actor=CLI_ACTOR))
+    new = master_key_from_env(os.environ, NEW_ENV_PREFIX)
+    with open_keystore(home_of(args)) as store:
+        now = store.change_master_key(new, actor=CLI_ACTOR)
         print(f"re-encrypted {store.path} under the master key from {now.origin}", file=sys.stderr)
     return 0
 
@@ -147,8 +105,8 @@ def _audit(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be a positive integer")
     if args.verify:
-        with open_keystore(args) as store:
-            report = keystore_call(store.verify_audit)
+        with open_keystore(home_of(args)) as store:
+            report = store.verify_audit()
         if args.json:
             print(json.dumps({"ok": report.ok, "entries": report.entries, "segments": report.segments,
                               "first_seq": report.first_seq, "earlier_key_entries": report.earlier_key_entries,
@@ -159,8 +117,8 @@ def _audit(args: argparse.Namespace) -> int:
         else:
             print(f"audit log BROKEN: {report.problem}", file=sys.stderr)
         return 0 if report.ok else 1
-    with open_keystore(args) as store:
-        entries = keystore_call(lambda: store.audit_log(limit=args.limit))
+    with open_keystore(home_of(args)) as store:
+        entries = store.audit_log(limit=args.limit)
     for entry in entries:
         if args.json:
             print(json.dumps(entry.to_json()))

@@ -1,10 +1,12 @@
-"""`seglock models protect|list|import|rotate-key`: model artifacts and their keys, offline.
+"""`seglock models protect|list|import|rotate-key|export|encrypt`: model artifacts and their keys, offline.
 
 protect     a plain artifact becomes a cp artifact: its consumers at a tap re-indexed by a fresh key
             (DESIGN "Protection modes": no accuracy lost, no training)
 list        the models of a home (the revision in use) and/or artifact folders
 import      copy an artifact into a home (seglock.app.home.Home.import_artifact: cp keys are replaced)
 rotate-key  re-key a home's cp model: the flow of the server's admin route (Home.rotate_key)
+export      write a home's model as a plain-file artifact (cp: the keyed weights, not the folded ones)
+encrypt     encrypt at rest the revisions of a home that still hold plain weights (Home.encrypt_at_rest)
 """
 
 from __future__ import annotations
@@ -17,18 +19,17 @@ from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
-from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, home_of, keystore_call
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, home_of, print_result
 from seglock.client.modes import Mode, check_model_name, is_model_name
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "models",
-        help="protect, list, import and re-key model artifacts",
+        help="protect, list, import, re-key, export and encrypt model artifacts",
         description="Model artifacts (manifest.json + weights.safetensors) and their keys, offline.",
     )
-    actions = parser.add_subparsers(dest="models_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "models_command")
 
     protect = actions.add_parser(
         "protect", help="make a plain model a cp model with a fresh key (no training, no accuracy lost)",
@@ -86,10 +87,36 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     rotate.add_argument("--json", action="store_true", help="print the result as JSON")
     rotate.set_defaults(handler=_rotate)
 
+    export = actions.add_parser(
+        "export", help="write a home's model as a plain-file artifact for use outside the server",
+        description=(
+            "Write the revision a home serves as an ordinary artifact folder (manifest.json + "
+            "weights.safetensors, not encrypted at rest): a model that leaves the server. A cp model is "
+            "written with its protected (keyed, not folded) weights, so the file alone is worth what the "
+            "key-less model is; the key stays in the home's keystore, and --key-out also writes it to a "
+            "0600 key file. `seglock models import` takes the folder back (with --key-file)."
+        ),
+    )
+    add_home_argument(export)
+    export.add_argument("--model", required=True, metavar="NAME", help="the model's name in the home")
+    export.add_argument("--out", required=True, metavar="DIR", help="the artifact folder to write (new or empty)")
+    export.add_argument("--key-out", metavar="FILE", help="also write the model's key to this file (0600)")
+    export.add_argument("--json", action="store_true", help="print the result as JSON")
+    export.set_defaults(handler=_export)
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
+    encrypt = actions.add_parser(
+        "encrypt", help="encrypt at rest the revisions of a home that still hold plain weights",
+        description=(
+            "A home made before at-rest encryption keeps plain weights.safetensors files until a rotation "
+            "rewrites them. This encrypts them now (AES-256-GCM under each model's data key, kept in the "
+            "keystore), one file at a time, each replaced atomically; revisions already encrypted are left "
+            "as they are. Safe beside a running server on this home."
+        ),
+    )
+    add_home_argument(encrypt)
+    encrypt.add_argument("--model", metavar="NAME", help="only this model (default: every model of the home)")
+    encrypt.add_argument("--json", action="store_true", help="print the result as JSON")
+    encrypt.set_defaults(handler=_encrypt)
 
 
 # -- helpers shared with `seglock evaluate` --------------------------------------------------------
@@ -115,7 +142,7 @@ def resolve_artifact(model: str, home: str | None) -> Path:
     if home is not None and "/" not in model:
         from seglock.keystore import Keystore
 
-        with keystore_call(lambda: Keystore.open(home)) as store:
+        with Keystore.open(home) as store:
             return current_revision(Path(home), model, store)
     raise CLIError(f"{model} is not an artifact folder (no manifest.json)"
                    + ("" if home else "; to name a model in a home, give --home"))
@@ -149,7 +176,7 @@ def key_from_home(home: str | Path, manifest) -> Any:
 
     if not manifest.mode.has_model_key:
         return None
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         try:
             return Home(home, store).model_key(manifest)
         except ServiceError as exc:
@@ -161,14 +188,6 @@ def _check_name(name: str) -> None:
         check_model_name(name)
     except ValueError as exc:
         raise CLIError(str(exc)) from None
-
-
-def _emit(args: argparse.Namespace, result: dict[str, Any], line: str) -> int:
-    if args.json:
-        print(json.dumps(result, indent=2))
-    else:
-        print(line)
-    return 0
 
 
 def _default_name(out: Path) -> str:
@@ -220,8 +239,8 @@ def _protect(args: argparse.Namespace) -> int:
     else:
         from seglock.keystore import Keystore
 
-        with keystore_call(lambda: Keystore.open(args.home, create=True)) as store:
-            version = keystore_call(lambda: store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR))
+        with Keystore.open(args.home, create=True) as store:
+            version = store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR)
         key_ref = KeyRef(id=version.id, version=version.version)
     try:
         saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
@@ -236,7 +255,7 @@ def _protect(args: argparse.Namespace) -> int:
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return _emit(args, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+    return print_result(args.json, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
                                f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
                                f"key in {stored}")
 
@@ -245,7 +264,7 @@ def _check_home_free(home: Path, name: str) -> None:
     from seglock.app.home import Home
     from seglock.keystore import Keystore
 
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+    with Keystore.open(home, create=True) as store:
         taken = Home(home, store).is_taken(name)
     if taken:
         raise CLIError(f"{home} already has a model named {name!r}: choose another name (--name)")
@@ -334,10 +353,10 @@ def _import(args: argparse.Namespace) -> int:
             raise CLIError(f"model {manifest.name} is {manifest.mode}-protected: give its --key-file")
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
-    with keystore_call(lambda: Keystore.open(home, create=True)) as store:
+    with Keystore.open(home, create=True) as store:
         try:
-            imported = keystore_call(lambda: Home(home, store).import_artifact(Path(args.model), name=args.name,
-                                                                               key=key, actor=CLI_ACTOR))
+            imported = Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                               key=key, actor=CLI_ACTOR)
         except (ServiceError, ArtifactError) as exc:
             raise CLIError(str(exc)) from None
     if made:
@@ -346,7 +365,7 @@ def _import(args: argparse.Namespace) -> int:
               "key_version": None if imported.key is None else imported.key.version,
               "rekeyed": imported.mode is Mode.CP}
     note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
-    return _emit(args, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+    return print_result(args.json, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
 
 
 def _rotate(args: argparse.Namespace) -> int:
@@ -357,12 +376,86 @@ def _rotate(args: argparse.Namespace) -> int:
 
     home = home_of(args)
     _check_name(args.model)
-    with keystore_call(lambda: Keystore.open(home)) as store:
+    with Keystore.open(home) as store:
         started = time.perf_counter()
         try:
-            rotation = keystore_call(lambda: Home(home, store).rotate_key(args.model))
+            rotation = Home(home, store).rotate_key(args.model)
         except (ServiceError, ModelError) as exc:
             raise CLIError(str(exc)) from None
     result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
-    return _emit(args, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
+    return print_result(args.json, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
                                f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")
+
+
+def _export(args: argparse.Namespace) -> int:
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
+    from seglock.models import ModelError, read_manifest
+    from seglock.models.keyfile import KeyFileError, write_key_file
+
+    home = home_of(args)
+    _check_name(args.model)
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"{out} already exists and is not empty")
+    key_out = Path(args.key_out) if args.key_out else None
+    if key_out is not None and key_out.exists():
+        raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
+    if not (home / "keystore.json").exists():
+        raise CLIError(f"{home} is not a seglock home (no keystore.json)")
+    with Keystore.open(home) as store:
+        target = Home(home, store)
+        try:
+            path = target.serving_revision(args.model)
+            manifest = read_manifest(path)
+            if key_out is not None and not manifest.mode.has_model_key:
+                raise CLIError(f"model {args.model} ({manifest.mode}) has no key to write (drop --key-out)")
+            key = target.model_key(manifest, args.model) if key_out is not None else None
+            target.export_revision(args.model, path, out)
+        except (ServiceError, ModelError) as exc:
+            raise CLIError(str(exc)) from None
+    if key_out is not None:
+        try:
+            write_key_file(key_out, key, model=args.model)
+        except KeyFileError as exc:
+            raise CLIError(str(exc)) from None
+    stored = str(key_out) if key_out is not None else (
+        f"{home} keystore ({args.model} v{manifest.key.version})" if manifest.key is not None else None)
+    result = {"model": args.model, "home": str(home), "revision": int(path.name[1:]), "artifact": str(out),
+              "protection": dict(manifest.protection), "sha256": manifest.weights.sha256,
+              "bytes": manifest.weights.bytes,
+              "key": None if manifest.key is None else {"id": manifest.key.id, "version": manifest.key.version},
+              "key_stored": stored}
+    keyed = "" if stored is None else f"; key in {stored}"
+    return print_result(args.json, result,
+                        f"exported {args.model} r{result['revision']} ({manifest.mode}) from {home} -> {out} "
+                        f"(plain file, sha256 {manifest.weights.sha256[:12]}){keyed}")
+
+
+def _encrypt(args: argparse.Namespace) -> int:
+    from seglock.app.errors import ServiceError
+    from seglock.app.home import Home
+    from seglock.keystore import Keystore
+    from seglock.models import ModelError
+
+    home = home_of(args)
+    if not (home / "keystore.json").exists():
+        raise CLIError(f"{home} is not a seglock home (no keystore.json)")
+    with Keystore.open(home) as store:
+        target = Home(home, store)
+        if args.model is not None:
+            _check_name(args.model)
+            if not target.revisions(args.model):
+                raise CLIError(f"{home} has no model {args.model!r}")
+        names = [args.model] if args.model is not None else target.model_names()
+        done: dict[str, list[int]] = {}
+        for name in names:
+            try:
+                done[name] = target.encrypt_at_rest(name, actor=CLI_ACTOR)
+            except (ServiceError, ModelError) as exc:
+                raise CLIError(f"model {name}: {exc}") from None
+    count = sum(len(revs) for revs in done.values())
+    result = {"home": str(home), "encrypted": done, "revisions": count}
+    listed = ", ".join(f"{n} r{r}" for n, revs in done.items() for r in revs) or "none (all already encrypted)"
+    return print_result(args.json, result, f"encrypted at rest in {home}: {listed}")

@@ -6,8 +6,6 @@ import argparse
 import json
 import sys
 
-from seglock.app.cli import CLIError
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
@@ -29,10 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from seglock.models.report import write_report
 
-    try:
-        summary = write_report(args.runs_dir, args.out)
-    except FileNotFoundError as exc:
-        raise CLIError(str(exc)) from None
+    summary = write_report(args.runs_dir, args.out)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

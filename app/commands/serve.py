@@ -1,69 +1,93 @@
-"""`seglock serve`: run the HTTP server (uvicorn) on a home folder."""
+"""`seglock serve`: run the HTTP server (uvicorn) on a home folder.
+
+Every field of `seglock.app.settings.Settings` is a flag, made from the field itself: `max_batch`
+becomes `--max-batch` with the field's type, choices, description and default, so `--help` cannot
+drift from the settings. A flag overrides the field's `SEGLOCK_*` variable; a flag not given leaves
+the variable (or the default) in force. Booleans have a `--no-` form.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import typing
+from pathlib import Path
+from typing import Any
 
-from pydantic import ValidationError
+# Flag names kept from before the flags were generated: field -> extra option strings.
+ALIASES = {"rate_limit_rps": ("--rate-limit",), "import_demo": ("--demo",)}  # --demo gives --no-demo
+ENV_PREFIX = "SEGLOCK_"
 
-from seglock.app.cli import CLIError
+
+def flag_of(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from seglock.app.settings import Settings
+
     parser = subparsers.add_parser(
         "serve", help="serve the models of a home folder over HTTP",
         description="Serve protected segmentation models. On an empty --home: make the keystore, "
                     "import the bundled demo models (each re-keyed), and write the first tokens "
-                    "to HOME/initial-tokens.json. Flags override SEGLOCK_* environment variables.")
-    parser.add_argument("--home", help="home folder (keystore.json, models/); env SEGLOCK_HOME")
-    parser.add_argument("--host", help="address to bind (default 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="port (default 8000)")
-    parser.add_argument("--device", help="auto | cpu | cuda | cuda:N | mps (default auto)")
-    parser.add_argument("--workers", type=int, help="worker processes (default 1)")
-    parser.add_argument("--max-batch", type=int, help="largest batch per forward pass (default 8)")
-    parser.add_argument("--max-wait-ms", type=float, help="how long a batch waits to fill (default 5)")
-    parser.add_argument("--queue-size", type=int, help="requests queued per model before 503 (default 64)")
-    parser.add_argument("--rate-limit", type=float, metavar="RPS",
-                        help="segment requests per second per token, 0 for none (default 0)")
-    parser.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], help="mixed precision on CUDA")
-    parser.add_argument("--no-demo", action="store_true", help="do not import the demo models into an empty home")
-    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+                    f"to HOME/initial-tokens.json. Each flag overrides its {ENV_PREFIX}* environment variable "
+                    "(shown with the default).")
+    group = parser.add_argument_group("settings")
+    for name, field in Settings.model_fields.items():
+        add_setting_flag(group, name, field)
     parser.set_defaults(handler=run)
 
 
-_FLAGS = {"home": "HOME", "host": "HOST", "port": "PORT", "device": "DEVICE", "workers": "WORKERS",
-          "max_batch": "MAX_BATCH", "max_wait_ms": "MAX_WAIT_MS", "queue_size": "QUEUE_SIZE", "amp": "AMP",
-          "rate_limit": "RATE_LIMIT_RPS",
-          "log_level": "LOG_LEVEL"}
+def add_setting_flag(parser: argparse._ActionsContainer, name: str, field: Any) -> None:
+    """One flag for a pydantic field: its type (bool: --x/--no-x; Literal: choices), help and default."""
+    env = f"{ENV_PREFIX}{name.upper()}"
+    options = [flag_of(name), *ALIASES.get(name, ())]
+    default = field.get_default(call_default_factory=True)
+    shown = str(default).lower() if isinstance(default, bool) else str(default)
+    help_text = f"{field.description or name.replace('_', ' ')} (default: {shown}; env {env})".replace("%", "%%")
+    kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
+    annotation = field.annotation
+    if annotation is bool:
+        kwargs["action"] = argparse.BooleanOptionalAction
+    elif typing.get_origin(annotation) is typing.Literal:
+        kwargs["choices"] = list(typing.get_args(annotation))
+    elif annotation in (int, float, str, Path):
+        kwargs["type"] = annotation
+        kwargs["metavar"] = name.upper()
+    else:  # a new field of another type needs a rule here
+        raise TypeError(f"setting {name}: no command-line flag for type {annotation!r}")
+    parser.add_argument(*options, **kwargs)
+
+
+def flag_values(args: argparse.Namespace) -> dict[str, Any]:
+    """The settings given as flags (field name -> value)."""
+    from seglock.app.settings import Settings
+
+    return {name: getattr(args, name) for name in Settings.model_fields if getattr(args, name, None) is not None}
+
+
+def settings_from_args(args: argparse.Namespace):
+    """Settings from the flags over the `SEGLOCK_*` environment; pydantic's ValidationError if invalid."""
+    from seglock.app.settings import Settings
+
+    return Settings(**flag_values(args))
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag, env in _FLAGS.items():
-        value = getattr(args, flag)
-        if value is not None:
-            os.environ[f"SEGLOCK_{env}"] = str(value)
-    if args.no_demo:
-        os.environ["SEGLOCK_IMPORT_DEMO"] = "false"
-    from seglock.app.settings import Settings
-
-    try:
-        settings = Settings()
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CLIError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
-    from seglock.models.device import DeviceError, resolve_device
-
-    try:
-        resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
-    except DeviceError as exc:
-        raise CLIError(str(exc)) from None
     import uvicorn
 
+    settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
+    from seglock.models.device import resolve_device
+
+    resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
+    for name, value in flag_values(args).items():  # worker processes (--workers N) read the environment
+        os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30)
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host
+    logging.getLogger("seglock.app").info("web console: http://%s:%d/ui", host, settings.port)
     if settings.workers > 1:
         uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
     else:

@@ -7,10 +7,10 @@ import json
 import re
 import sys
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from seglock.app.cli import CLIError
-from seglock.app.commands.keystore import CLI_ACTOR, add_home_argument, format_time, keystore_call, open_keystore
+from seglock.app.commands.common import CLI_ACTOR, add_actions, add_home_argument, format_time, home_of, open_keystore
 from seglock.keystore.tokens import ALL_MODELS, SCOPES, is_token_id, parse_token
 
 _DURATION = re.compile(r"(\d+)([smhdw])")
@@ -32,7 +32,7 @@ def parse_expiry(text: str, now: float) -> float:
             f"--expires {text!r}: give a duration (30d, 12h, 90m, 3600s, 2w) or an ISO date such as 2030-01-31"
         ) from None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
+        when = when.replace(tzinfo=UTC)
     if when.timestamp() <= now:
         raise CLIError(f"--expires {text}: that time has passed")
     return when.timestamp()
@@ -44,8 +44,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="make, list and revoke API tokens",
         description="API tokens (slk_<id>_<secret>) live in the keystore as hashes; a token is printed once.",
     )
-    actions = parser.add_subparsers(dest="tokens_command", metavar="ACTION")
-    parser.set_defaults(handler=lambda args: _usage(parser))
+    actions = add_actions(parser, "tokens_command")
 
     create = actions.add_parser(
         "create", help="make a token and print it once",
@@ -78,17 +77,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     revoke.set_defaults(handler=_revoke)
 
 
-def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help(sys.stderr)
-    return 2
-
-
 def _create(args: argparse.Namespace) -> int:
     expires_at = parse_expiry(args.expires, time.time()) if args.expires else None
-    with open_keystore(args) as store:
-        record, token = keystore_call(
-            lambda: store.create_token(args.name, args.scope, args.model, expires_at=expires_at, actor=CLI_ACTOR)
-        )
+    with open_keystore(home_of(args)) as store:
+        record, token = store.create_token(args.name, args.scope, args.model, expires_at=expires_at, actor=CLI_ACTOR)
     if args.json:
         print(json.dumps({**record.public_dict(), "token": token}))
     else:
@@ -103,8 +95,8 @@ def _create(args: argparse.Namespace) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     now = time.time()
-    with open_keystore(args) as store:
-        records = keystore_call(store.list_tokens)
+    with open_keystore(home_of(args)) as store:
+        records = store.list_tokens()
     if args.json:
         print(json.dumps([{**r.public_dict(), "status": r.status(now)} for r in records], indent=2))
         return 0
@@ -116,7 +108,7 @@ def _list(args: argparse.Namespace) -> int:
     ]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
     return 0
 
 
@@ -128,8 +120,8 @@ def _revoke(args: argparse.Namespace) -> int:
     if not is_token_id(token_id):
         shown = args.id if len(args.id) <= 16 else args.id[:16] + "..."  # never echo a mistyped secret
         raise CLIError(f"{shown!r} is not a token id (12 hex characters, as `seglock tokens list` shows)")
-    with open_keystore(args) as store:
-        was_revoked = keystore_call(lambda: store.get_token(token_id)).revoked
-        keystore_call(lambda: store.revoke_token(token_id, actor=CLI_ACTOR))
+    with open_keystore(home_of(args)) as store:
+        was_revoked = store.get_token(token_id).revoked
+        store.revoke_token(token_id, actor=CLI_ACTOR)
     print(f"token {token_id} {'was already' if was_revoked else 'is now'} revoked", file=sys.stderr)
     return 0

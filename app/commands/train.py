@@ -5,10 +5,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from seglock.app.cli import CLIError
+from seglock.app.commands.common import write_json
 from seglock.client.modes import Mode
 
 
@@ -110,23 +110,8 @@ def parse_arch_args(items: list[str]) -> dict[str, Any]:
     return kwargs
 
 
-def write_json(target: str, data: Any) -> None:
-    """JSON to a file, or to stdout for '-'."""
-    text = json.dumps(data, indent=2, allow_nan=False, default=str) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        return
-    try:
-        Path(target).write_text(text, encoding="utf-8")
-    except OSError as exc:
-        raise CLIError(f"cannot write {target}: {exc.strerror}") from None
-
-
 def run(args: argparse.Namespace) -> int:
     from seglock.app.home import HomeKeySink
-    from seglock.models.errors import ModelError
-    from seglock.models.keyfile import KeyFileError
-    from seglock.models.report import json_ready
     from seglock.models.train import TrainConfig, train
 
     resolve_defaults(args)
@@ -139,11 +124,8 @@ def run(args: argparse.Namespace) -> int:
         arch_kwargs=parse_arch_args(args.arch_arg), backbone_weights=args.backbone_weights, amp=args.amp,
         resume=args.resume,
     )
-    try:
-        key_sink = HomeKeySink(args.home) if args.home else None
-        result = train(config, args.out, key_sink=key_sink, key_out=args.key_out, progress=not args.quiet)
-    except (ModelError, KeyFileError) as exc:
-        raise CLIError(str(exc)) from None
+    key_sink = HomeKeySink(args.home) if args.home else None
+    result = train(config, args.out, key_sink=key_sink, key_out=args.key_out, progress=not args.quiet)
     best = result.history[result.best_epoch - 1]
     where = ""
     if result.key_ref is not None and result.home is not None:
@@ -156,5 +138,5 @@ def run(args: argparse.Namespace) -> int:
           f"best epoch {result.best_epoch}/{config.epochs}{shown} -> {result.artifact}{where}",
           file=sys.stderr if args.json == "-" else sys.stdout)
     if args.json:
-        write_json(args.json, json_ready({**result.summary(), "config": config.to_dict()}))
+        write_json(args.json, {**result.summary(), "config": config.to_dict()})
     return 0

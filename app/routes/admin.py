@@ -1,7 +1,8 @@
-"""Admin API: tokens and key rotation. Every action, and every refused attempt, lands in the audit log.
+"""Admin API: tokens, models and key rotation, the thief view, the audit log.
 
-An admin token is bounded by its own grants: it makes tokens with at most its scopes and
-models, sees and revokes only tokens within its models, and rotates only models it is granted.
+Every action, and every refused attempt, lands in the keystore's audit log. An admin token is
+bounded by its own grants: it makes tokens with at most its scopes and models, sees and revokes
+only tokens within its models, and rotates only models it is granted.
 """
 
 from __future__ import annotations
@@ -10,20 +11,27 @@ import asyncio
 import time
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Depends, Request, Response
+import numpy as np
+from fastapi import APIRouter, Query, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
-from seglock.app.errors import documented, forbidden, not_found
-from seglock.app.security import Principal, require_scope
+from seglock.app import thief
+from seglock.app.deps import AdminGrant, AuditDep, KeystoreDep, RegistryDep, SettingsDep
+from seglock.app.engine import EngineStopped, Overloaded
+from seglock.app.errors import bad_request, conflict, error_responses, forbidden, not_found, overloaded
+from seglock.app.imageio import decode_upload
+from seglock.app.routes.segment import IMAGE_BODY, read_image_field
+from seglock.client.modes import Mode
 from seglock.keystore.errors import TokenNotFound
-from seglock.keystore.tokens import ALL_MODELS, TokenRecord, describe_token_id
+from seglock.keystore.tokens import ALL_MODELS, Grant, TokenRecord, describe_token_id
+from seglock.models import ArtifactError
 
 router = APIRouter(prefix="/admin", tags=["admin"])
-admin_only = require_scope("admin")
+
+
 NO_STORE = {"Cache-Control": "no-store"}
 MAX_LIFETIME_S = 10 * 365 * 86_400  # ten years: a finite expiry the keystore can store
-
 MODEL_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
 # A model name as the registry accepts it, or "*" (every model).
 ModelName = Annotated[str, Field(pattern=r"^(\*|[A-Za-z0-9][A-Za-z0-9._-]{0,63})$")]
@@ -56,20 +64,20 @@ class TokenRequest(BaseModel):
         return self
 
 
-def _within(principal: Principal, models: list[str] | tuple[str, ...]) -> bool:
+def _within(principal: Grant, models) -> bool:
     """Whether `principal` holds every model of `models` ("*" only if it holds "*")."""
     return principal.all_models or (ALL_MODELS not in models and set(models) <= principal.models)
 
 
-async def _record(request: Request, principal: Principal, action: str, target: str | None, outcome: str,
+async def _record(request: Request, principal: Grant, action: str, target: str | None, outcome: str,
                   detail: str | None = None) -> None:
     await asyncio.to_thread(request.app.state.auditor.record, principal.token_id, action, target, outcome, detail)
 
 
 @router.post("/tokens", status_code=201, summary="Make a token; its secret is shown only in this answer",
-             responses=documented(400, 401, 403, 413, 422, 503))
-async def create_token(body: TokenRequest, request: Request, principal: Principal = Depends(admin_only)) -> JSONResponse:
-    keystore = request.app.state.keystore
+             responses=error_responses(400, 401, 403, 413, 422, 503))
+async def create_token(body: TokenRequest, request: Request, keystore: KeystoreDep,
+                       principal: AdminGrant) -> JSONResponse:
     if not set(body.scopes) <= principal.scopes or not _within(principal, body.models):
         await _record(request, principal, "token.create", None, "denied",
                       f"asked scopes={','.join(body.scopes)} models={','.join(sorted(set(body.models)))}")
@@ -82,17 +90,16 @@ async def create_token(body: TokenRequest, request: Request, principal: Principa
     return JSONResponse(content, status_code=201, headers=NO_STORE)
 
 
-@router.get("/tokens", summary="List tokens (never their secrets)", responses=documented(401, 403, 503))
-async def list_tokens(request: Request, principal: Principal = Depends(admin_only)) -> JSONResponse:
-    records = await asyncio.to_thread(request.app.state.keystore.list_tokens)
+@router.get("/tokens", summary="List tokens (never their secrets)", responses=error_responses(401, 403, 503))
+async def list_tokens(keystore: KeystoreDep, principal: AdminGrant) -> JSONResponse:
+    records = await asyncio.to_thread(keystore.list_tokens)
     visible = [r.public_dict() for r in records if _within(principal, r.models)]
     return JSONResponse({"tokens": visible}, headers=NO_STORE)
 
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token; effective on the next request",
-               responses=documented(401, 403, 404, 503))
-async def revoke_token(token_id: str, request: Request, principal: Principal = Depends(admin_only)) -> Response:
-    keystore = request.app.state.keystore
+               responses=error_responses(401, 403, 404, 503))
+async def revoke_token(token_id: str, request: Request, keystore: KeystoreDep, principal: AdminGrant) -> Response:
     missing = not_found(f"no token with id {describe_token_id(token_id)}")
     try:
         record: TokenRecord = await asyncio.to_thread(keystore.get_token, token_id)
@@ -106,17 +113,163 @@ async def revoke_token(token_id: str, request: Request, principal: Principal = D
 
 
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining",
-             responses=documented(400, 401, 403, 404, 409, 503))
-async def rotate_key(name: str, request: Request, principal: Principal = Depends(admin_only)) -> dict:
-    state = request.app.state
+             responses=error_responses(400, 401, 403, 404, 409, 503))
+async def rotate_key(name: str, request: Request, registry: RegistryDep, principal: AdminGrant) -> dict:
     if not principal.allows_model(name):
         await _record(request, principal, "rotate-key", name, "denied")
         raise forbidden(f"this token is not granted model {name}")
     try:
-        result = await state.registry.rotate_key(name)
+        result = await registry.rotate_key(name)
     except Exception as exc:
         await _record(request, principal, "rotate-key", name, "error", type(exc).__name__)
         raise
     await _record(request, principal, "rotate-key", name, "ok",
                   f"key_version {result['previous_key_version']} -> {result['key_version']}")
     return result
+
+
+# -- models, the thief view, the audit log (the console's admin pages) ---------------------------
+
+class KeyVersionInfo(BaseModel):
+    version: int
+    id: str
+    kind: str
+    state: Literal["pending", "active", "retiring", "destroyed"]
+    created_at: float
+    activated_at: float | None
+    retired_at: float | None
+    destroyed_at: float | None
+    created_by: str | None
+
+
+class AdminModel(BaseModel):
+    name: str
+    mode: str
+    protection: dict
+    model_version: int = Field(description="the artifact revision served")
+    key_version: int | None = Field(description="the key version served; none for keyless models")
+    revisions: list[int] = Field(description="artifact revisions on disk")
+    key_versions: list[KeyVersionInfo] = Field(description="every version of the model's key, never its material")
+    architecture: str
+    num_classes: int
+    class_names: list[str]
+    input_size: list[int]
+    rotatable: bool = Field(description="true for cp models: rotate-key re-keys them exactly")
+    suite_report: bool = Field(description="a thief's-advantage suite report is in the model's folder")
+
+
+class AdminModels(BaseModel):
+    models: list[AdminModel]
+
+
+@router.get("/models", summary="Every hosted model with its protection, revisions and key versions",
+            response_model=AdminModels, responses=error_responses(401, 403))
+async def list_models(registry: RegistryDep, keystore: KeystoreDep, principal: AdminGrant) -> dict:
+    home = registry.home
+    models = []
+    for name in registry.names():
+        hosted = registry.get(name)
+        info = hosted.public_info()
+        versions = [{k: v for k, v in key.public_dict().items() if k != "model"}
+                    for key in keystore.model_key_versions(name)]
+        models.append({
+            **{k: info[k] for k in ("name", "model_version", "key_version", "architecture", "num_classes",
+                                    "class_names", "input_size", "protection")},
+            "mode": str(hosted.mode),
+            "revisions": sorted(home.revisions(name)),
+            "key_versions": versions,
+            "rotatable": hosted.mode is Mode.CP,
+            "suite_report": thief.suite_report(home, name) is not None,
+        })
+    return {"models": models}
+
+
+class MaskView(BaseModel):
+    mask_png: str = Field(description="base64 palette PNG whose pixel values are class indices")
+    counts: dict[str, int] = Field(description="pixels per class name (classes with none left out)")
+
+
+class ThiefView(BaseModel):
+    model: str
+    mode: str
+    model_version: int
+    key_version: int | None
+    height: int
+    width: int
+    class_names: list[str]
+    with_key: MaskView = Field(description="what the server answers a granted token")
+    without_key: MaskView = Field(description="what the stolen artifact gives without the key")
+    without_key_means: str
+    agreement: float = Field(description="fraction of pixels on which the two masks agree")
+    advantage: dict | None = Field(
+        description="the model's suite report (seglock attack suite --json) from its folder, or none")
+
+
+@router.post("/models/{name}/thief-view", summary="One image with the key and through the stolen weights without it",
+             response_model=ThiefView, openapi_extra=IMAGE_BODY,
+             responses=error_responses(400, 401, 403, 404, 409, 413, 415, 422, 503))
+async def thief_view(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, audit: AuditDep,
+                     principal: AdminGrant) -> dict:
+    hosted = registry.get(name)  # 404 for unknown names
+    if hosted.mode is Mode.NONE:
+        raise bad_request(f"model {name} is not protected: a thief gets the same mask as its owner")
+    data = await read_image_field(request)
+    upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
+    if upload.array.dtype != np.uint8:
+        raise bad_request("the thief view takes a plain 8-bit image (PNG, JPEG or WebP)")
+    keyed_input, plain_input = await asyncio.to_thread(thief.model_inputs, upload, hosted)
+    revision, key_version, manifest = hosted.revision, hosted.key_version, hosted.manifest
+    artifact = registry.home.revisions(name).get(revision)
+    try:
+        with_key = await hosted.batcher.submit(keyed_input)
+        if hosted.mode is Mode.CP:
+            without_key = await asyncio.to_thread(thief.stolen_mask, artifact, plain_input, registry.device)
+        else:  # block and per-image weights are served as stored: the thief feeds them plain images
+            without_key = await hosted.batcher.submit(plain_input)
+    except (Overloaded, EngineStopped) as exc:
+        raise overloaded(str(exc)) from None
+    except ArtifactError:  # a rotation removed the revision while the view was being made
+        raise conflict(f"model {name} was re-keyed meanwhile: try again") from None
+    except Exception:
+        audit(principal, "thief-view", name, "error")
+        raise
+    size = upload.array.shape[:2]
+    names = list(manifest.class_names)
+    keyed_full, keyed_view = thief.mask_summary(with_key, size, names)
+    stolen_full, stolen_view = thief.mask_summary(without_key, size, names)
+    audit(principal, "thief-view", name, "ok")
+    return {
+        "model": name, "mode": str(hosted.mode), "model_version": revision, "key_version": key_version,
+        "height": int(size[0]), "width": int(size[1]), "class_names": names,
+        "with_key": keyed_view, "without_key": stolen_view,
+        "without_key_means": thief.without_key_means(hosted.mode),
+        "agreement": round(float((keyed_full == stolen_full).mean()), 6),
+        "advantage": thief.suite_report(registry.home, name),
+    }
+
+
+class AuditPage(BaseModel):
+    total: int = Field(description="entries matching the filters")
+    offset: int
+    limit: int
+    entries: list[dict] = Field(description="newest first: time, actor, action, target, outcome, detail")
+
+
+@router.get("/audit", summary="The audit log, newest first, paged and filtered", response_model=AuditPage,
+            responses=error_responses(401, 403, 422))
+async def audit_log(
+    keystore: KeystoreDep,
+    principal: AdminGrant,
+    offset: Annotated[int, Query(ge=0, description="entries to skip (newest first)")] = 0,
+    limit: Annotated[int, Query(ge=1, le=500, description="entries to return")] = 50,
+    action: Annotated[str | None, Query(
+        max_length=100, description="an action (token.create), or its family (token) for all token.* ones")] = None,
+    actor: Annotated[str | None, Query(
+        max_length=100, description="the acting token id, or cli/system/bootstrap")] = None,
+) -> dict:
+    entries = keystore.audit_log()
+    matching = [entry for entry in reversed(entries)
+                if (action is None or entry.action == action or entry.action.startswith(action + "."))
+                and (actor is None or entry.actor == actor)]
+    return {"total": len(matching), "offset": offset, "limit": limit,
+            "entries": [entry.to_json() for entry in matching[offset:offset + limit]]}

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from seglock.app.deps import KeystoreDep, MetricsDep, OptionalRegistryDep, ReadyDep, RegistryDep, SettingsDep
 from seglock.app.errors import documented
 from seglock.app.security import authenticate
 
@@ -20,25 +21,24 @@ async def healthz() -> dict:
 
 
 @router.get("/readyz", summary="Readiness: 200 once every model is loaded and warmed up")
-async def readyz(request: Request) -> JSONResponse:
-    state = request.app.state
-    if not state.ready:
+async def readyz(ready: ReadyDep, registry: OptionalRegistryDep) -> JSONResponse:
+    if not ready or registry is None:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
     # how many, not which: model names are for tokens granted them
-    return JSONResponse({"status": "ready", "models": len(state.registry.names())})
+    return JSONResponse({"status": "ready", "models": len(registry.names())})
 
 
 @router.get("/metrics", summary="Prometheus metrics (admin tokens, unless SEGLOCK_METRICS_PUBLIC)",
             response_class=Response, responses=documented(401, 403, 503),
             openapi_extra={"security": [{"HTTPBearer": []}, {}]})
-async def metrics(request: Request) -> Response:
-    state = request.app.state
-    if not state.settings.metrics_public:  # its labels name every model
-        await asyncio.to_thread(authenticate, request, "admin")
-    return Response(await asyncio.to_thread(_render, state), media_type=CONTENT_TYPE_LATEST)
+async def metrics(request: Request, settings: SettingsDep, metrics: MetricsDep, registry: RegistryDep,
+                  keystore: KeystoreDep) -> Response:
+    if not settings.metrics_public:  # its labels name every model
+        await asyncio.to_thread(authenticate, request, keystore, "admin")
 
+    def render() -> bytes:
+        for name in registry.names():
+            metrics.queue_depth.labels(name).set(registry.get(name).batcher.depth)
+        return metrics.render()
 
-def _render(state) -> bytes:
-    for name in state.registry.names():
-        state.metrics.queue_depth.labels(name).set(state.registry.get(name).batcher.depth)
-    return state.metrics.render()
+    return Response(await asyncio.to_thread(render), media_type=CONTENT_TYPE_LATEST)

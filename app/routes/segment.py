@@ -3,21 +3,23 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
-from fastapi import APIRouter, Depends, Header, Request
+from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from seglock.app import inference
+from seglock.app.deps import RegistryDep, SegmentGrant, SettingsDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
-from seglock.app.registry import HostedModel
-from seglock.app.security import Principal, require_scope
+from seglock.app.registry import HostedModel, Registry
 from seglock.client.modes import Mode
+from seglock.keystore.tokens import Grant
 
 router = APIRouter(prefix="/v1", tags=["segmentation"])
 
-_SEGMENT_BODY = {
+IMAGE_BODY = {
     "requestBody": {
         "required": True,
         "content": {"multipart/form-data": {"schema": {
@@ -26,26 +28,29 @@ _SEGMENT_BODY = {
                                      "description": "PNG, JPEG, WebP, or .npy (encrypted tensors)"}},
         }}},
     },
+}
+_SEGMENT_BODY = {
+    **IMAGE_BODY,
     "responses": {"200": {"content": {"image/png": {}, "application/json": {}},
                           "description": "class-index mask (palette PNG) or JSON"}},
 }
+
+
 NO_STORE = {"Cache-Control": "no-store"}
 
 
-async def hosted_for(request: Request, name: str, principal: Principal) -> HostedModel:
+async def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
     """The model, if this token is granted it. A token is never told whether a model it is not
     granted exists: unknown and ungranted names get the same 403 (a `*` token sees 404s)."""
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
     # off the event loop: following another worker's rotation loads a model
-    return await asyncio.to_thread(request.app.state.registry.get, name)  # ModelNotFound (404)
+    return await asyncio.to_thread(registry.get, name)  # ModelNotFound (404)
 
 
 @router.get("/models", summary="The models this token may use, with their public protection parameters",
             responses=documented(401, 403, 429, 503))
-async def list_models(request: Request, principal: Principal = Depends(require_scope("segment"))) -> dict:
-    registry = request.app.state.registry
-
+async def list_models(registry: RegistryDep, principal: SegmentGrant) -> dict:
     def granted() -> list[dict]:
         return [registry.get(n).public_info() for n in registry.names() if principal.allows_model(n)]
 
@@ -54,9 +59,8 @@ async def list_models(request: Request, principal: Principal = Depends(require_s
 
 @router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)",
             responses=documented(400, 401, 403, 404, 429, 503))
-async def client_key(name: str, request: Request,
-                     principal: Principal = Depends(require_scope("segment"))) -> Response:
-    hosted = await hosted_for(request, name, principal)
+async def client_key(name: str, request: Request, registry: RegistryDep, principal: SegmentGrant) -> Response:
+    hosted = await hosted_for(registry, name, principal)
     if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
     version = hosted.key_version
@@ -73,14 +77,14 @@ async def client_key(name: str, request: Request,
 async def segment(
     name: str,
     request: Request,
-    principal: Principal = Depends(require_scope("segment")),
-    accept: str | None = Header(None),
-    x_seglock_key_version: str | None = Header(None),
-    x_seglock_encrypted: str | None = Header(None),
+    registry: RegistryDep,
+    settings: SettingsDep,
+    principal: SegmentGrant,
+    accept: Annotated[str | None, Header()] = None,
+    x_seglock_key_version: Annotated[str | None, Header()] = None,
+    x_seglock_encrypted: Annotated[str | None, Header()] = None,
 ) -> Response:
-    state = request.app.state
-    settings = state.settings
-    hosted = await hosted_for(request, name, principal)
+    hosted = await hosted_for(registry, name, principal)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
         if not hosted.mode.encrypts_input:
@@ -88,8 +92,9 @@ async def segment(
         if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
     wants_json = _wants_json(accept)
+    gate = request.app.state.upload_gate
     # The body is read and decoded only inside a slot: memory stays bounded however many upload at once.
-    async with state.upload_gate.slot():
+    async with gate.slot():
         data = await read_image_field(request)
         draft = None if encrypted else tuple(hosted.manifest.input_size)
         upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels, draft_size=draft)
@@ -110,7 +115,7 @@ async def segment(
         "X-Seglock-Model-Version": str(hosted.revision),
         "X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version),
     }
-    async with state.upload_gate.slot():  # a full-size mask costs what a decode does
+    async with gate.slot():  # a full-size mask costs what a decode does
         if wants_json:
             body = await asyncio.to_thread(inference.mask_json, mask, size, hosted)
             return Response(body, media_type="application/json", headers=headers)

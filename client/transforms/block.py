@@ -54,7 +54,8 @@ def negative_positive(images: np.ndarray, key: BlockKey) -> np.ndarray:
     flip = key.cached_layout(
         "np-xor", height, width, lambda: key.selection_mask(height, width).astype(np.uint8) * np.uint8(255)
     )
-    return np.bitwise_xor(images, flip)
+    flipped: np.ndarray = np.bitwise_xor(images, flip)
+    return flipped
 
 
 def ffx_encrypt(images: np.ndarray, key: BlockKey) -> np.ndarray:
@@ -64,7 +65,8 @@ def ffx_encrypt(images: np.ndarray, key: BlockKey) -> np.ndarray:
         "ffx-offset", height, width,
         lambda: key.selection_mask(height, width).astype(np.uint16) * np.uint16(LOOKUP_OFFSET),
     )
-    return key.ffx_lookup().take(np.add(images, offset, dtype=np.uint16))
+    encrypted: np.ndarray = key.ffx_lookup().take(np.add(images, offset, dtype=np.uint16))
+    return encrypted
 
 
 def ffx_decrypt(images: np.ndarray, key: BlockKey) -> np.ndarray:
@@ -76,7 +78,7 @@ def ffx_decrypt(images: np.ndarray, key: BlockKey) -> np.ndarray:
         "ffx-inverse-offset", height, width,
         lambda: key.selection_mask(height, width).astype(np.uint16) * np.uint16(INVERSE_LOOKUP_OFFSET),
     )
-    plain = key.ffx_inverse_lookup().take(np.add(images, offset, dtype=np.uint16))
+    plain: np.ndarray = key.ffx_inverse_lookup().take(np.add(images, offset, dtype=np.uint16))
     if plain.size and int(plain.min()) < 0:
         raise TransformError("ffx-encrypted image holds values this key never produces (wrong key or corrupted data)")
     return plain.astype(np.uint8)

@@ -50,7 +50,7 @@ def block_vector_index(height: int, width: int, block_size: int) -> np.ndarray:
     """
     check_divisible(height, width, block_size)
     m = block_size
-    index = np.arange(height * width * CHANNELS, dtype=np.int64)
+    index: np.ndarray = np.arange(height * width * CHANNELS, dtype=np.int64)
     index = index.reshape(height // m, m, width // m, m, CHANNELS).transpose(0, 2, 1, 3, 4)
     index = np.ascontiguousarray(index).reshape(height // m, width // m, m * m * CHANNELS)
     index.flags.writeable = False

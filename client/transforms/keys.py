@@ -13,7 +13,8 @@ import json
 import os
 import secrets
 import threading
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -30,7 +31,7 @@ _CACHE_LIMIT = 16  # (height, width) layouts kept per key: a few image sizes in 
 
 # Paper 001 section 2.4: inputs are divided by the largest value the encryption can produce
 # (plain and CP models see plain 8-bit images).
-_INPUT_SCALE = {mode.value: _ffx.FFX_MAX if mode is Mode.FFX else 255 for mode in Mode}
+_INPUT_SCALE: dict[str, int] = {mode.value: _ffx.FFX_MAX if mode is Mode.FFX else 255 for mode in Mode}
 
 
 def input_scale(method: str) -> int:
@@ -101,7 +102,7 @@ class BlockKey:
         self._perm = perm
         self._password = password
         self._tag = tag
-        self._cache: dict[tuple, np.ndarray] = {}
+        self._cache: dict[tuple[Any, ...], np.ndarray] = {}
         self._lock = threading.Lock()  # keys are shared across threads (server workers, loaders)
         material = f"{method}|{block_size}|{password or ''}|".encode() + perm.tobytes()
         self._material_digest = hashlib.sha256(material).digest()  # for __eq__/__hash__ only
@@ -109,7 +110,7 @@ class BlockKey:
     # -- construction -------------------------------------------------------------------
 
     @classmethod
-    def generate(cls, method: str, block_size: int, *, randbytes: RandBytes = os.urandom) -> "BlockKey":
+    def generate(cls, method: str, block_size: int, *, randbytes: RandBytes = os.urandom) -> BlockKey:
         """A fresh key: permutation and (for ffx) password from the OS CSPRNG."""
         _check_method(method)
         block_size = check_block_size(block_size)
@@ -121,7 +122,7 @@ class BlockKey:
     @classmethod
     def from_reference(
         cls, method: str, block_size: int, seed: int, password: str | None = None
-    ) -> "BlockKey":
+    ) -> BlockKey:
         """The key the published reference code builds from `seed` (and `password` for ffx)."""
         _check_method(method)
         block_size = check_block_size(block_size)
@@ -149,7 +150,7 @@ class BlockKey:
         return data
 
     @classmethod
-    def from_dict(cls, data: Any) -> "BlockKey":
+    def from_dict(cls, data: Any) -> BlockKey:
         """Inverse of `to_dict`; TransformError on anything else."""
         if not isinstance(data, dict) or data.get("format") != KEY_FORMAT:
             raise TransformError(f"not a {KEY_FORMAT} object")
@@ -166,7 +167,7 @@ class BlockKey:
         return json.dumps(self.to_dict(), separators=(",", ":"))
 
     @classmethod
-    def from_json(cls, text: str | bytes) -> "BlockKey":
+    def from_json(cls, text: str | bytes) -> BlockKey:
         try:
             data = json.loads(text)
         except (TypeError, ValueError):
@@ -228,7 +229,10 @@ class BlockKey:
     def ffx_table(self) -> np.ndarray:
         """uint16[256], read-only: FFX encryption of each pixel value (ffx keys only)."""
         self._require((Mode.FFX,), "ffx_table")
-        return self._cached(("ffx",), lambda: _ffx.ffx_table(self._password))
+        password = self._password
+        if password is None:  # made by from_dict/generate: an ffx key always has its password
+            raise TransformError("this ffx key has no password")
+        return self._cached(("ffx",), lambda: _ffx.ffx_table(password))
 
     def ffx_inverse_table(self) -> np.ndarray:
         """int16[1000], read-only: the pixel value behind each FFX value, -1 where none (ffx keys)."""
@@ -264,7 +268,7 @@ class BlockKey:
     def __hash__(self) -> int:
         return hash(self._material_digest)
 
-    def __reduce__(self) -> tuple:
+    def __reduce__(self) -> tuple[Any, ...]:
         # Pickling (e.g. into DataLoader workers) carries the material but never the caches.
         return (_from_state, (self._method, self._block_size, self._perm, self._password, self._tag))
 
@@ -274,7 +278,7 @@ class BlockKey:
         if self._method not in methods:
             raise TransformError(f"{what} applies to {'/'.join(methods)} keys, not {self._method!r}")
 
-    def _cached(self, name: tuple, build: Callable[[], np.ndarray]) -> np.ndarray:
+    def _cached(self, name: tuple[Any, ...], build: Callable[[], np.ndarray]) -> np.ndarray:
         value = self._cache.get(name)
         if value is None:
             value = build()

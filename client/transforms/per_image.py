@@ -50,9 +50,10 @@ class PerImageKey:
         # Flat HWC index of (sub-block sy, sx; channel c; pixel q = qy*S + qx) = base + c + offset[q].
         # int32 halves the memory traffic of building and applying it (images below 2**31 values).
         index = np.int32 if height * width * CHANNELS < 2**31 else np.int64
-        rows, cols = np.arange(height // s, dtype=index), np.arange(width // s, dtype=index)
+        rows: np.ndarray = np.arange(height // s, dtype=index)
+        cols: np.ndarray = np.arange(width // s, dtype=index)
         base = (rows[:, None] * (s * width) + cols[None, :] * s) * CHANNELS
-        q = np.arange(s * s, dtype=index)
+        q: np.ndarray = np.arange(s * s, dtype=index)
         offset = ((q // s) * width + q % s) * CHANNELS
         source = offset.take(pixel_perms)  # (H/S, W/S, 3, S*S)
         source += (base[:, :, None] + np.repeat(np.repeat(channel_perms.astype(index), b // s, axis=0),
@@ -66,7 +67,7 @@ class PerImageKey:
 
     @classmethod
     def generate(cls, height: int, width: int, block_size: int = DEFAULT_BLOCK_SIZE,
-                 sub_block: int = DEFAULT_SUB_BLOCK, *, randbytes: RandBytes = os.urandom) -> "PerImageKey":
+                 sub_block: int = DEFAULT_SUB_BLOCK, *, randbytes: RandBytes = os.urandom) -> PerImageKey:
         """Fresh, independent keys for every block and sub-block of one H x W image."""
         check_geometry(height, width, block_size, sub_block)
         s, b = sub_block, block_size
@@ -134,6 +135,6 @@ def _encrypt_per_image_with_key(
         return key.apply(images), key
     keys = [PerImageKey.generate(height, width, block_size, sub_block, randbytes=randbytes) for _ in images]
     encrypted = np.empty_like(images)
-    for i, (image, key) in enumerate(zip(images, keys)):
+    for i, (image, key) in enumerate(zip(images, keys, strict=True)):
         encrypted[i] = key.apply(image)
     return encrypted, keys

@@ -5,8 +5,8 @@ from __future__ import annotations
 import itertools
 import math
 import os
-from functools import lru_cache
-from typing import Callable
+from collections.abc import Callable
+from functools import cache
 
 import numpy as np
 
@@ -22,7 +22,8 @@ def random_permutations(count: int, n: int, randbytes: RandBytes = os.urandom) -
     if count < 0 or not 1 <= n <= _MAX_LENGTH:
         raise ValueError(f"need count >= 0 and 1 <= n <= {_MAX_LENGTH}, got count={count}, n={n}")
     if n <= _TABLE_LENGTH:
-        return _all_permutations(n)[_uniform_below(count, math.factorial(n), randbytes)]
+        chosen: np.ndarray = _all_permutations(n)[_uniform_below(count, math.factorial(n), randbytes)]
+        return chosen
     if n <= _SHUFFLE_LENGTH:
         return _shuffled_permutations(count, n, randbytes)
     return _sorted_permutations(count, n, randbytes)
@@ -64,7 +65,7 @@ def _sorted_permutations(count: int, n: int, randbytes: RandBytes) -> np.ndarray
     positions = np.arange(n, dtype=word)
 
     def draw(rows: int) -> np.ndarray:
-        words = _random_array(rows * n, source, randbytes).astype(word).reshape(rows, n)
+        words: np.ndarray = _random_array(rows * n, source, randbytes).astype(word).reshape(rows, n)
         words <<= word.type(shift)  # bits pushed out of the word are dropped: the rest stay uniform
         words |= positions
         words.sort(axis=1)
@@ -90,7 +91,7 @@ def _uniform_below(count: int, bound: int, randbytes: RandBytes) -> np.ndarray:
     return values % bound
 
 
-@lru_cache(maxsize=None)
+@cache
 def _all_permutations(n: int) -> np.ndarray:
     table = np.array(list(itertools.permutations(range(n))), dtype=np.int64).reshape(-1, n)
     table.flags.writeable = False

@@ -57,7 +57,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike[str]) -> None:
 
 def load_backbone_weights(backbone: nn.Module, path: str | os.PathLike[str]) -> None:
     """Load a classification network's (or a segmentation checkpoint's) weights into a backbone."""
-    state = _strip_prefix(read_state_dict(path), backbone.state_dict().keys(), ("", "backbone.", "features.", "module."))
+    prefixes = ("", "backbone.", "features.", "module.")
+    state = _strip_prefix(read_state_dict(path), backbone.state_dict().keys(), prefixes)
     load_state_exactly(backbone, state, f"backbone weights {path}", ignore=_CLASSIFICATION_HEADS)
 
 

@@ -1,0 +1,99 @@
+"""`seglock serve` flags are made from the Settings class: one per field, real defaults in --help."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from seglock.app.cli import build_parser
+from seglock.app.commands.serve import flag_of, settings_from_args
+from seglock.app.settings import Settings
+
+# A value other than the default for every field, and the flags that give it.
+SAMPLES = {
+    "home": (Path("elsewhere/home"), ["--home", "elsewhere/home"]),
+    "host": ("0.0.0.0", ["--host", "0.0.0.0"]),
+    "port": (9001, ["--port", "9001"]),
+    "workers": (3, ["--workers", "3"]),
+    "device": ("cpu", ["--device", "CPU"]),
+    "amp": ("bf16", ["--amp", "bf16"]),
+    "channels_last": (False, ["--no-channels-last"]),
+    "max_batch": (16, ["--max-batch", "16"]),
+    "max_wait_ms": (2.5, ["--max-wait-ms", "2.5"]),
+    "queue_size": (7, ["--queue-size", "7"]),
+    "max_body_bytes": (4096, ["--max-body-bytes", "4096"]),
+    "max_pixels": (1000, ["--max-pixels", "1000"]),
+    "metrics_public": (False, ["--no-metrics-public"]),
+    "rate_limit_rps": (2.5, ["--rate-limit-rps", "2.5"]),
+    "rate_limit_burst": (4, ["--rate-limit-burst", "4"]),
+    "import_demo": (False, ["--no-import-demo"]),
+    "warmup": (False, ["--no-warmup"]),
+    "log_level": ("debug", ["--log-level", "debug"]),
+}
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    for name in Settings.model_fields:
+        monkeypatch.delenv(f"SEGLOCK_{name.upper()}", raising=False)
+
+
+def _serve_parser():
+    return build_parser()._subparsers._group_actions[0].choices["serve"]
+
+
+def _settings(*flags: str) -> Settings:
+    return settings_from_args(build_parser().parse_args(["serve", *flags]))
+
+
+def test_every_setting_has_its_flag():
+    options = {action.dest: action.option_strings for action in _serve_parser()._actions}
+    for name in Settings.model_fields:
+        assert flag_of(name) in options.get(name, []), name
+    assert set(SAMPLES) == set(Settings.model_fields)  # a new field needs a sample here
+
+
+@pytest.mark.parametrize("name", sorted(SAMPLES))
+def test_a_flag_value_reaches_the_settings(name):
+    value, flags = SAMPLES[name]
+    assert value != Settings.model_fields[name].default
+    settings = _settings(*flags)
+    assert getattr(settings, name) == value
+    others = {n: getattr(settings, n) for n in Settings.model_fields if n != name}
+    assert others == {n: getattr(Settings(), n) for n in others}
+
+
+def test_no_flag_leaves_the_environment_and_a_flag_overrides_it(monkeypatch):
+    monkeypatch.setenv("SEGLOCK_MAX_BATCH", "3")
+    assert _settings().max_batch == 3
+    assert _settings("--max-batch", "5").max_batch == 5
+
+
+def test_help_shows_the_real_defaults():
+    help_text = " ".join(_serve_parser().format_help().split())
+    defaults = Settings()
+    for name in Settings.model_fields:
+        value = getattr(defaults, name)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        assert f"(default: {shown}; env SEGLOCK_{name.upper()})" in help_text, name
+    assert "(default: 8; env SEGLOCK_MAX_BATCH)" in help_text
+    assert "(default: 20971520; env SEGLOCK_MAX_BODY_BYTES)" in help_text
+
+
+def test_the_flag_names_used_before_still_work():
+    settings = _settings("--home", "h", "--host", "::1", "--port", "8123", "--device", "cpu", "--workers", "2",
+                         "--max-batch", "4", "--max-wait-ms", "10", "--queue-size", "9", "--rate-limit", "1.5",
+                         "--amp", "off", "--no-demo", "--log-level", "warning")
+    assert (settings.home, settings.host, settings.port, settings.device, settings.workers) == (
+        Path("h"), "::1", 8123, "cpu", 2)
+    assert (settings.max_batch, settings.max_wait_ms, settings.queue_size, settings.rate_limit_rps) == (4, 10.0, 9, 1.5)
+    assert (settings.amp, settings.import_demo, settings.log_level) == ("off", False, "warning")
+
+
+def test_a_bad_choice_is_an_argument_error(capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["serve", "--amp", "fp8"])
+    assert exited.value.code == 2
+    assert re.search(r"--amp: invalid choice: '?fp8'?", capsys.readouterr().err)
