@@ -19,7 +19,9 @@ from typing import Annotated
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials
 
+from seglock.app.audit import Auditor as AuditLogger
 from seglock.app.errors import APIError
+from seglock.app.imageio import UploadGate
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
@@ -70,6 +72,18 @@ async def get_audit(request: Request) -> Auditor:
     return audit
 
 
+async def get_auditor(request: Request) -> "AuditLogger":
+    """The server's audit writer (`seglock.app.audit.Auditor`): raises when an entry cannot be written."""
+    auditor = getattr(request.app.state, "auditor", None)
+    if auditor is None:
+        raise _starting()
+    return auditor
+
+
+async def get_upload_gate(request: Request) -> "UploadGate":
+    return request.app.state.upload_gate
+
+
 async def get_rate_limiter(request: Request) -> RateLimiter | None:
     """The per-token limit on segment requests; None when there is none."""
     return getattr(request.app.state, "rate_limiter", None)
@@ -85,6 +99,8 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 OptionalRegistryDep = Annotated[Registry | None, Depends(get_optional_registry)]
 KeystoreDep = Annotated[Keystore, Depends(get_keystore)]
 AuditDep = Annotated[Auditor, Depends(get_audit)]
+AuditorDep = Annotated["AuditLogger", Depends(get_auditor)]
+UploadGateDep = Annotated["UploadGate", Depends(get_upload_gate)]
 RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 ReadyDep = Annotated[bool, Depends(is_ready)]
 

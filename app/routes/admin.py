@@ -17,7 +17,8 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field, model_validator
 
 from seglock.app import thief
-from seglock.app.deps import AdminGrant, AuditDep, KeystoreDep, RegistryDep, SettingsDep
+from seglock.app.audit import Auditor as AuditLogger
+from seglock.app.deps import AdminGrant, AuditDep, AuditorDep, KeystoreDep, RegistryDep, SettingsDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, conflict, error_responses, forbidden, not_found, overloaded
 from seglock.app.imageio import decode_upload
@@ -69,17 +70,17 @@ def _within(principal: Grant, models) -> bool:
     return principal.all_models or (ALL_MODELS not in models and set(models) <= principal.models)
 
 
-async def _record(request: Request, principal: Grant, action: str, target: str | None, outcome: str,
+async def _record(auditor: AuditLogger, principal: Grant, action: str, target: str | None, outcome: str,
                   detail: str | None = None) -> None:
-    await asyncio.to_thread(request.app.state.auditor.record, principal.token_id, action, target, outcome, detail)
+    await asyncio.to_thread(auditor.record, principal.token_id, action, target, outcome, detail)
 
 
 @router.post("/tokens", status_code=201, summary="Make a token; its secret is shown only in this answer",
              responses=error_responses(400, 401, 403, 413, 422, 503))
-async def create_token(body: TokenRequest, request: Request, keystore: KeystoreDep,
+async def create_token(body: TokenRequest, keystore: KeystoreDep, auditor: AuditorDep,
                        principal: AdminGrant) -> JSONResponse:
     if not set(body.scopes) <= principal.scopes or not _within(principal, body.models):
-        await _record(request, principal, "token.create", None, "denied",
+        await _record(auditor, principal, "token.create", None, "denied",
                       f"asked scopes={','.join(body.scopes)} models={','.join(sorted(set(body.models)))}")
         raise forbidden("an admin token can only grant the scopes and models it holds")
     expires_at = None if body.expires_in_s is None else time.time() + body.expires_in_s
@@ -99,14 +100,14 @@ async def list_tokens(keystore: KeystoreDep, principal: AdminGrant) -> JSONRespo
 
 @router.delete("/tokens/{token_id}", status_code=204, summary="Revoke a token; effective on the next request",
                responses=error_responses(401, 403, 404, 503))
-async def revoke_token(token_id: str, request: Request, keystore: KeystoreDep, principal: AdminGrant) -> Response:
+async def revoke_token(token_id: str, keystore: KeystoreDep, auditor: AuditorDep, principal: AdminGrant) -> Response:
     missing = not_found(f"no token with id {describe_token_id(token_id)}")
     try:
         record: TokenRecord = await asyncio.to_thread(keystore.get_token, token_id)
     except TokenNotFound:
         raise missing from None
     if not _within(principal, record.models):  # as if it did not exist: ids outside its grants stay unknown
-        await _record(request, principal, "token.revoke", record.id, "denied")
+        await _record(auditor, principal, "token.revoke", record.id, "denied")
         raise missing
     await asyncio.to_thread(keystore.revoke_token, token_id, actor=principal.token_id)
     return Response(status_code=204)
@@ -114,16 +115,16 @@ async def revoke_token(token_id: str, request: Request, keystore: KeystoreDep, p
 
 @router.post("/models/{name}/rotate-key", summary="Re-key a CP model exactly, without retraining",
              responses=error_responses(400, 401, 403, 404, 409, 503))
-async def rotate_key(name: str, request: Request, registry: RegistryDep, principal: AdminGrant) -> dict:
+async def rotate_key(name: str, registry: RegistryDep, auditor: AuditorDep, principal: AdminGrant) -> dict:
     if not principal.allows_model(name):
-        await _record(request, principal, "rotate-key", name, "denied")
+        await _record(auditor, principal, "rotate-key", name, "denied")
         raise forbidden(f"this token is not granted model {name}")
     try:
         result = await registry.rotate_key(name)
     except Exception as exc:
-        await _record(request, principal, "rotate-key", name, "error", type(exc).__name__)
+        await _record(auditor, principal, "rotate-key", name, "error", type(exc).__name__)
         raise
-    await _record(request, principal, "rotate-key", name, "ok",
+    await _record(auditor, principal, "rotate-key", name, "ok",
                   f"key_version {result['previous_key_version']} -> {result['key_version']}")
     return result
 

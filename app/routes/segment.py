@@ -9,7 +9,7 @@ from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
 from seglock.app import inference
-from seglock.app.deps import RegistryDep, SegmentGrant, SettingsDep
+from seglock.app.deps import AuditorDep, RegistryDep, SegmentGrant, SettingsDep, UploadGateDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
@@ -59,14 +59,14 @@ async def list_models(registry: RegistryDep, principal: SegmentGrant) -> dict:
 
 @router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)",
             responses=documented(400, 401, 403, 404, 429, 503))
-async def client_key(name: str, request: Request, registry: RegistryDep, principal: SegmentGrant) -> Response:
+async def client_key(name: str, registry: RegistryDep, auditor: AuditorDep, principal: SegmentGrant) -> Response:
     hosted = await hosted_for(registry, name, principal)
     if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
     version = hosted.key_version
     # Audited before it is released (once per token, model, version and window); if the record
     # cannot be written the KeystoreError becomes a 503 and no key leaves the server.
-    await asyncio.to_thread(request.app.state.auditor.record_once, ("client-key", principal.token_id, name, version),
+    await asyncio.to_thread(auditor.record_once, ("client-key", principal.token_id, name, version),
                             principal.token_id, "client-key", name, "ok", f"key_version={version}")
     return JSONResponse({"model": name, "key_version": version, "key": hosted.block_key.to_dict()},
                         headers=NO_STORE)
@@ -79,6 +79,7 @@ async def segment(
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
+    gate: UploadGateDep,
     principal: SegmentGrant,
     accept: Annotated[str | None, Header()] = None,
     x_seglock_key_version: Annotated[str | None, Header()] = None,
@@ -92,7 +93,6 @@ async def segment(
         if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
     wants_json = _wants_json(accept)
-    gate = request.app.state.upload_gate
     # The body is read and decoded only inside a slot: memory stays bounded however many upload at once.
     async with gate.slot():
         data = await read_image_field(request)
