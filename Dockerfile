@@ -40,8 +40,8 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
         pip install -r requirements-torch.txt; \
     fi
 
-# Then every other dependency (the SDK's and the `server` extra's) at the exact versions and
-# SHA-256 hashes of requirements.lock: a changed or substituted wheel fails the build.
+# Then every other dependency (the SDK's, the `server` and `postgres` extras') at the exact versions
+# and SHA-256 hashes of requirements.lock: a changed or substituted wheel fails the build.
 COPY requirements.lock ./
 RUN pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./

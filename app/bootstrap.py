@@ -32,25 +32,25 @@ LOCK = ".first-start.lock"
 INITIAL_TOKEN_TTL_S = 86_400.0
 
 
-def is_empty_home(home: Path, keystore: Keystore) -> bool:
+def is_empty_home(home: Path, keystore: Keystore, models_root: Path | None = None) -> bool:
     """No token and no model key in the keystore, and no model folder: nothing was ever set up here."""
     keystore.refresh()
     if keystore.list_tokens() or keystore.models():
         return False
-    folder = Home(home).models_dir
+    folder = Home(home, models_root=models_root).models_dir
     return not (folder.is_dir() and any(folder.iterdir()))
 
 
-def needs_first_start(home: Path, keystore: Keystore) -> bool:
-    return (home / PENDING).exists() or is_empty_home(home, keystore)
+def needs_first_start(home: Path, keystore: Keystore, models_root: Path | None = None) -> bool:
+    return (home / PENDING).exists() or is_empty_home(home, keystore, models_root)
 
 
-def import_demo_models(home: Path, keystore: Keystore) -> list[str]:
+def import_demo_models(home: Path, keystore: Keystore, models_root: Path | None = None) -> list[str]:
     """Import every bundled demo model; returns their names."""
     from seglock.models.keyfile import read_key_file
     from seglock.models.zoo import DEMO_MODELS, zoo_dir
 
-    target = Home(home, keystore)
+    target = Home(home, keystore, models_root=models_root)
     imported = []
     for name in DEMO_MODELS:
         if target.model_dir(name).is_dir():  # imported by a first start that was cut off
@@ -86,15 +86,19 @@ def write_initial_tokens(home: Path, keystore: Keystore, models: list[str], *,
 
 
 def first_start(home: Path, keystore: Keystore, *, import_demo: bool = True,
-                token_ttl_s: float = INITIAL_TOKEN_TTL_S) -> Path | None:
+                models_root: Path | None = None, token_ttl_s: float = INITIAL_TOKEN_TTL_S) -> Path | None:
     """Set up an empty home; returns the initial-tokens path, or None if the home was in use."""
-    if not needs_first_start(home, keystore):
+    if not needs_first_start(home, keystore, models_root):
         return None
-    with filelock.FileLock(str(home / LOCK), mode=0o600):
-        if not needs_first_start(home, keystore):  # another worker did it while this one waited
+    storage = keystore.storage
+    # Replicas on several hosts share a database keystore and a models root: lock there, not in the home.
+    lock = (storage.exclusive("seglock-first-start") if storage.kind != "file"
+            else filelock.FileLock(str(home / LOCK), mode=0o600))
+    with lock:
+        if not needs_first_start(home, keystore, models_root):  # another worker did it while this one waited
             return None
         (home / PENDING).touch(mode=0o600)
-        models = import_demo_models(home, keystore) if import_demo else []
+        models = import_demo_models(home, keystore, models_root) if import_demo else []
         path = write_initial_tokens(home, keystore, models, token_ttl_s=token_ttl_s)
         (home / PENDING).unlink()
     log.info("first start: %d demo models imported; initial tokens written to %s", len(models), path)

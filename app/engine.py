@@ -11,16 +11,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
+
+from seglock.app import backends
 
 log = logging.getLogger("seglock.engine")
 
@@ -59,20 +62,47 @@ class _Job:
     tensor: torch.Tensor
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
+    score: bool = False  # also answer the softmax probability of each pixel's class
 
 
 _STOP = object()
 
 
 class ModelRunner:
-    """The forward pass of one model on one device, with its serving options."""
+    """The forward pass of one model on one device, with its serving options.
+
+    `backend` (see `app/backends.py`) picks how the module runs; with `probe` (an NCHW batch of the
+    model's input size) `auto` measures its candidates and `compile` checks the compiled module's
+    masks against eager before it serves.
+    """
 
     def __init__(self, module: nn.Module, device: torch.device, *, amp: str = "auto",
-                 channels_last: bool = True):
+                 channels_last: bool = True, backend: str = "eager", probe: torch.Tensor | None = None,
+                 compile_budget_s: float = 0.0, name: str = "model"):
+        if backend not in backends.BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(backends.BACKENDS)}, not {backend!r}")
         self.device = device
+        self.name = name
         self.dtype = autocast_dtype(amp, device)
-        self.channels_last = channels_last and device.type == "cuda"
+        self.requested_backend = backend
+        self.compile_job: backends.CompileJob | None = None
+        self._lock = threading.Lock()  # held for one forward pass; swaps happen between batches
+        self._pending: dict[str, torch.Tensor] | None = None
+        self.channels_last = (channels_last and device.type == "cuda") if backend == "eager" else backend != "eager"
+        self._probe = None if probe is None else probe.to(device)
+        measured = backend in ("auto", "compile") and self._probe is not None
+        pristine = copy.deepcopy(module).eval().to(device) if measured else None  # eager, contiguous
         self.module = self.prepare(module)
+        self.backend = "channels_last" if self.channels_last else "eager"
+        if measured:
+            reference = self._eager_masks(pristine, self._probe)
+            if backend == "auto":
+                self._pick_layout(pristine, reference)
+            if compile_budget_s > 0:
+                self.compile_job = backends.CompileJob(
+                    backends.compile_copy(self.module), self._probe, reference, self._run,
+                    budget_s=compile_budget_s, must_be_faster=backend == "auto",
+                    on_ready=self._install_compiled, name=name).start()
 
     def prepare(self, module: nn.Module) -> nn.Module:
         module = module.eval().to(self.device)
@@ -82,22 +112,103 @@ class ModelRunner:
             parameter.requires_grad_(False)
         return module
 
+    def _eager_masks(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """The masks every faster backend must reproduce: the module as trained, contiguous memory."""
+        with torch.inference_mode():
+            if self.dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    return module(batch.contiguous()).argmax(dim=1)
+            return module(batch.contiguous()).argmax(dim=1)
+
+    def _run(self, module: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+        """Argmax masks of `batch` through `module` with this runner's layout and precision."""
+        with torch.inference_mode():
+            if self.channels_last:
+                batch = batch.contiguous(memory_format=torch.channels_last)
+            if self.dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    return module(batch).argmax(dim=1)
+            return module(batch).argmax(dim=1)
+
+    def _pick_layout(self, eager: nn.Module, reference: torch.Tensor) -> None:
+        """auto: channels_last unless eager is faster on the probe, or channels_last changes a mask."""
+        if not self.channels_last:
+            return
+        exact = torch.equal(self._run(self.module, self._probe), reference)
+        t_layout = backends.median_seconds(lambda: self._run(self.module, self._probe))
+        t_eager = backends.median_seconds(lambda: self._eager_masks(eager, self._probe))
+        if not exact or t_eager < t_layout:
+            self.channels_last = False
+            self.module, self.backend = self.prepare(eager), "eager"
+        log.info("model %s: %s (channels_last %.1f ms, eager %.1f ms per probe batch%s)", self.name,
+                 self.backend, t_layout * 1e3, t_eager * 1e3, "" if exact else "; channels_last changed a mask")
+
+    def _install_compiled(self, compiled: nn.Module, seconds: float) -> None:
+        with self._lock:
+            self._apply_pending()
+            try:  # the weights may have been rotated while it compiled
+                compiled._orig_mod.load_state_dict(self.module.state_dict())
+            except RuntimeError:  # the module was replaced by another architecture meanwhile
+                log.info("model %s: the compiled module no longer fits the served one; dropped", self.name)
+                return
+            self.module, self.backend = compiled, "compile"
+        log.info("model %s: serving the compiled module (compiled in %.1f s)", self.name, seconds)
+
     def swap(self, module: nn.Module) -> None:
-        """Replace the weights; a batch already running finishes on the old module."""
-        self.module = self.prepare(module)
+        """Replace the weights between two batches: a batch already running finishes on the old ones.
+        A compiled module and a module of the same architecture (a key rotation): the new weights are
+        copied into the compiled one, which stays compiled. Otherwise the new module replaces it."""
+        module = module.eval()
+        compiled = getattr(self.module, "_orig_mod", None)
+        if compiled is not None and _same_architecture(compiled, module):
+            state = {k: v.detach().to(self.device) for k, v in module.state_dict().items()}
+            with self._lock:
+                self._pending = state
+            return
+        prepared = self.prepare(module)
+        with self._lock:
+            self._pending = None
+            self.module, self.backend = prepared, "channels_last" if self.channels_last else "eager"
+
+    def _apply_pending(self) -> None:
+        """Under `_lock`: copy rotated weights into the serving module."""
+        if self._pending is None:
+            return
+        with torch.no_grad():
+            self.module._orig_mod.load_state_dict(self._pending)
+        self._pending = None
 
     @torch.inference_mode()
     def predict(self, batch: torch.Tensor) -> np.ndarray:
-        module = self.module  # one module per batch: a swap never mixes weights within it
+        return self.predict_scored(batch, score=False)[0]
+
+    @torch.inference_mode()
+    def predict_scored(self, batch: torch.Tensor, *, score: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """(N×H×W uint8 class indices, and with `score` the N×H×W float32 softmax probability of
+        each pixel's class). The mask is the argmax of the logits whether or not scores are asked
+        for, so asking for them never changes a mask."""
         batch = batch.to(self.device, non_blocking=True)
         if self.channels_last:
             batch = batch.contiguous(memory_format=torch.channels_last)
-        if self.dtype is not None:
-            with torch.autocast(self.device.type, dtype=self.dtype):
-                logits = module(batch)
-        else:
-            logits = module(batch)
-        return logits.argmax(dim=1).to(torch.uint8).cpu().numpy()
+        with self._lock:  # one module and one set of weights per batch
+            self._apply_pending()
+            if self.dtype is not None:
+                with torch.autocast(self.device.type, dtype=self.dtype):
+                    logits = self.module(batch)
+            else:
+                logits = self.module(batch)
+        mask = logits.argmax(dim=1)
+        scores = None
+        if score:
+            probabilities = logits.float().softmax(dim=1)
+            scores = probabilities.gather(1, mask[:, None])[:, 0].cpu().numpy()
+        return mask.to(torch.uint8).cpu().numpy(), scores
+
+
+def _same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return (type(a) is type(b) and sa.keys() == sb.keys()
+            and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa))
 
 
 class DynamicBatcher:
@@ -125,12 +236,16 @@ class DynamicBatcher:
 
     async def submit(self, tensor: torch.Tensor) -> np.ndarray:
         """Queue one CHW tensor; returns its H×W uint8 class-index mask."""
+        return (await self.submit_scored(tensor, score=False))[0]
+
+    async def submit_scored(self, tensor: torch.Tensor, *, score: bool) -> tuple[np.ndarray, np.ndarray | None]:
+        """Queue one CHW tensor; returns (H×W uint8 mask, H×W float32 class probability or None)."""
         if not self._accepting:
             raise EngineStopped(f"model {self.name} is shutting down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         try:
-            self._queue.put_nowait(_Job(tensor, future, loop))
+            self._queue.put_nowait(_Job(tensor, future, loop, score))
         except queue.Full:
             raise Overloaded(f"model {self.name} has {self._queue.maxsize} requests queued") from None
         return await future
@@ -173,7 +288,8 @@ class DynamicBatcher:
                 continue
             started = time.perf_counter()
             try:
-                masks = self.runner.predict(torch.stack([job.tensor for job in jobs]))
+                masks, scores = self.runner.predict_scored(torch.stack([job.tensor for job in jobs]),
+                                                           score=any(job.score for job in jobs))
             except Exception as exc:  # a failed batch fails its requests, never the worker
                 log.exception("inference failed for model %s", self.name)
                 for job in jobs:
@@ -181,8 +297,9 @@ class DynamicBatcher:
                 continue
             elapsed = time.perf_counter() - started
             self._record(len(jobs), elapsed)
-            for job, mask in zip(jobs, masks):
-                _resolve(job, result=mask)
+            for index, job in enumerate(jobs):
+                score = scores[index] if job.score else None
+                _resolve(job, result=(masks[index], score))
         # drain anything that raced past the stop marker
         while True:
             try:

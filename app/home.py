@@ -10,6 +10,11 @@ which the keystore holds, bound to the model name and revision): every revision 
 revision with plain weights (a home from before at-rest encryption) still loads, and is encrypted
 by the next rotation or by `seglock models encrypt` (`encrypt_at_rest`).
 
+The models folder may live elsewhere: a models root (`--models-root`, `SEGLOCK_MODELS_ROOT`) on
+shared storage that every replica reads, separate from the keystore (which may be a database).
+With a database keystore the rotation lock is the database's (an advisory lock), so it holds
+across hosts; with the file keystore it is the file lock above.
+
 The revision in use is the one whose manifest names the keystore's active key version (keyless
 models: the newest). Key rotation writes the new revision and key before activating them, so
 after a crash at any point `serving_revision(name, repair=True)` finds exactly one consistent
@@ -22,6 +27,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -63,6 +69,7 @@ from seglock.models.errors import ArtifactError
 log = logging.getLogger("seglock.home")
 
 MODELS_DIR = "models"
+MODELS_ROOT_VARIABLE = "SEGLOCK_MODELS_ROOT"
 LOCK_FILE = ".rotate.lock"
 _REVISION = re.compile(r"r(\d+)")
 
@@ -86,9 +93,13 @@ class Rotation:
 class Home:
     """One home folder and (for anything that reads or writes keys) its open keystore."""
 
-    def __init__(self, path: str | Path, keystore: Keystore | None = None):
+    def __init__(self, path: str | Path, keystore: Keystore | None = None, *,
+                 models_root: str | Path | None = None):
         self.path = Path(path)
         self.keystore = keystore
+        # None: $SEGLOCK_MODELS_ROOT, else HOME/models (so every command of a deployment agrees)
+        root = models_root or os.environ.get(MODELS_ROOT_VARIABLE)
+        self.models_root = Path(root) if root else None
 
     def __repr__(self) -> str:
         return f"Home({str(self.path)!r})"
@@ -97,7 +108,8 @@ class Home:
 
     @property
     def models_dir(self) -> Path:
-        return self.path / MODELS_DIR
+        """HOME/models, or the models root on shared storage that every replica reads."""
+        return self.models_root if self.models_root is not None else self.path / MODELS_DIR
 
     def model_dir(self, name: str) -> Path:
         """HOME/models/<name>, for a name that follows the model-name rule."""
@@ -128,9 +140,13 @@ class Home:
         keystore = self._keystore()
         return bool(self.revisions(name)) or bool(keystore.model_key_versions(name))
 
-    def model_lock(self, name: str) -> filelock.FileLock:
+    def model_lock(self, name: str):
         """Held while a model's revisions or keys change (rotation, clean-up after a cut-off one), so
-        workers, replicas and the CLI sharing a home never tidy away each other's half-done work."""
+        workers, replicas and the CLI sharing a home never tidy away each other's half-done work.
+        With a database keystore the lock is the database's, so it holds across hosts too."""
+        storage = self.keystore.storage if self.keystore is not None else None
+        if storage is not None and storage.kind != "file":
+            return storage.exclusive(f"seglock-rotate:{_checked_name(name)}")
         return filelock.FileLock(str(self.model_dir(name) / LOCK_FILE), mode=0o600)
 
     # -- the revision in use --------------------------------------------------------------------------

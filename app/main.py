@@ -16,6 +16,7 @@ from fastapi.responses import JSONResponse
 
 from seglock.app import __version__
 from seglock.app.audit import Auditor
+from seglock.app.backends import use_compile_cache
 from seglock.app.bootstrap import first_start
 from seglock.app import memory
 from seglock.app.imageio import UploadGate
@@ -24,7 +25,7 @@ from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
-from seglock.app.routes import account, admin, console, health, segment
+from seglock.app.routes import account, admin, console, health, segment, v2
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.errors import InvalidRecord, KeystoreError
@@ -70,6 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(account.router)
     app.include_router(admin.router)
     app.include_router(console.router)
+    app.include_router(v2.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        max_small_body_bytes=settings.max_json_body_bytes)
     return app
@@ -80,8 +82,11 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     memory.tune_malloc()
     home = Path(settings.home)
     home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
-    keystore = Keystore.open(home, create=True, lock_timeout=settings.keystore_lock_timeout_s)
-    tokens_path = first_start(home, keystore, import_demo=settings.import_demo,
+    url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
+    keystore = Keystore.open(home, create=True, url=url, lock_timeout=settings.keystore_lock_timeout_s)
+    keystore.refresh()  # a database keystore starts following other hosts' writes now
+    use_compile_cache(Path(settings.compile_cache) if settings.compile_cache else home / "cache" / "compile")
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root,
                               token_ttl_s=settings.initial_token_ttl_s)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)

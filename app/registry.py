@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglock.app.backends import probe_batch
 from seglock.app.engine import DynamicBatcher, ModelRunner
 from seglock.app.errors import ModelNotFound
 from seglock.app.home import Home, Rotation, check_rotatable
@@ -76,7 +77,7 @@ class Registry:
         self.keystore = keystore
         self.metrics = metrics
         self.device = device
-        self.home = Home(settings.home, keystore)
+        self.home = Home(settings.home, keystore, models_root=settings.models_root)
         self._models: dict[str, HostedModel] = {}
         self._rotation_locks: dict[str, asyncio.Lock] = {}
         self._sync_lock = threading.Lock()
@@ -129,8 +130,9 @@ class Registry:
     def load(self, name: str) -> HostedModel:
         """Load (or reload) one model: the revision matching its active key, stale ones cleaned up."""
         path, module, manifest, block_key = self.home.load_serving(name)
-        runner = ModelRunner(module, self.device, amp=self.settings.amp,
-                             channels_last=self.settings.channels_last)
+        runner = ModelRunner(module, self.device, amp=self.settings.amp, channels_last=self.settings.channels_last,
+                             backend=self.settings.backend, compile_budget_s=self.settings.compile_budget_s,
+                             probe=probe_batch(tuple(manifest.input_size), self.settings.max_batch), name=name)
         batcher = DynamicBatcher(runner, name=name, max_batch=self.settings.max_batch,
                                  max_wait_ms=self.settings.max_wait_ms, queue_size=self.settings.queue_size,
                                  on_batch=self.metrics.observe_batch)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -18,12 +18,21 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SEGLOCK_", extra="ignore")
 
     home: Path = Field(Path("seglock-home"), description="home folder (keystore.json, models/)")
+    models_root: Path | None = Field(
+        None, description="model artifacts on storage every replica reads (default HOME/models)")
+    # None: the file keystore in the home (or SEGLOCK_KEYSTORE_URL_FILE, read by the keystore).
+    keystore_url: SecretStr | None = Field(
+        None, description="postgresql://... : a keystore shared by many hosts; prefer SEGLOCK_KEYSTORE_URL_FILE")
     host: str = Field("127.0.0.1", description="address to bind")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory layout on CUDA")
+    backend: Literal["auto", "eager", "channels_last", "compile"] = Field(
+        "auto", description="how the forward pass runs; auto = the fastest exact one, measured at load")
+    compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
+    compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="milliseconds a batch waits to fill")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")

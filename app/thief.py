@@ -23,7 +23,7 @@ from seglock.app.home import Home
 from seglock.app.imageio import Upload, encode_mask_png, resize_mask, resize_rgb
 from seglock.app.registry import HostedModel
 from seglock.client.modes import Mode
-from seglock.models import ArtifactError, load_artifact
+from seglock.models import ArtifactError
 
 log = logging.getLogger("seglock.thief")
 
@@ -48,11 +48,16 @@ def model_inputs(upload: Upload, hosted: HostedModel) -> tuple[torch.Tensor, tor
     return keyed, inference.to_tensor(plain, hosted)
 
 
-def stolen_mask(artifact: Path | None, tensor: torch.Tensor, device: torch.device) -> np.ndarray:
-    """The class-index mask the artifact on disk gives without its key (cp: no permutation applied)."""
+def stolen_mask(home: Home, name: str, artifact: Path | None, tensor: torch.Tensor,
+                device: torch.device) -> np.ndarray:
+    """The class-index mask the stored weights give without their key (cp: no permutation applied).
+
+    The weights are opened as the server opens them (decrypted in memory when sealed at rest): the
+    view shows what a thief holding the plain protected artifact, e.g. an export, would get."""
     if artifact is None:
         raise ArtifactError("the served revision is no longer on disk")
-    module, _ = load_artifact(artifact, map_location=device)
+    module, _ = home.load_revision(name, artifact)
+    module.to(device).eval()
     with torch.inference_mode():
         logits = module(tensor[None].to(device))
     return logits.argmax(dim=1)[0].to(torch.uint8).cpu().numpy()

@@ -1,5 +1,9 @@
 """seglock's encrypted keystore: model keys with versions, hashed API tokens with grants, audit log.
 
+Backends (`seglock.keystore.storage`): the file `HOME/keystore.json` (default), or a PostgreSQL
+row shared by many hosts when `SEGLOCK_KEYSTORE_URL(_FILE)` (or `url=`) names a database
+(`seglock.keystore.postgres`, extra `seglock[postgres]`). Both hold the same sealed envelope.
+
 One file, `HOME/keystore.json` (0600): an AES-256-GCM envelope (see `seglock.keystore.envelope`) under a
 master key from `SEGLOCK_MASTER_KEY(_FILE)`, `SEGLOCK_MASTER_PASSPHRASE(_FILE)` (scrypt), or a
 developer's `HOME/master.key` (see `seglock.keystore.master`). Imports cryptography, filelock, stdlib only.
@@ -71,6 +75,7 @@ from seglock.keystore.errors import (
     KeystoreRolledBack,
     KeystoreTampered,
     KeystoreTruncated,
+    KeystoreUnavailable,
     MasterKeyError,
     ModelKeyNotFound,
     TokenNotFound,
@@ -79,7 +84,8 @@ from seglock.keystore.errors import (
 )
 from seglock.keystore.master import MasterKey, ScryptParams, master_key_from_env
 from seglock.keystore.model_keys import KeyVersion
-from seglock.keystore.store import KEYSTORE_FILENAME, Keystore
+from seglock.keystore.storage import KEYSTORE_FILENAME, keystore_url
+from seglock.keystore.store import Keystore
 from seglock.keystore.tokens import SCOPES, Grant, TokenCheck, TokenRecord
 
 __all__ = [
@@ -98,6 +104,7 @@ __all__ = [
     "KeystoreRolledBack",
     "KeystoreTampered",
     "KeystoreTruncated",
+    "KeystoreUnavailable",
     "MasterKey",
     "MasterKeyError",
     "ModelKeyNotFound",
@@ -108,5 +115,6 @@ __all__ = [
     "TokenRecord",
     "UnsupportedFormatVersion",
     "WrongMasterKey",
+    "keystore_url",
     "master_key_from_env",
 ]

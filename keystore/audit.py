@@ -13,6 +13,7 @@ import hmac
 import json
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -60,7 +61,7 @@ class AuditEntry:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> "AuditEntry":
+    def from_json(cls, data: dict[str, Any]) -> AuditEntry:
         return cls(**data)
 
 
@@ -169,7 +170,9 @@ class AuditLog:
         if segments:
             last, size = self._tail(path)
             if size >= self.segment_bytes:
-                number = int(_SEGMENT.fullmatch(path.name).group(1)) + 1
+                match = _SEGMENT.fullmatch(path.name)
+                assert match is not None  # segments() lists only names that match
+                number = int(match.group(1)) + 1
                 path = self.folder / f"{SEGMENT_PREFIX}{number:06d}{SEGMENT_SUFFIX}"
         prev, seq = last
         line = {**entry.to_json(), "seq": seq + 1, "gen": generation, "k": self.key_id, "prev": prev}
@@ -218,7 +221,7 @@ class AuditLog:
                 continue
         return (_GENESIS, 0), size
 
-    def _lines(self):
+    def _lines(self) -> Iterator[tuple[Path, int, str]]:
         for path in self.segments():
             try:
                 text = path.read_text(encoding="utf-8")
@@ -258,7 +261,8 @@ class AuditLog:
 
     def verify(self) -> AuditReport:
         """Check every kept line's MAC and its link to the line before."""
-        count, earlier, first_seq, prev, seq = 0, 0, 0, None, None
+        count, earlier, first_seq, seq = 0, 0, 0, 0
+        prev: str | None = None  # the previous line's MAC; `seq` is its sequence number
         current_seen = False
         segments = self.segments()
         for path, number, raw in self._lines():

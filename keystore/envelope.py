@@ -114,12 +114,13 @@ def seal(plaintext: bytes, keys: EnvelopeKeys, kdf: dict[str, Any]) -> bytes:
     header = Header(FORMAT_VERSION, kdf, os.urandom(NONCE_BYTES), keys.check)
     ciphertext = keys._aead.encrypt(header.nonce, plaintext, header.associated_data())
     # Base64 needs no JSON escaping: append it rather than let json scan megabytes of it.
-    body = b"".join((_dump(header.fields())[:-1].encode("ascii"), b',"ciphertext":"', base64.b64encode(ciphertext), b'"'))
+    head = _dump(header.fields())[:-1].encode("ascii")
+    body = b"".join((head, b',"ciphertext":"', base64.b64encode(ciphertext), b'"'))
     digest = hashlib.sha256(body).hexdigest().encode("ascii")
     return body + _CHECKSUM_MARK + digest + b'"}\n'
 
 
-def parse(data: bytes, path: Path) -> Envelope:
+def parse(data: bytes, path: str | Path) -> Envelope:
     """Check the frame, checksum and version of file bytes; no key needed."""
     if not data:
         raise KeystoreTruncated(f"{path} is empty (truncated); {_RESTORE}", path=path)
@@ -142,7 +143,7 @@ def parse(data: bytes, path: Path) -> Envelope:
     return _envelope_from(doc, path)
 
 
-def unseal(envelope: Envelope, keys: EnvelopeKeys, path: Path, origin: str) -> bytes:
+def unseal(envelope: Envelope, keys: EnvelopeKeys, path: str | Path, origin: str) -> bytes:
     """The plaintext, or WrongMasterKey / KeystoreTampered."""
     if not hmac.compare_digest(envelope.header.key_check, keys.check):
         raise WrongMasterKey(
@@ -161,7 +162,7 @@ def unseal(envelope: Envelope, keys: EnvelopeKeys, path: Path, origin: str) -> b
         ) from None
 
 
-def _check_version(doc: dict[str, Any], path: Path) -> None:
+def _check_version(doc: dict[str, Any], path: str | Path) -> None:
     version = doc.get("version")
     if version != FORMAT_VERSION or isinstance(version, bool):
         raise UnsupportedFormatVersion(
@@ -171,7 +172,7 @@ def _check_version(doc: dict[str, Any], path: Path) -> None:
         )
 
 
-def _refuse_unframed(data: bytes, path: Path) -> NoReturn:
+def _refuse_unframed(data: bytes, path: str | Path) -> NoReturn:
     """Raise the fitting error for bytes without a checksum frame."""
     try:
         text = data.decode("ascii")
@@ -208,7 +209,7 @@ def _is_prefix_of_document(data: bytes, doc: Any, error: ValueError | None) -> b
     )
 
 
-def _decode(doc: dict[str, Any], field: str, size: int | None, path: Path) -> bytes:
+def _decode(doc: dict[str, Any], field: str, size: int | None, path: str | Path) -> bytes:
     value: Any = doc.get(field)  # None or a non-string: AttributeError below
     try:
         raw = base64.b64decode(value.encode("ascii"), validate=True)
@@ -219,7 +220,7 @@ def _decode(doc: dict[str, Any], field: str, size: int | None, path: Path) -> by
     return raw
 
 
-def _envelope_from(doc: dict[str, Any], path: Path) -> Envelope:
+def _envelope_from(doc: dict[str, Any], path: str | Path) -> Envelope:
     if tuple(doc) != _FIELDS:
         raise KeystoreCorrupt(f"{path} is damaged: unexpected header fields {sorted(doc)}", path=path)
     if doc["cipher"] != CIPHER:
@@ -237,7 +238,7 @@ def _envelope_from(doc: dict[str, Any], path: Path) -> Envelope:
     return Envelope(header, ciphertext)
 
 
-def _checked_kdf(kdf: Any, path: Path) -> dict[str, Any]:
+def _checked_kdf(kdf: Any, path: str | Path) -> dict[str, Any]:
     if isinstance(kdf, dict) and list(kdf) == ["name"] and kdf["name"] == "none":
         return kdf
     if isinstance(kdf, dict) and list(kdf) == ["name", "salt", "n", "r", "p"] and kdf["name"] == "scrypt":

@@ -16,7 +16,8 @@ class KeystoreError(Exception):
 
     def __init__(self, message: str, *, path: Path | str | None = None) -> None:
         super().__init__(message)
-        self.path = Path(path) if path is not None else None
+        # A database keystore is named by its URL (password removed), which is not a path.
+        self.path = Path(path) if path is not None and "://" not in str(path) else path
 
 
 class KeystoreNotFound(KeystoreError):
@@ -65,6 +66,10 @@ class KeystoreRolledBack(KeystoreError):
 
 class KeystoreLocked(KeystoreError):
     """Another process held the keystore's lock for too long."""
+
+
+class KeystoreUnavailable(KeystoreError):
+    """The keystore's database cannot be reached (or refused the work); try again shortly."""
 
 
 class TokenNotFound(KeystoreError):

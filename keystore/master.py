@@ -14,9 +14,10 @@ import logging
 import os
 import secrets
 import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, NoReturn
+from typing import Any, NoReturn
 
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
@@ -78,17 +79,17 @@ class MasterKey:
         self._secret = secret
 
     @classmethod
-    def generate(cls, origin: str = "a generated key", file: Path | None = None) -> "MasterKey":
+    def generate(cls, origin: str = "a generated key", file: Path | None = None) -> MasterKey:
         """A fresh random raw master key from the OS CSPRNG."""
         return cls("raw", secrets.token_bytes(KEY_BYTES), origin, file)
 
     @classmethod
-    def from_base64(cls, text: str, origin: str, file: Path | None = None) -> "MasterKey":
+    def from_base64(cls, text: str, origin: str, file: Path | None = None) -> MasterKey:
         """Parse base64 (standard or URL-safe) of 32 bytes; the message never echoes the text."""
         return cls("raw", _decode_key(text, origin), origin, file)
 
     @classmethod
-    def from_passphrase(cls, passphrase: str, origin: str) -> "MasterKey":
+    def from_passphrase(cls, passphrase: str, origin: str) -> MasterKey:
         return cls("passphrase", passphrase.encode("utf-8"), origin)
 
     def to_base64(self) -> str:
@@ -105,7 +106,7 @@ class MasterKey:
         salt = base64.b64encode(secrets.token_bytes(SALT_BYTES)).decode("ascii")
         return {"name": "scrypt", "salt": salt, "n": params.n, "r": params.r, "p": params.p}
 
-    def derive(self, kdf: Mapping[str, Any], path: Path) -> bytes:
+    def derive(self, kdf: Mapping[str, Any], path: str | Path) -> bytes:
         """The 32-byte key for a keystore whose header names `kdf`."""
         name = kdf.get("name")
         if name == "none":

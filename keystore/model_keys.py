@@ -1,6 +1,8 @@
 """Model keys: per model, a list of versions, each pending -> active -> retiring -> destroyed.
 
-Kinds: "cp" (channel permutation, paper 000; material `seglock.models.protect.CPKey.to_dict()`) and
+Kinds: "cp" (channel permutation, paper 000; material `seglock.models.protect.CPKey.to_dict()`:
+version 2 `{"format": "seglock-cp-key", "version": 2, "taps": {"enc1": [...], "dec1": [...]}}`, one
+permutation per tap; records of version 1, `{..., "version": 1, "perm": [...]}`, still open) and
 "block" (shf/np/ffx, paper 001; material `seglock.client.transforms.BlockKey.to_dict()`: method,
 block size, permutation, FFX password). Per-image models (paper 003) have no stored key.
 A destroyed version keeps its metadata (so version numbers are never reused) but not its material.
@@ -65,7 +67,7 @@ class KeyVersion:
         return json.dumps(self.to_json(), separators=(",", ":"), allow_nan=False)
 
     @classmethod
-    def from_json(cls, model: str, data: dict[str, Any]) -> "KeyVersion":
+    def from_json(cls, model: str, data: dict[str, Any]) -> KeyVersion:
         return cls(model=model, **data)
 
 
@@ -85,13 +87,13 @@ def checked_material(kind: str, material: Any) -> dict[str, Any]:
     except (TypeError, ValueError):
         raise InvalidRecord(f"{kind} key material must be JSON-serialisable (str keys, plain values)") from None
     if kind == "cp":
-        perm = copy.get("perm")
-        if not (
-            isinstance(perm, list)
-            and len(perm) >= 2
-            and all(isinstance(v, int) and not isinstance(v, bool) for v in perm)
-            and sorted(perm) == list(range(len(perm)))
-        ):
+        if "taps" in copy:
+            taps = copy["taps"]
+            if copy.get("version") != 2 or not isinstance(taps, dict) or not taps:
+                raise InvalidRecord("cp key material version 2 needs 'taps': tap name -> permutation")
+            if not all(_is_permutation(perm) for perm in taps.values()):
+                raise InvalidRecord("cp key material 'taps' must map each tap to a permutation of 0..c-1 with c >= 2")
+        elif not _is_permutation(copy.get("perm")):
             raise InvalidRecord("cp key material needs 'perm': a permutation of 0..c-1 with c >= 2")
     else:
         if copy.get("method") not in BLOCK_METHODS:
@@ -102,3 +104,12 @@ def checked_material(kind: str, material: Any) -> dict[str, Any]:
         if copy["method"] == Mode.FFX and not (isinstance(copy.get("password"), str) and copy["password"]):
             raise InvalidRecord("ffx key material needs 'password', a non-empty string")
     return copy
+
+
+def _is_permutation(perm: Any) -> bool:
+    return (
+        isinstance(perm, list)
+        and len(perm) >= 2
+        and all(isinstance(v, int) and not isinstance(v, bool) for v in perm)
+        and sorted(perm) == list(range(len(perm)))
+    )

@@ -1,29 +1,31 @@
-"""The keystore: one encrypted file, read into memory, changed only through `transaction()`.
+"""The keystore: one encrypted envelope, read into memory, changed only through `transaction()`.
 
-Writes: file lock -> reload if another process changed the file -> mutate a copy -> seal ->
-temp file, fsync, rename, fsync the directory. A crash at any point leaves the old file or the
-new one, and two processes never lose each other's changes. Reads are served from memory after
-a stat-based `refresh()`, so a change made elsewhere is seen on the next call.
+Writes: the writers' lock -> reload if another process changed the keystore -> mutate a copy ->
+seal -> one atomic write. Where the sealed bytes live is the backend's business (`storage.py`):
+the file backend locks with flock and writes temp file, fsync, rename, fsync the directory; the
+PostgreSQL backend (`postgres.py`) locks the row (SELECT ... FOR UPDATE) and commits. A crash at
+any point leaves the old envelope or the new one, and two processes never lose each other's
+changes. Reads are served from memory after `refresh()` (one stat, or a look at what
+LISTEN/NOTIFY said), so a change made elsewhere is seen on the next call.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
-import secrets
 import functools
 import json
 import logging
 import os
+import secrets
 import threading
 import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping
-
-import filelock
+from typing import Any, TypedDict
 
 from seglock.client import fsio
 from seglock.keystore import envelope
@@ -34,32 +36,35 @@ from seglock.keystore.errors import (
     KeystoreCorrupt,
     KeystoreError,
     KeystoreExists,
-    KeystoreLocked,
     KeystoreNotFound,
     KeystoreRolledBack,
+    KeystoreUnavailable,
     MasterKeyError,
     ModelKeyNotFound,
     TokenNotFound,
     WrongMasterKey,
 )
 from seglock.keystore.master import (
+    ALL_SOURCES,
     MASTER_KEY_FILENAME,
     MasterKey,
     ScryptParams,
+    master_key_from_env,
     read_master_key_file,
     resolve_master_key,
 )
 from seglock.keystore.model_keys import KeyVersion, checked_material, new_key_id
+from seglock.keystore.storage import FileStorage, Snapshot, Storage, WriteSession, open_storage
 from seglock.keystore.tokens import (
-    describe_token_id,
     SCOPES,
+    Grant,
     TokenCheck,
     TokenRecord,
-    Grant,
     check_token,
     checked_models,
     checked_name,
     checked_scopes,
+    describe_token_id,
     format_token,
     hash_secret,
     new_token_parts,
@@ -68,23 +73,40 @@ from seglock.keystore.tokens import (
 
 log = logging.getLogger("seglock.keystore")
 
-KEYSTORE_FILENAME = "keystore.json"
-LOCK_FILENAME = "keystore.json.lock"
 PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet in force
 STATE_SCHEMA = 1
 DATA_KEY_BYTES = 32  # AES-256 (seglock.models.at_rest)
 DEFAULT_LOCK_TIMEOUT = 30.0
 ALLOW_ROLLBACK_ENV = "SEGLOCK_KEYSTORE_ALLOW_ROLLBACK"  # set once to accept a restored older keystore.json
+# A database keystore keeps its audit entries inside the sealed state, in the row's same transaction
+# (its hosts share no folder for segment files); the newest this many are kept, so it stays bounded.
+DB_AUDIT_KEEP = 10_000
 
 Clock = Callable[[], float]
 _compact = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
-_Stamp = tuple[int, int, int, int, int]
 
 
-def _stamp(st: os.stat_result) -> _Stamp:
-    # The inode is pinned by an open fd, so a replacement can never reuse it; size and times
-    # catch an in-place rewrite (a restore from backup with `cp`).
-    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+class _Options(TypedDict):
+    """The keyword arguments `open` and `init` pass on to `Keystore(...)`."""
+
+    clock: Clock | None
+    scrypt: ScryptParams | None
+    lock_timeout: float
+
+
+def _resolve_master(storage: Storage, env: Mapping[str, str], *, generate: bool = False) -> MasterKey:
+    """The file backend also takes (or, on a first start, makes) HOME/master.key; a database
+    shared by many hosts takes its master key only from outside."""
+    if isinstance(storage, FileStorage):  # the one backend of kind "file"
+        return resolve_master_key(storage.home, env, generate=generate)
+    master = master_key_from_env(env)
+    if master is None:
+        raise MasterKeyError(f"no master key for the keystore at {storage.location}: set {ALL_SOURCES}")
+    return master
+
+
+def _init_flags(storage: Storage) -> str:
+    return f"--home {storage.home}" if isinstance(storage, FileStorage) else "--keystore URL"
 
 
 @dataclass
@@ -98,7 +120,7 @@ class _State:
     # keystore written before data keys existed has none (the field is then left out)
     data_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    def copy(self) -> "_State":
+    def copy(self) -> _State:
         # Records are immutable, so copying the containers is a full copy.
         return _State(self.created_at, self.generation, dict(self.tokens), dict(self.models), list(self.audit),
                       dict(self.data_keys))
@@ -113,10 +135,10 @@ class _State:
         head = f'{{"schema":{STATE_SCHEMA},"created_at":{_compact(self.created_at)},"generation":{self.generation}'
         data_keys = f',"data_keys":{_compact(self.data_keys)}' if self.data_keys else ""
         return (f'{head},"tokens":{{{tokens}}},"models":{{{models}}},"audit":[{audit}]{data_keys}}}'
-                .encode("utf-8"))
+                .encode())
 
     @classmethod
-    def from_bytes(cls, data: bytes, path: Path) -> "_State":
+    def from_bytes(cls, data: bytes, path: str | Path) -> _State:
         try:
             doc = json.loads(data)
             if doc["schema"] != STATE_SCHEMA:
@@ -172,26 +194,28 @@ class Keystore:
 
     def __init__(
         self,
-        home: Path,
+        storage: Storage | str | os.PathLike[str],
         master: MasterKey,
         *,
         clock: Clock | None = None,
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
     ) -> None:
-        self.home = home
-        self.path = home / KEYSTORE_FILENAME
+        if isinstance(storage, (str, os.PathLike)):  # a home folder: the file backend
+            storage = FileStorage(Path(storage), lock_timeout=lock_timeout)
+        self._storage: Storage = storage
+        self.location = storage.location  # for messages: a path, or a URL without its password
+        self.home: Path | None = getattr(storage, "home", None)  # the file backend's folder
+        self.path: Path | None = getattr(storage, "path", None)  # the file backend's keystore.json
         self._master = master
         self._clock: Clock = clock or time.time
         self._scrypt = scrypt
         self._lock_timeout = lock_timeout
-        self._flock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
         self._mutex = threading.RLock()  # threads of one process: one transaction at a time
         self._keys: dict[str, envelope.EnvelopeKeys] = {}  # derived keys by KDF header
         self._kdf: dict[str, Any] = {}
         self._state: _State | None = None
-        self._stamp: _Stamp | None = None
-        self._fd: int | None = None  # pins the loaded file's inode (see _stamp)
+        self._snapshot: Snapshot | None = None  # the sealed bytes `_state` came from, and their version
         self._txn: _State | None = None
         self._txn_thread: int | None = None
         self._txn_dirty = False
@@ -204,7 +228,7 @@ class Keystore:
     @classmethod
     def open(
         cls,
-        home: str | os.PathLike[str],
+        home: str | os.PathLike[str] | None,
         *,
         create: bool = False,
         clock: Clock | None = None,
@@ -212,201 +236,202 @@ class Keystore:
         master: MasterKey | None = None,
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    ) -> "Keystore":
-        """Open `home/keystore.json`; with `create`, make it (and a dev master.key) when missing."""
-        home = Path(home)
+        url: str | None = None,
+    ) -> Keystore:
+        """Open the keystore; with `create`, make it (and, for a file, a dev master.key) when missing.
+
+        `url` (else `SEGLOCK_KEYSTORE_URL(_FILE)` in `env`) names a PostgreSQL keystore; without
+        one, the keystore is `home/keystore.json`.
+        """
         env = os.environ if env is None else env
-        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
-        if not (home / KEYSTORE_FILENAME).exists():
-            if not create:
-                raise KeystoreNotFound(
-                    f"no keystore at {home / KEYSTORE_FILENAME}: run `seglock keystore init --home {home}`",
-                    path=home / KEYSTORE_FILENAME,
-                )
-            made = cls._create(home, env, master, options, exist_ok=True)
-            if made is not None:
-                return made
-        master = master or resolve_master_key(home, env)
-        store = cls(home, master, **options)
+        options = _Options(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        storage = open_storage(home, env, url=url, lock_timeout=lock_timeout)
         try:
-            store._reload()
-        except WrongMasterKey:
-            finished = store._finish_master_key_change()
-            if finished is None:
-                raise
-            store = finished
-        store._check_not_rolled_back(env.get(ALLOW_ROLLBACK_ENV, "").strip().lower() in ("1", "true", "yes"))
-        return store
+            if not storage.exists():
+                if not create:
+                    raise KeystoreNotFound(
+                        f"no keystore at {storage.location}: run `seglock keystore init {_init_flags(storage)}`",
+                        path=storage.location,
+                    )
+                made = cls._create(storage, env, master, options, exist_ok=True)
+                if made is not None:
+                    return made
+            master = master or _resolve_master(storage, env)
+            store = cls(storage, master, **options)
+            try:
+                store._reload()
+            except WrongMasterKey:
+                finished = store._finish_master_key_change()
+                if finished is None:
+                    raise
+                store = finished
+            store._check_not_rolled_back(env.get(ALLOW_ROLLBACK_ENV, "").strip().lower() in ("1", "true", "yes"))
+            return store
+        except BaseException:
+            storage.close()
+            raise
 
     def _check_not_rolled_back(self, allow: bool) -> None:
-        """Refuse a keystore.json older than the audit log says it was (an authentic file replayed)."""
+        """Refuse a keystore.json older than the audit log says it was (an authentic file replayed).
+        File backend only: a database keystore has no audit log beside it to compare with."""
+        if self.home is None:
+            return
         logged, pre_commit = self._audit_log().last_generation()
-        generation = self._state.generation
+        generation = self._loaded.generation
         # An entry written just before a commit that a crash cut off names one generation more.
         if logged is None or logged <= generation or (logged == generation + 1 and pre_commit):
             return
         if not allow:
             raise KeystoreRolledBack(
-                f"{self.path} is at generation {generation} but its audit log has seen generation {logged}: "
+                f"{self.location} is at generation {generation} but its audit log has seen generation {logged}: "
                 f"an older copy was put in place. If this is a restore you made, start once with "
-                f"{ALLOW_ROLLBACK_ENV}=1", path=self.path)
-        log.warning("accepted %s rolled back from generation %d to %d", self.path, logged, generation)
-        self._audit_log().append(make_entry(self._clock(), "system", "keystore.rollback", str(self.path), "ok",
+                f"{ALLOW_ROLLBACK_ENV}=1", path=self.location)
+        log.warning("accepted %s rolled back from generation %d to %d", self.location, logged, generation)
+        self._audit_log().append(make_entry(self._clock(), "system", "keystore.rollback", self.location, "ok",
                                             f"from generation {logged} to {generation}"), generation=generation)
 
     @classmethod
     def init(
         cls,
-        home: str | os.PathLike[str],
+        home: str | os.PathLike[str] | None,
         *,
         clock: Clock | None = None,
         env: Mapping[str, str] | None = None,
         master: MasterKey | None = None,
         scrypt: ScryptParams | None = None,
         lock_timeout: float = DEFAULT_LOCK_TIMEOUT,
-    ) -> "Keystore":
-        """Make a new keystore in `home`; KeystoreExists if there is one."""
-        home = Path(home)
+        url: str | None = None,
+    ) -> Keystore:
+        """Make a new keystore (in `home`, or the database `url` names); KeystoreExists if there is one."""
         env = os.environ if env is None else env
-        options: dict[str, Any] = dict(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
-        made = cls._create(home, env, master, options, exist_ok=False)
+        options = _Options(clock=clock, scrypt=scrypt, lock_timeout=lock_timeout)
+        storage = open_storage(home, env, url=url, lock_timeout=lock_timeout)
+        try:
+            made = cls._create(storage, env, master, options, exist_ok=False)
+        except BaseException:
+            storage.close()
+            raise
         assert made is not None
         return made
 
     @classmethod
     def _create(
-        cls, home: Path, env: Mapping[str, str], master: MasterKey | None, options: dict[str, Any], *, exist_ok: bool
-    ) -> "Keystore | None":
-        """Make the keystore under the lock; None when another process made it first (and exist_ok)."""
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
-        path = home / KEYSTORE_FILENAME
-        lock = filelock.FileLock(str(home / LOCK_FILENAME), mode=0o600)
-        try:
-            lock.acquire(timeout=options["lock_timeout"])
-        except filelock.Timeout:
-            raise KeystoreLocked(f"{path}: another process holds the keystore lock; try again", path=path) from None
-        try:
-            if path.exists():
+        cls, storage: Storage, env: Mapping[str, str], master: MasterKey | None, options: _Options, *, exist_ok: bool
+    ) -> Keystore | None:
+        """Make the keystore under the writers' lock; None when another process made it first (and exist_ok)."""
+        storage.prepare()
+        with storage.writing() as session:
+            if session.exists:
                 if exist_ok:
                     return None
+                where = (f"see `seglock keystore status --home {storage.home}`" if isinstance(storage, FileStorage)
+                         else "see `seglock keystore status`")
                 raise KeystoreExists(
-                    f"a keystore already exists at {path}; it was left as it is "
-                    f"(see `seglock keystore status --home {home}`)",
-                    path=path,
+                    f"a keystore already exists at {storage.location}; it was left as it is ({where})",
+                    path=storage.location,
                 )
-            master = master or resolve_master_key(home, env, generate=True)
-            store = cls(home, master, **options)
+            master = master or _resolve_master(storage, env, generate=True)
+            store = cls(storage, master, **options)
             now = store._clock()
             store._kdf = master.new_kdf(store._scrypt)
             state = _State(created_at=now, generation=0, tokens={}, models={}, audit=[])
-            store._audit_log().append(make_entry(now, "system", "keystore.create", str(path), "ok", None),
-                                      generation=1, pre_commit=True)
-            store._commit(state)
-            log.info("made a keystore at %s (master key from %s)", path, master.origin)
+            create = make_entry(now, "system", "keystore.create", storage.location, "ok", None)
+            if store.home is not None:
+                store._audit_log().append(create, generation=1, pre_commit=True)
+            else:
+                state.audit.append(create)
+            store._commit(state, session, [create])
+            log.info("made a keystore at %s (master key from %s)", storage.location, master.origin)
             return store
-        finally:
-            lock.release()
 
-    def _finish_master_key_change(self) -> "Keystore | None":
+    def _finish_master_key_change(self) -> Keystore | None:
         """Complete a generated master-key change that a crash cut off after the keystore write."""
+        if self._master.file is None or self.home is None:
+            return None
         pending = self.home / PENDING_MASTER_KEY_FILENAME
-        if self._master.file is None or not pending.exists():
+        if not pending.exists():
             return None
         successor = Keystore(
-            self.home, read_master_key_file(pending), clock=self._clock, scrypt=self._scrypt,
+            self._storage, read_master_key_file(pending), clock=self._clock, scrypt=self._scrypt,
             lock_timeout=self._lock_timeout,
         )
         try:
             successor._reload()
         except KeystoreError:
             return None
-        with successor._locked():
+        with self._storage.writing():
             os.replace(pending, self._master.file)
             fsio.fsync_dir(self.home)
         successor._master = read_master_key_file(self._master.file)
         log.warning("finished an interrupted master key change: %s now holds the new key", self._master.file)
         return successor
 
-    # -- reading the file -----------------------------------------------------------------
+    # -- reading --------------------------------------------------------------------------
 
     def _envelope_keys(self, kdf: dict[str, Any]) -> envelope.EnvelopeKeys:
         cache_key = json.dumps(kdf, sort_keys=True)
         keys = self._keys.get(cache_key)
         if keys is None:  # scrypt is slow on purpose: derive once per KDF header
-            keys = envelope.EnvelopeKeys(self._master.derive(kdf, self.path))
+            keys = envelope.EnvelopeKeys(self._master.derive(kdf, self.location))
             self._keys[cache_key] = keys
         return keys
 
-    def _reload(self) -> None:
-        """Read, check and decrypt the file; on any error the old state stays and nothing is written."""
+    def _reload(self, snapshot: Snapshot | None = None) -> None:
+        """Check and decrypt the stored bytes; on any error the old state stays and nothing is written."""
+        snapshot = snapshot or self._storage.load()
         try:
-            fd = os.open(self.path, os.O_RDONLY)
-        except FileNotFoundError:
-            raise KeystoreNotFound(f"{self.path} has disappeared; restore it from a backup", path=self.path) from None
-        try:
-            st = os.fstat(fd)  # the stamp of exactly the bytes we read, even if the file is replaced now
-            chunks = []
-            while chunk := os.read(fd, 1 << 20):
-                chunks.append(chunk)
-            sealed = envelope.parse(b"".join(chunks), self.path)
+            sealed = envelope.parse(snapshot.data, self.location)
             keys = self._envelope_keys(sealed.header.kdf)
-            plaintext = envelope.unseal(sealed, keys, self.path, self._master.origin)
-            state = _State.from_bytes(plaintext, self.path)
-            if self._state is not None and state.generation < self._state.generation:
+            plaintext = envelope.unseal(sealed, keys, self.location, self._master.origin)
+            state = _State.from_bytes(plaintext, self.location)
+            # Files only: a database restore (older row put back by an operator) is followed, not refused.
+            if self.home is not None and self._state is not None and state.generation < self._state.generation:
                 raise KeystoreRolledBack(
-                    f"{self.path} went back from generation {self._state.generation} to {state.generation}: "
+                    f"{self.location} went back from generation {self._state.generation} to {state.generation}: "
                     "an older copy was put in place while it was open; restart to accept a restore",
-                    path=self.path)
+                    path=self.location)
         except BaseException:
-            os.close(fd)
+            self._storage.release(snapshot)
             raise
-        self._install(state, fd, _stamp(st), sealed.header.kdf)
-        log.debug("loaded %s (generation %d)", self.path, state.generation)
+        self._install(state, snapshot, sealed.header.kdf)
+        log.debug("loaded %s (generation %d)", self.location, state.generation)
 
-    def _install(self, state: _State, fd: int, stamp: _Stamp, kdf: dict[str, Any]) -> None:
-        old_fd = self._fd
-        self._state, self._fd, self._stamp, self._kdf = state, fd, stamp, kdf
-        if old_fd is not None:
-            os.close(old_fd)
+    def _install(self, state: _State, snapshot: Snapshot, kdf: dict[str, Any]) -> None:
+        old = self._snapshot
+        self._state, self._snapshot, self._kdf = state, snapshot, kdf
+        self._storage.adopt(snapshot)
+        if old is not None and old is not snapshot:
+            self._storage.release(old)
 
     def refresh(self) -> bool:
-        """Reload if another process changed the file (one stat when it did not); True if reloaded.
+        """Reload if another process changed the keystore (one stat, or a look at what LISTEN/NOTIFY
+        said, when it did not); True if reloaded.
 
-        Raises the keystore's errors if the file on disk no longer opens (a server should answer 503).
+        Raises the keystore's errors if the stored keystore no longer opens, or if a database has been
+        out of reach for longer than reads may go on from memory (a server should answer 503).
         """
-        try:
-            st = os.stat(self.path)
-        except FileNotFoundError:
-            raise KeystoreNotFound(f"{self.path} has disappeared; restore it from a backup", path=self.path) from None
-        if _stamp(st) == self._stamp:
+        version = self._storage.current_version()
+        if self._snapshot is not None and version == self._snapshot.version:
             return False
         with self._mutex:
             if self._txn is not None:  # this thread's transaction reloaded under the lock already
                 return False
-            self._reload()
+            try:
+                self._reload()
+            except KeystoreUnavailable:
+                if self._state is not None and self._storage.fresh_enough():
+                    return False  # serve the last good state a little longer
+                raise
         return True
 
     # -- writing --------------------------------------------------------------------------
 
     @contextmanager
-    def _locked(self) -> Iterator[None]:
-        try:
-            self._flock.acquire(timeout=self._lock_timeout)
-        except filelock.Timeout:
-            raise KeystoreLocked(
-                f"{self.path}: another process held the keystore lock for {self._lock_timeout:g} s; try again",
-                path=self.path,
-            ) from None
-        try:
-            yield
-        finally:
-            self._flock.release()
-
-    @contextmanager
-    def transaction(self) -> Iterator["Keystore"]:
+    def transaction(self) -> Iterator[Keystore]:
         """Lock, reload if changed, run the block's changes, write them atomically in one write.
 
-        Every mutating method runs in one; called inside an open transaction, it joins it, so
+        The lock is the file lock, or the database row lock (SELECT ... FOR UPDATE); every
+        mutating method runs in one; called inside an open transaction, it joins it, so
         `with ks.transaction(): ks.set_active(...); ks.destroy_model_key(...)` is a single write.
         An exception in the block discards its changes and writes nothing.
         """
@@ -414,56 +439,61 @@ class Keystore:
             if self._txn is not None:
                 yield self
                 return
-            with self._locked():
-                try:
-                    changed = _stamp(os.stat(self.path)) != self._stamp
-                except FileNotFoundError:
-                    changed = True  # _reload says what is wrong
-                if changed:
-                    self._reload()
-                fsio.remove_stale_temps(self.path)
+            with self._storage.writing() as session:
+                if self._snapshot is None or session.version != self._snapshot.version:
+                    self._reload(session.load())
                 self._txn, self._txn_thread, self._txn_dirty = self._loaded.copy(), threading.get_ident(), False
                 self._txn_audit = []
                 try:
                     yield self
                     if self._txn_dirty:
-                        self._commit_audited(self._txn)
+                        self._commit_audited(self._txn, session)
                 finally:
                     self._txn, self._txn_thread, self._next_master = None, None, None
                     self._txn_audit = []
 
-    def _commit_audited(self, state: _State) -> None:
+    def _commit_audited(self, state: _State, session: WriteSession) -> None:
         """Write the transaction's audit entries, then the change: nothing is changed unaudited."""
+        entries = list(self._txn_audit)
+        if self.home is None:  # a database: the entries go into the sealed state, in the same commit
+            state.audit.extend(entries)
+            del state.audit[:-DB_AUDIT_KEEP]
+            self._commit(state, session, entries)
+            return
         audit = self._audit_log()
-        for entry in self._txn_audit:
+        for entry in entries:
             audit.append(entry, generation=state.generation + 1, pre_commit=True)
         try:
-            self._commit(state)
+            self._commit(state, session, entries)
         except BaseException:
             try:
-                audit.append(make_entry(self._clock(), "system", "keystore.write", str(self.path), "error",
-                                        "the change above was not committed"), generation=self._state.generation)
+                audit.append(make_entry(self._clock(), "system", "keystore.write", self.location, "error",
+                                        "the change above was not committed"), generation=self._loaded.generation)
             except KeystoreError:
                 pass
             raise
 
     def _audit_log(self) -> AuditLog:
-        """The audit log beside the file, keyed from the master key in force."""
+        """The audit log beside the file, keyed from the master key in force (file backend only)."""
+        if self.home is None:
+            raise KeystoreError("internal: a database keystore keeps its audit entries in the sealed state")
         cache_key = json.dumps(self._kdf, sort_keys=True)
         if self._audit is None or self._audit[0] != cache_key:
             keys = self._envelope_keys(self._kdf)
             self._audit = (cache_key, AuditLog(self.home, keys.audit, lock_timeout=self._lock_timeout))
         return self._audit[1]
 
-    def _commit(self, state: _State) -> None:
+    def _commit(self, state: _State, session: WriteSession, audit: list[AuditEntry]) -> None:
+        """Seal and write `state`; `audit` holds the entries this write records (for the backend)."""
         master, kdf = self._next_master or (self._master, self._kdf)
-        keys = envelope.EnvelopeKeys(master.derive(kdf, self.path)) if self._next_master else self._envelope_keys(kdf)
+        keys = (envelope.EnvelopeKeys(master.derive(kdf, self.location)) if self._next_master
+                else self._envelope_keys(kdf))
         state.generation += 1
         sealed = envelope.seal(state.to_bytes(), keys, kdf)
-        fd = fsio.atomic_replace(self.path, sealed)
+        snapshot = session.commit(sealed, audit)
         if self._next_master:
             self._master, self._keys = master, {json.dumps(kdf, sort_keys=True): keys}
-        self._install(state, fd, _stamp(os.fstat(fd)), kdf)
+        self._install(state, snapshot, kdf)
 
     def _writing(self) -> _State:
         """The open transaction's state, marked changed."""
@@ -528,7 +558,8 @@ class Keystore:
         with self.transaction():
             record = self._view().tokens.get(token_id)
             if record is None:
-                raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.path}", path=self.path)
+                raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}",
+                                    path=self.location)
             if record.revoked:
                 return record
             record = replace(record, revoked=True, revoked_at=self._clock())
@@ -543,7 +574,8 @@ class Keystore:
     def get_token(self, token_id: str) -> TokenRecord:
         record = self._view().tokens.get(token_id)
         if record is None:
-            raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.path}", path=self.path)
+            raise TokenNotFound(f"no token with id {describe_token_id(token_id)} in {self.location}",
+                                path=self.location)
         return record
 
     def check_token(self, token: str, *, model: str | None = None, scope: str = "segment") -> TokenCheck:
@@ -566,14 +598,14 @@ class Keystore:
     def _versions(self, model: str) -> tuple[KeyVersion, ...]:
         versions = self._view().models.get(model)
         if not versions:
-            raise ModelKeyNotFound(f"no keys for model {model!r} in {self.path}", path=self.path)
+            raise ModelKeyNotFound(f"no keys for model {model!r} in {self.location}", path=self.location)
         return versions
 
     def _version(self, model: str, version: int) -> KeyVersion:
         for candidate in self._versions(model):
             if candidate.version == version:
                 return candidate
-        raise ModelKeyNotFound(f"model {model!r} has no key version {version!r} in {self.path}", path=self.path)
+        raise ModelKeyNotFound(f"model {model!r} has no key version {version!r} in {self.location}", path=self.location)
 
     def _put(self, updated: KeyVersion) -> None:
         state = self._writing()
@@ -617,7 +649,7 @@ class Keystore:
             if target.state == "destroyed":
                 raise KeyStateError(
                     f"key version {version} of model {model!r} is destroyed and cannot be activated",
-                    path=self.path,
+                    path=self.location,
                 )
             if target.state != "active":
                 target = self._activate(target, actor)
@@ -641,7 +673,7 @@ class Keystore:
             if target.state == "active":
                 raise KeyStateError(
                     f"key version {version} of model {model!r} is active: activate another version first",
-                    path=self.path,
+                    path=self.location,
                 )
             if target.state != "destroyed":
                 target = replace(target, state="destroyed", destroyed_at=self._clock(), material=None)
@@ -705,19 +737,28 @@ class Keystore:
         no keystore lock, the sealed keystore does not change). KeystoreError if it cannot be written."""
         if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._record(actor, action, target, outcome, detail)
+        if self.home is None:  # a database keystore: the entry is one write of the sealed state
+            with self.transaction():
+                return self._record(actor, action, target, outcome, detail)
         entry = make_entry(self._clock(), actor, action, target, outcome, detail)
         self._audit_log().append(entry, generation=self._view().generation)
         return entry
 
     def audit_log(self, *, limit: int | None = None) -> list[AuditEntry]:
         """The audit entries, oldest first (the last `limit` if given): those an older keystore
-        kept inside its envelope, then the audit log's."""
-        entries = list(self._view().audit) + self._audit_log().entries(limit=limit)
+        kept inside its envelope, then the audit log's (a database keystore's are all in its envelope)."""
+        entries = list(self._view().audit)
+        if self.home is not None:
+            entries += self._audit_log().entries(limit=limit)
         return entries[-limit:] if limit else entries
 
     def verify_audit(self) -> AuditReport:
-        """Check the audit log's HMAC chain (see `seglock keystore audit --verify`)."""
+        """Check the audit log's HMAC chain (see `seglock keystore audit --verify`). A database
+        keystore's entries are inside the envelope, which AES-GCM authenticated when it was read."""
         self.refresh()
+        if self.home is None:
+            count = len(self._loaded.audit)
+            return AuditReport(True, count, 0, 1 if count else 0, None)
         return self._audit_log().verify()
 
     # -- master key -----------------------------------------------------------------------
@@ -739,32 +780,71 @@ class Keystore:
             raise KeystoreError("change the master key outside any transaction")
         old = self._master
         pending = None
+        home = self.home  # the file backend's folder, where a generated key goes
         if new is None:
-            if old.file is None:
+            if old.file is None or home is None:
                 raise MasterKeyError(
                     "give the new master key (SEGLOCK_NEW_MASTER_KEY(_FILE) or SEGLOCK_NEW_MASTER_PASSPHRASE(_FILE)); "
                     f"only a keystore opened with its {MASTER_KEY_FILENAME} gets a generated one"
                 )
-            pending = self.home / PENDING_MASTER_KEY_FILENAME
+            pending = home / PENDING_MASTER_KEY_FILENAME
             new = MasterKey.generate(str(pending), file=pending)
         with self.transaction():
             if pending is not None:
                 os.close(fsio.atomic_replace(pending, (new.to_base64() + "\n").encode("ascii")))
             self._next_master = (new, new.new_kdf(scrypt or self._scrypt))
             to = f"a new generated key in {old.file}" if pending is not None else new.origin
-            self._record(actor, "keystore.change_master_key", str(self.path), detail=f"from {old.origin} to {to}")
+            self._record(actor, "keystore.change_master_key", self.location, detail=f"from {old.origin} to {to}")
         if pending is not None:
-            assert old.file is not None  # a generated key is made only for a keystore opened with its file
+            # a generated key is made only for a keystore opened with its file, in its home folder
+            assert old.file is not None and home is not None
             os.replace(pending, old.file)
-            fsio.fsync_dir(self.home)
+            fsio.fsync_dir(home)
             self._master = read_master_key_file(old.file)
         elif old.file is not None:
             log.warning(
-                "%s no longer opens %s; delete it once no backup encrypted under it is kept", old.file, self.path
+                "%s no longer opens %s; delete it once no backup encrypted under it is kept", old.file, self.location
             )
         return self._master
 
+    # -- moving to another backend -----------------------------------------------------------
+
+    def copy_to(self, url: str, *, actor: str | None = None, env: Mapping[str, str] | None = None) -> Keystore:
+        """Copy this keystore, every token, key version and audit entry, into the empty database
+        keystore `url` (its schema made or migrated first), sealed under the same master key; the
+        copy's log ends with a `keystore.migrate` entry. KeystoreExists if `url` holds one already."""
+        if self._txn is not None:
+            raise KeystoreError("copy a keystore outside any transaction")
+        storage = open_storage(None, {} if env is None else env, url=url, lock_timeout=self._lock_timeout)
+        try:
+            storage.prepare()
+            with self._mutex, storage.writing() as session:
+                if session.exists:
+                    raise KeystoreExists(
+                        f"a keystore already exists at {storage.location}; it was left as it is", path=storage.location)
+                state = self._view().copy()
+                target = Keystore(storage, self._master, clock=self._clock, scrypt=self._scrypt,
+                                  lock_timeout=self._lock_timeout)
+                target._kdf = self._kdf
+                state.audit = self.audit_log()  # a file keystore's entries too (its segment files)
+                migrate = make_entry(self._clock(), actor, "keystore.migrate", storage.location, "ok",
+                                     f"from {self.location}")
+                state.audit.append(migrate)
+                del state.audit[:-DB_AUDIT_KEEP]
+                target._commit(state, session, [migrate])
+        except BaseException:
+            storage.close()
+            raise
+        log.info("copied the keystore at %s to %s (generation %d)", self.location, storage.location,
+                 target.generation)
+        return target
+
     # -- status ---------------------------------------------------------------------------
+
+    @property
+    def storage(self) -> Storage:
+        """The backend holding the sealed envelope (the file, or the database row)."""
+        return self._storage
 
     @property
     def generation(self) -> int:
@@ -790,13 +870,11 @@ class Keystore:
             token_states[record.status(now)] += 1
         kdf = {k: v for k, v in self._kdf.items() if k != "salt"}
         return {
-            "path": str(self.path),
+            **self._storage.describe(),
             "format_version": envelope.FORMAT_VERSION,
             "cipher": envelope.CIPHER,
             "kdf": kdf,
             "master_key_source": self._master.origin,
-            "file_mode": oct(os.stat(self.path).st_mode & 0o777),
-            "file_bytes": os.stat(self.path).st_size,
             "generation": state.generation,
             "created_at": state.created_at,
             "tokens": token_states,
@@ -804,35 +882,36 @@ class Keystore:
                 model: [{"version": v.version, "id": v.id, "kind": v.kind, "state": v.state} for v in versions]
                 for model, versions in sorted(state.models.items())
             },
-            "audit_entries": len(state.audit) + len(self._audit_log().entries()),
+            "audit_entries": len(state.audit) + (len(self._audit_log().entries()) if self.home is not None else 0),
             "data_keys": sorted(state.data_keys),  # models whose weights are encrypted at rest (ids only)
         }
 
     # -- lifetime -------------------------------------------------------------------------
 
     def close(self) -> None:
-        """Release the file descriptor this keystore holds."""
+        """Release what this keystore holds (the file's descriptor; the database's connections)."""
         with self._mutex:
-            if self._fd is not None:
-                os.close(self._fd)
-                self._fd = None
-                self._stamp = None
+            if self._snapshot is not None:
+                self._storage.release(self._snapshot)
+                self._snapshot = None
+            self._storage.close()
 
-    def __enter__(self) -> "Keystore":
+    def __enter__(self) -> Keystore:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
 
     def __del__(self) -> None:
-        fd = getattr(self, "_fd", None)
-        if fd is not None:
+        snapshot = getattr(self, "_snapshot", None)
+        if snapshot is not None and isinstance(snapshot.handle, int):
             try:
-                os.close(fd)
+                os.close(snapshot.handle)
             except OSError:
                 pass
 
     def __repr__(self) -> str:
         state = self._state
-        counts = f" generation={state.generation} tokens={len(state.tokens)} models={len(state.models)}" if state else ""
-        return f"<Keystore {self.path}{counts}>"
+        counts = (f" generation={state.generation} tokens={len(state.tokens)} models={len(state.models)}"
+                  if state else "")
+        return f"<Keystore {self.location}{counts}>"

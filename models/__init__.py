@@ -5,6 +5,8 @@
     new_key = rekey(model, "layer4", key)                        # in place; the old key stops working
     serving = fold_key(model, "layer4", new_key)                 # a plain copy with the key inside
     keyed = apply_key(model, "layer4", new_key)                  # CP at the tap in forward (training, attacks)
+    key = protect(other, "stem,layer4")                          # one permutation per tap ("all": every tap)
+    key.taps, key["stem"]                                        # ("stem", "layer4"), stem's permutation
 
 `seglock.models.taps` and `seglock.models.protect` here are the functions of those names; import the rest of those
 modules with `from seglock.models.taps import Tap` and `from seglock.models.protect import CPKey`.

@@ -35,7 +35,7 @@ import re
 import struct
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,7 @@ from seglock.models.architectures import build_model, list_architectures
 from seglock.models.architectures.weights import load_state_exactly
 from seglock.models.at_rest import is_sealed
 from seglock.models.errors import ArtifactError, ModelError
-from seglock.models.taps import get_tap
+from seglock.models.protect import join_taps, resolve_taps
 
 __all__ = [
     "FORMAT_VERSION",
@@ -172,7 +172,8 @@ class Manifest:
             raise ArtifactError("a manifest must be a JSON object")
         version = data.get("format_version")
         if version != FORMAT_VERSION:
-            raise ArtifactError(f"manifest format_version {version!r} is not supported (this seglock reads {FORMAT_VERSION})")
+            raise ArtifactError(f"manifest format_version {version!r} is not supported "
+                                f"(this seglock reads {FORMAT_VERSION})")
         expected = {"architecture" if f.name == "architecture_kwargs" else f.name for f in fields(cls)}
         missing = sorted(expected - data.keys())
         unknown = sorted(data.keys() - expected)
@@ -211,7 +212,8 @@ class Manifest:
 
 def _check_manifest(m: Manifest) -> None:
     if not is_model_name(m.name):
-        raise ArtifactError(f"artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), got {m.name!r}")
+        raise ArtifactError("artifact name must be 1-64 letters, digits or . _ - (starting alphanumeric), "
+                            f"got {m.name!r}")
     if m.format_version != FORMAT_VERSION:
         raise ArtifactError(f"manifest format_version {m.format_version!r} is not supported")
     if not isinstance(m.architecture, str) or not isinstance(m.architecture_kwargs, dict):
@@ -331,7 +333,7 @@ def save_artifact(
         protection=protection,
         key=key,
         weights=WeightsRef(WEIGHTS_FILE, "0" * 64, 0),  # replaced once the weights are written
-        created=(created or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        created=(created or datetime.now(UTC)).isoformat(timespec="seconds"),
         seglock_version=_seglock_version(),
     )
     _check_input_size(draft)
@@ -352,22 +354,29 @@ def save_artifact(
 
 
 def _public_protection(model: nn.Module, protection: dict[str, Any]) -> dict[str, Any]:
-    """Check a CP tap against the model and record its channel count (public: the tap's width)."""
+    """Check CP taps against the model; record them in network order with their channel counts (public).
+
+    One tap: {"tap": "dec1", "channels": 64}; several: {"tap": "enc1,dec1", "channels": [32, 64]}.
+    """
     if protection.get("mode") == Mode.CP:
         try:
-            tap = get_tap(model, protection.get("tap"))
+            found = resolve_taps(model, protection.get("tap"))
         except ModelError as exc:
             raise ArtifactError(str(exc)) from None
-        if protection.get("channels", tap.channels) != tap.channels:
-            raise ArtifactError(f"tap {tap.name!r} has {tap.channels} channels, not {protection['channels']!r}")
-        protection["channels"] = tap.channels
+        channels = found[0].channels if len(found) == 1 else [tap.channels for tap in found]
+        if protection.get("channels", channels) != channels:
+            raise ArtifactError(f"taps {join_taps(t.name for t in found)!r} have {channels} channels, "
+                                f"not {protection['channels']!r}")
+        protection["tap"] = join_taps(tap.name for tap in found)
+        protection["channels"] = channels
     return protection
 
 
 def _check_input_size(manifest: Manifest) -> None:
     fixed = manifest.architecture_kwargs.get("image_size")
     if fixed is not None and list(fixed) != list(manifest.input_size):
-        raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, not {list(manifest.input_size)}")
+        raise ArtifactError(f"{manifest.architecture} was built for {list(fixed)} inputs, "
+                            f"not {list(manifest.input_size)}")
 
 
 def read_manifest(path: str | os.PathLike[str]) -> Manifest:
@@ -414,20 +423,20 @@ def load_artifact(path: str | os.PathLike[str], *, map_location: str | torch.dev
         data = unseal(data)
     if len(data) != manifest.weights.bytes or hashlib.sha256(data).hexdigest() != manifest.weights.sha256:
         raise ArtifactError(
-            f"{manifest.weights.file} of {path} does not match its manifest's SHA-256: the artifact is corrupt or was altered"
+            f"{manifest.weights.file} of {path} does not match its manifest's SHA-256: "
+            "the artifact is corrupt or was altered"
         )
     if manifest.architecture not in list_architectures():
         raise ArtifactError(
-            f"manifest of {path} names unknown architecture {manifest.architecture!r}; known: {', '.join(list_architectures())}"
+            f"manifest of {path} names unknown architecture {manifest.architecture!r}; "
+            f"known: {', '.join(list_architectures())}"
         )
     _check_weights_metadata(path, manifest, _safetensors_metadata(data))
     try:
         model = build_model(manifest.architecture, manifest.num_classes, **manifest.architecture_kwargs)
         load_state_exactly(model, load_safetensors(data), "its weights")
         if manifest.mode is Mode.CP:
-            tap = get_tap(model, manifest.protection["tap"])
-            if tap.channels != manifest.protection.get("channels", tap.channels):
-                raise ModelError(f"tap {tap.name!r} has {tap.channels} channels, not {manifest.protection['channels']}")
+            _public_protection(model, dict(manifest.protection))
     except (ModelError, SafetensorError) as exc:
         raise ArtifactError(f"artifact {path} does not fit its manifest: {exc}") from None
     return model.to(map_location).eval(), manifest

@@ -32,12 +32,12 @@ from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.artifact import Manifest, load_artifact
 from seglock.models.data import DatasetError, detect_format, open_dataset
+from seglock.models.device import resolve_device
+from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.errors import ModelError
 from seglock.models.inputs import model_input
-from seglock.models.encryption import encrypt_blocks_torch, encrypt_per_image_torch
 from seglock.models.metrics import MetricAccumulator
-from seglock.models.protect import CPKey, fold_key
-from seglock.models.device import resolve_device
+from seglock.models.protect import CPKey, fold_key, protection_channels, protection_taps
 
 __all__ = [
     "CONDITIONS",
@@ -68,12 +68,17 @@ def check_key(manifest: Manifest, key: Any) -> None:
     """The key fits the manifest's protection (kind, channels, method, block size)."""
     mode = manifest.mode
     if mode is Mode.CP:
-        channels = manifest.protection.get("channels")
         if not isinstance(key, CPKey):
             raise EvaluateError(f"model {manifest.name} is cp-protected: it needs a cp key")
-        if channels is not None and key.channels != channels:
-            raise EvaluateError(f"the key has {key.channels} channels but tap "
-                                f"{manifest.protection['tap']!r} of {manifest.name} has {channels}")
+        try:
+            bound = key.bind(protection_taps(manifest.protection))
+            channels = protection_channels(manifest.protection)
+        except ModelError as exc:
+            raise EvaluateError(f"the key does not fit {manifest.name}: {exc}") from None
+        for tap, count in channels.items():
+            if bound[tap].size != count:
+                raise EvaluateError(f"the key has {bound[tap].size} channels but tap {tap!r} of {manifest.name} "
+                                    f"has {count}")
     elif mode.is_block:
         if not isinstance(key, BlockKey):
             raise EvaluateError(f"model {manifest.name} is {mode}-protected: it needs a block key")
@@ -169,7 +174,7 @@ def evaluate_model(
         raise EvaluateError(f"nothing to score: {exc}") from None
     scores["per_class"] = {
         name: {"IoU": iou, "Acc": acc}
-        for name, iou, acc in zip(manifest.class_names, scores["IoU"], scores["Acc"])
+        for name, iou, acc in zip(manifest.class_names, scores["IoU"], scores["Acc"], strict=False)
     }
     scores["images"] = images
     return scores
@@ -182,9 +187,12 @@ def wrong_keys(manifest: Manifest, n: int, *, key: Any = None, seed: int = 0) ->
         raise EvaluateError(f"model {manifest.name} ({mode}) has no key to guess")
     rng = np.random.default_rng([seed, _WRONG_KEY_STREAM])
     keys: list[CPKey | BlockKey] = []
+    if mode is Mode.CP:
+        channels = protection_channels(manifest.protection)
+        key = None if key is None else key.bind(list(channels))
     while len(keys) < n:
         if mode is Mode.CP:
-            candidate = CPKey(rng.permutation(manifest.protection["channels"]))
+            candidate = CPKey({tap: rng.permutation(count) for tap, count in channels.items()})
         else:
             candidate = BlockKey.generate(mode, manifest.protection["block_size"], randbytes=_seeded_bytes(rng))
         if key is None or candidate != key:
@@ -301,8 +309,8 @@ def evaluate_conditions(
                     bar.update(count)
             else:
                 scores = [run("wrong", k) for k in wrong_keys(manifest, count, key=key, seed=seed)]
-                results[label] = {"applicable": True, "n": count,
-                                  **{metric: summarize([s[metric] for s in scores]) for metric in ("aAcc", "mIoU", "mAcc")}}
+                summaries = {metric: summarize([s[metric] for s in scores]) for metric in ("aAcc", "mIoU", "mAcc")}
+                results[label] = {"applicable": True, "n": count, **summaries}
     finally:
         if bar is not None:
             bar.close()
@@ -326,5 +334,6 @@ def _bar(total: int, enabled: bool):
         return None
     from tqdm import tqdm
 
-    return tqdm(total=total, desc="evaluate", unit="run", leave=False, file=sys.stderr, dynamic_ncols=True, disable=None)
+    return tqdm(total=total, desc="evaluate", unit="run", leave=False, file=sys.stderr, dynamic_ncols=True,
+                disable=None)
 

@@ -3,6 +3,9 @@
     {"format": "seglock-key", "format_version": 1, "kind": "cp" | "block",
      "model": "<name>" | null, "material": {...CPKey.to_dict() or BlockKey.to_dict()...}}
 
+CP material is version 2 (`{"format": "seglock-cp-key", "version": 2, "taps": {tap: perm, ...}}`);
+files holding version 1 material (`"perm": [...]`, one tap named by the model's manifest) still read.
+
 A key file is not encrypted (DESIGN "Model artifact"): it is written 0600 from its creation,
 atomically (temp file in the same folder, fsync, rename, fsync of the folder), and never over
 an existing file unless asked. Errors name the file and never quote its contents.
@@ -112,7 +115,8 @@ def _parse(path: Path, data: Any) -> KeyFile:
     unknown = sorted(set(data) - _FIELDS)
     missing = sorted(_FIELDS - set(data))
     if missing or unknown:
-        raise KeyFileError(f"key file {path} is malformed: fields missing {missing or 'none'}, unknown {unknown or 'none'}")
+        raise KeyFileError(f"key file {path} is malformed: fields missing {missing or 'none'}, "
+                           f"unknown {unknown or 'none'}")
     kind, model, material = data["kind"], data["model"], data["material"]
     if kind not in KINDS:
         raise KeyFileError(f"key file {path} is malformed: kind must be one of {', '.join(KINDS)}")

@@ -3,12 +3,15 @@
 A runs folder holds JSON files (any depth). Each is recognised by its content:
 - an evaluation (`seglock evaluate --json`, `seglock.models.evaluate.evaluate_conditions`): "conditions" and
   "protection"; an optional "variant" ("trained" or "posthoc") says how a cp model got its key;
-- an attack (`seglock attack ... --out`): "kind" = "key-space", "random-key", "finetune" or "weight-matching";
+- an attack (`seglock attack ... --out`): "kind" = "key-space", "random-key", "finetune", "weight-matching",
+  "downstream", "learned-key", or "suite" (the thief's advantage, issue 12);
 - a run summary (`benchmarks/reproduce.py`): "kind" = "run" (command, settings, wall time);
 - the data's floor: "kind" = "floor", the mIoU of predicting the most frequent class everywhere,
   which is what a model that has lost all function scores (about 3.5 on VOC2012's 21 classes).
 
 Tables (mIoU in percent, as `seglock.models.metrics` gives it; paper 001 prints fractions):
+- the thief's advantage: per suite, the owner's mIoU, no key, the best honest alternative, each
+  attack's mIoU and advantage, and the verdict (the largest advantage);
 - Table II of paper 000 (000_03ca646f856607f9.txt): cp per tap, correct key vs no key (+ wrong keys),
   trained with CP and protected post hoc, and the baseline;
 - Table III of paper 000: SHF per block size, correct vs no key;
@@ -35,7 +38,7 @@ from seglock.client.modes import Mode
 
 __all__ = ["Runs", "json_ready", "load_runs", "render_tables", "render_plots", "write_report"]
 
-ATTACK_KINDS = ("key-space", "random-key", "finetune", "weight-matching")
+ATTACK_KINDS = ("key-space", "random-key", "finetune", "weight-matching", "downstream", "learned-key", "suite")
 BLOCK_METHODS = Mode.block_modes()
 DASH = "–"
 
@@ -277,6 +280,37 @@ def table_finetune(runs: Runs) -> str | None:
     return _table(header, rows)
 
 
+def table_suite(runs: Runs) -> str | None:
+    """The thief's advantage: one row per suite (verdict), then one row per attack of each suite."""
+    docs = runs.attacks["suite"]
+    if not docs:
+        return None
+    docs = sorted(docs, key=lambda d: (d.get("model", ""), str(d.get("protection", {}).get("tap", ""))))
+    verdicts = []
+    for d in docs:
+        alts = d.get("alternatives") or {}
+        public = alts.get("public")
+        verdicts.append([
+            str(d.get("model", "?")), str((d.get("protection") or {}).get("tap", DASH)),
+            f"{d.get('fraction', 0) * 100:g} %", _fmt(_metric(d.get("owner"))), _fmt(_metric(d.get("no_key"))),
+            _fmt(_metric(alts.get("scratch"))), _fmt(_metric(public)) if public else DASH,
+            str(d.get("worst_attack") or DASH), _signed(d.get("advantage")),
+        ])
+    text = _table(["Model", "Taps", "D'", "Owner (key)", "No key", "Scratch (best recipe)", "Public start",
+                   "Worst attack", "Advantage (points)"], verdicts)
+    rows = []
+    for d in docs:
+        for attack in d.get("attacks", []):
+            rows.append([str(d.get("model", "?")), str(attack.get("name")), _fmt(attack.get("mIoU")),
+                         _signed(attack.get("advantage")), _fmt(attack.get("seconds"), 0),
+                         str((attack.get("details") or {}).get("best_recipe") or attack.get("error") or DASH)])
+    return text + "\n\n" + _table(["Model", "Attack", "mIoU", "Advantage", "Seconds", "Best recipe / note"], rows)
+
+
+def _signed(value: float | None) -> str:
+    return DASH if value is None else f"{value:+.2f}"
+
+
 def table_block_methods(runs: Runs) -> str | None:
     """Paper 001 Table 1: mIoU with the correct key per method and block size, and the baseline."""
     methods = {m: _by_block(runs, m) for m in BLOCK_METHODS}
@@ -297,7 +331,8 @@ def table_block_access(runs: Runs) -> str | None:
     rows = []
     for method in BLOCK_METHODS:
         for size, doc in _by_block(runs, method).items():
-            rows.append([method.upper(), str(size), *(_fmt(_metric(_condition(doc, c))) for c in ("correct", "plain", "random"))])
+            cells = (_fmt(_metric(_condition(doc, c))) for c in ("correct", "plain", "random"))
+            rows.append([method.upper(), str(size), *cells])
     if not rows:
         return None
     return _table(["Method", "Block size", "Correct", "Plain", "Incorrect (mean)"], rows)
@@ -391,7 +426,8 @@ def table_trends(runs: Runs) -> str | None:
                 wrong = _metric(_condition(attack, "random"))  # the random-key attack tries more keys
             if correct is not None:
                 rows.append([f"CP trained at {tap}: correct key within 2 points of the baseline",
-                             f"{correct:.2f} vs {base:.2f} ({correct - base:+.2f})", _verdict(abs(correct - base) <= 2)])
+                             f"{correct:.2f} vs {base:.2f} ({correct - base:+.2f})",
+                             _verdict(abs(correct - base) <= 2)])
             worst = max(v for v in (plain, wrong) if v is not None) if (plain, wrong) != (None, None) else None
             if worst is not None:
                 rows.append([f"CP trained at {tap}: no key and wrong keys below 15 % of the baseline",
@@ -401,13 +437,14 @@ def table_trends(runs: Runs) -> str | None:
                     floor = runs.floor["mIoU"]
                     kept = (worst - floor) / (base - floor)
                     rows.append([f"CP trained at {tap}: no key and wrong keys keep below 15 % of the baseline's "
-                                 "gain over the floor", f"{kept * 100:.0f} % (floor {floor:.2f})", _verdict(kept < 0.15)])
+                                 "gain over the floor", f"{kept * 100:.0f} % (floor {floor:.2f})",
+                                 _verdict(kept < 0.15)])
     shf = _by_block(runs, Mode.SHF)
     if len(shf) >= 2:
         values = [_metric(_condition(d, "correct")) for d in shf.values()]
-        falls = all(a is not None and b is not None and b <= a + 1.0 for a, b in zip(values, values[1:]))
+        falls = all(a is not None and b is not None and b <= a + 1.0 for a, b in zip(values, values[1:], strict=False))
         rows.append(["SHF: accuracy with the key falls as M grows",
-                     ", ".join(f"M={m}: {_fmt(v)}" for m, v in zip(shf, values)),
+                     ", ".join(f"M={m}: {_fmt(v)}" for m, v in zip(shf, values, strict=False)),
                      _verdict(falls and values[-1] < values[0])])
         m0, doc = next(iter(shf.items()))
         correct, plain = _metric(_condition(doc, "correct")), _metric(_condition(doc, "plain"))
@@ -419,9 +456,11 @@ def table_trends(runs: Runs) -> str | None:
                        key=lambda d: -int(d["protection"]["sub_block"]))
     if len(per_image) >= 2:
         values = [_metric(_condition(d, "correct")) for d in per_image]
-        rises = all(a is not None and b is not None and b >= a - 1.0 for a, b in zip(values, values[1:]))
+        rises = all(a is not None and b is not None and b >= a - 1.0 for a, b in zip(values, values[1:], strict=False))
+        summary = ", ".join(f"S={d['protection']['sub_block']}: {_fmt(v)}"
+                            for d, v in zip(per_image, values, strict=False))
         rows.append(["Per-image: accuracy rises as S shrinks",
-                     ", ".join(f"S={d['protection']['sub_block']}: {_fmt(v)}" for d, v in zip(per_image, values)),
+                     summary,
                      _verdict(rises and values[-1] > values[0])])
     if not rows:
         return None
@@ -462,6 +501,7 @@ def _order(runs: Runs):
 
 
 SECTIONS = (
+    ("The thief's advantage (attack suite)", table_suite),
     ("The papers' trends, checked", table_trends),
     ("Channel permutation per feature map (paper 000, Table II)", table_cp),
     ("SHF on input images per block size (paper 000, Table III)", table_shf),
@@ -598,7 +638,7 @@ def plot_conditions(runs: Runs, path: Path) -> bool:
     width = 0.27
     fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(docs) + 2), 4.5))
     for offset, (name, label) in zip((-width, 0, width), (("correct", "correct key"), ("plain", "no key / plain"),
-                                                           ("random", "wrong keys (mean)"))):
+                                                           ("random", "wrong keys (mean)")), strict=False):
         values = [_metric(_condition(d, name)) for d in docs]
         ax.bar(x + offset, [np.nan if v is None else v for v in values], width, label=label)
     _floor_line(ax, runs)

@@ -36,7 +36,11 @@ from torchvision.models.segmentation.lraspp import LRASPPHead
 from seglock.models.architectures import get_architecture
 from seglock.models.errors import ModelError
 
-__all__ = ["Tap", "get_tap", "taps"]
+__all__ = ["DEFAULT_TAPS", "Tap", "default_taps", "get_tap", "taps"]
+
+# The taps `train --protect cp` and `models protect` key when none are named, per architecture family,
+# chosen by measuring the thief's advantage (`seglock attack suite`; docs/security.md, docs/reproduction.md).
+DEFAULT_TAPS = {"tiny": "all", "resnet": "all", "mobilenet": "all", "vit": "all"}
 
 
 @dataclass(frozen=True)
@@ -61,6 +65,11 @@ def taps(model: nn.Module) -> dict[str, Tap]:
         raise ModelError("the model has no architecture name: build it with models.build_model")
     specs = _FAMILIES[get_architecture(name).family](model)
     return {spec[0]: _resolve(model, *spec) for spec in specs}
+
+
+def default_taps(architecture: str) -> str:
+    """The tap set keyed by default for an architecture (a spec for `models.protect.resolve_taps`)."""
+    return DEFAULT_TAPS[get_architecture(architecture).family]
 
 
 def get_tap(model: nn.Module, name: str) -> Tap:

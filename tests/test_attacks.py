@@ -194,7 +194,9 @@ def test_key_space_attack_reports_the_models_key_space_and_a_measured_rate(world
     assert report["seconds_per_try"] > 0
     assert report["own"]["brute_force"]["log10_years"] > 50
     taps = [e["params"]["tap"] for e in report["entries"] if e["mode"] == "cp"]
-    assert taps == ["enc1", "enc2", "enc3", "dec1", "dec2"]
+    assert taps == ["enc1", "enc2", "enc3", "dec1", "dec2", "enc1,enc2,enc3,dec1,dec2"]  # the last: every tap at once
+    every = [e for e in report["entries"] if e["mode"] == "cp"][-1]
+    assert every["log2"] == pytest.approx(sum(e["log2"] for e in report["entries"][:5]), rel=1e-12)
 
 
 def test_random_key_attack_reports_box_plot_statistics(world, tmp_path):

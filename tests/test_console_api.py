@@ -17,13 +17,15 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from seglock.app.bootstrap import import_demo_models
+from seglock.app.home import Home
 from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
 from seglock.app.routes.console import CONTENT_SECURITY_POLICY
 from seglock.app.settings import Settings
-from seglock.models import load_artifact
+from seglock.models import load_artifact, read_manifest
 from seglock.models.data.synth import generate_scene
 from seglock.models.inputs import model_input
+from seglock.models.zoo import zoo_dir
 from tests.server_fixtures import MASTER_KEY, open_keystore, png_bytes
 
 CLASSES = ["background", "disc", "square", "triangle", "ring", "striped_blob"]
@@ -75,9 +77,13 @@ def scene(index: int, height: int = 128, width: int = 128) -> np.ndarray:
     return np.asarray(Image.fromarray(image).resize((width, height), Image.BILINEAR))
 
 
-def local_mask(artifact_dir: Path, image: np.ndarray) -> np.ndarray:
-    """What the artifact on disk computes for `image` as it is, without any key: a thief's mask."""
-    model, manifest = load_artifact(artifact_dir)
+def local_mask(server, name: str, image: np.ndarray, tmp_path: Path) -> np.ndarray:
+    """What the model's stolen artifact (its export: the home itself holds only ciphertext) computes
+    for `image` as it is, without any key: a thief's mask."""
+    home = Home(server["home"], server["keystore"])
+    exported = tmp_path / f"stolen-{name}"
+    home.export_revision(name, home.revision_dir(name, 1), exported)
+    model, manifest = load_artifact(exported)
     resized = resize_rgb(image, tuple(manifest.input_size))
     with torch.no_grad():
         logits = model(model_input(torch.from_numpy(resized.copy())[None], manifest))
@@ -200,7 +206,7 @@ def test_admin_models_lists_protection_revisions_and_key_versions_without_materi
     cp = models["demo-cp"]
     active = keystore.active_model_key("demo-cp")
     assert (cp["mode"], cp["model_version"], cp["key_version"], cp["revisions"]) == ("cp", 1, active.version, [1])
-    assert cp["protection"] == {"mode": "cp", "tap": "dec1", "channels": 64}
+    assert cp["protection"] == read_manifest(zoo_dir() / "demo-cp").protection  # as bundled: taps, channels
     assert [(k["version"], k["state"], k["kind"]) for k in cp["key_versions"]] == [(1, "active", "cp")]
     assert cp["key_versions"][0]["id"] == active.id
     assert (cp["rotatable"], cp["suite_report"]) == (True, False)
@@ -223,7 +229,7 @@ def test_admin_models_refuses_segment_tokens_and_no_token(server):
 
 # -- the thief view -----------------------------------------------------------------------------
 
-def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_without_key(server):
+def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_without_key(server, tmp_path):
     image = scene(4, 96, 112)
     response = thief_view(server, "demo-cp", png_bytes(image))
     assert response.status_code == 200, response.text
@@ -238,7 +244,7 @@ def test_thief_view_of_a_cp_model_shows_the_keyed_mask_and_the_stolen_weights_wi
                                       headers=auth(server))
     np.testing.assert_array_equal(keyed, np.asarray(Image.open(io.BytesIO(segmented.content))))
     # the stolen file on disk, run by whoever holds it, without the key
-    np.testing.assert_array_equal(stolen, local_mask(server["home"] / "models" / "demo-cp" / "r1", image))
+    np.testing.assert_array_equal(stolen, local_mask(server, "demo-cp", image, tmp_path))
     assert not np.array_equal(keyed, stolen)
     for side, mask in (("with_key", keyed), ("without_key", stolen)):
         counts = np.bincount(mask.reshape(-1), minlength=6)
@@ -256,7 +262,7 @@ def test_thief_view_reveals_no_key_material(server):
     assert json.dumps(perm) not in text
 
 
-def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(server):
+def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(server, tmp_path):
     image = scene(6, 32, 32)
     view = thief_view(server, "demo-shf", png_bytes(image)).json()
     segmented = server["client"].post("/v1/models/demo-shf/segment", files={"image": ("x.png", png_bytes(image))},
@@ -264,7 +270,7 @@ def test_thief_view_of_a_block_model_feeds_the_stolen_weights_the_plain_image(se
     np.testing.assert_array_equal(decoded(view["with_key"]["mask_png"]),
                                   np.asarray(Image.open(io.BytesIO(segmented.content))))
     np.testing.assert_array_equal(decoded(view["without_key"]["mask_png"]),
-                                  local_mask(server["home"] / "models" / "demo-shf" / "r1", image))
+                                  local_mask(server, "demo-shf", image, tmp_path))
     assert view["without_key_means"] == "the stored weights fed the plain image, which only the key holder can encrypt"
 
 

@@ -39,7 +39,7 @@ def artifacts(tmp_path_factory):
 def home(tmp_path, artifacts):
     """A home with every fixture model imported."""
     home = Home(tmp_path / "home", open_keystore(tmp_path / "home"))
-    for name, (path, key) in artifacts.items():
+    for _name, (path, key) in artifacts.items():
         home.import_artifact(path, key=key, actor="test")
     return home
 

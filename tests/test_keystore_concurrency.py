@@ -1,4 +1,4 @@
-"""Concurrent writers in separate processes never lose each other's changes."""
+"""Concurrent writers in separate processes never lose each other's changes (file and PostgreSQL)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,20 @@ import os
 import subprocess
 import sys
 
+import pytest
+from pg_fixtures import needs_postgres, pg_server, pg_url  # noqa: F401 (fixtures)
+
 from seglock.keystore import Keystore
 
 MASTER = base64.b64encode(os.urandom(32)).decode()
-ENV = {"SEGLOCK_MASTER_KEY": MASTER}
+
+
+@pytest.fixture(params=["file", pytest.param("postgres", marks=needs_postgres)])
+def ENV(request):
+    env = {"SEGLOCK_MASTER_KEY": MASTER}
+    if request.param == "postgres":
+        env["SEGLOCK_KEYSTORE_URL"] = request.getfixturevalue("pg_url")
+    return env
 
 # Waits for "go" on stdin so both writers start together, then makes 100 tokens, one write each.
 WRITER = """
@@ -26,9 +36,9 @@ ks.add_model_key("m-" + prefix, "cp", {"perm": [1, 0]})
 """
 
 
-def test_two_processes_creating_100_tokens_each_end_with_all_200(tmp_path):
+def test_two_processes_creating_100_tokens_each_end_with_all_200(tmp_path, ENV):
     home = tmp_path / "home"
-    Keystore.open(home, create=True, env=ENV)
+    Keystore.open(home, create=True, env=ENV).close()
     env = {**os.environ, **ENV}
     writers = [
         subprocess.Popen(
@@ -50,3 +60,4 @@ def test_two_processes_creating_100_tokens_each_end_with_all_200(tmp_path):
     assert ks.models() == ["m-a", "m-b"]
     assert ks.generation == 1 + 202  # creation, then every write of both processes
     assert sum(e.action == "token.create" for e in ks.audit_log()) == 200
+    ks.close()

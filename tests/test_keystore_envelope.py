@@ -19,8 +19,8 @@ from seglock.keystore import (
     KeystoreTruncated,
     UnsupportedFormatVersion,
     WrongMasterKey,
+    envelope,
 )
-from seglock.keystore import envelope
 
 MASTER = base64.b64encode(bytes(range(32))).decode()
 OTHER = base64.b64encode(bytes(range(1, 33))).decode()
@@ -66,7 +66,8 @@ def test_file_is_one_json_document_with_the_header_in_clear(ks):
         "seglock-keystore", 1, "AES-256-GCM", {"name": "none"}
     )
     assert len(base64.b64decode(doc["nonce"])) == 12
-    assert b'"alice"' not in ks.path.read_bytes() and b'"m1"' not in ks.path.read_bytes()  # quoted: base64 may hold the bare letters
+    stored = ks.path.read_bytes()  # quoted names: base64 may hold the bare letters
+    assert b'"alice"' not in stored and b'"m1"' not in stored
 
 
 def test_every_write_uses_a_fresh_nonce(ks):

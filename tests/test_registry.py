@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from seglock.app.observability import Metrics
 from seglock.app.home import Home, key_material
+from seglock.app.observability import Metrics
 from seglock.app.registry import Registry
 from seglock.app.settings import Settings
 from seglock.models import KeyRef, rekey, save_artifact

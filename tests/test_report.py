@@ -82,7 +82,8 @@ def test_load_runs_sorts_results_by_kind_and_never_reads_key_files(runs_dir):
     runs = load_runs(runs_dir)
     assert len(runs.evaluations) == 9
     assert {k: len(v) for k, v in runs.attacks.items()} == {"key-space": 1, "random-key": 1, "finetune": 2,
-                                                            "weight-matching": 1}
+                                                            "weight-matching": 1, "downstream": 0,
+                                                            "learned-key": 0, "suite": 0}
     assert runs.run["command"].endswith("--quick")
     assert runs.skipped == []
 

@@ -6,6 +6,7 @@ import re
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from seglock.app.cli import build_parser
 from seglock.app.commands.serve import flag_of, settings_from_args
@@ -20,6 +21,9 @@ SAMPLES = {
     "device": ("cpu", ["--device", "CPU"]),
     "amp": ("bf16", ["--amp", "bf16"]),
     "channels_last": (False, ["--no-channels-last"]),
+    "backend": ("compile", ["--backend", "compile"]),
+    "compile_budget_s": (60.0, ["--compile-budget", "60"]),
+    "compile_cache": ("/tmp/inductor", ["--compile-cache", "/tmp/inductor"]),
     "max_batch": (16, ["--max-batch", "16"]),
     "max_wait_ms": (2.5, ["--max-wait-ms", "2.5"]),
     "queue_size": (7, ["--queue-size", "7"]),
@@ -31,6 +35,8 @@ SAMPLES = {
     "import_demo": (False, ["--no-import-demo"]),
     "warmup": (False, ["--no-warmup"]),
     "log_level": ("debug", ["--log-level", "debug"]),
+    "models_root": (Path("/srv/seglock/models"), ["--models-root", "/srv/seglock/models"]),
+    "keystore_url": (SecretStr("postgresql://seglock@db/seglock"), ["--keystore", "postgresql://seglock@db/seglock"]),
 }
 
 

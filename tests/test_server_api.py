@@ -12,9 +12,9 @@ import torch
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from seglock.app.home import Home
 from seglock.app.imageio import resize_mask, resize_rgb
 from seglock.app.main import create_app
-from seglock.app.home import Home
 from seglock.app.settings import Settings
 from seglock.client.transforms import BlockKey, encrypt_blocks, encrypt_per_image
 from seglock.models import load_artifact
@@ -28,7 +28,7 @@ def server(tmp_path_factory):
     home = root / "home"
     artifacts = make_artifacts(root / "artifacts")
     keystore = open_keystore(home)
-    for name, (path, key) in artifacts.items():
+    for _name, (path, key) in artifacts.items():
         Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],
@@ -246,7 +246,7 @@ def test_rotate_key_keeps_masks_identical_and_destroys_the_old_key(server):
     assert body["model"] == "cp" and body["key_version"] == body["previous_key_version"] + 1
     assert body["seconds"] >= 0
     after = [mask_of(segment(server, "cp", data)) for data in images]
-    for old, new in zip(before, after):
+    for old, new in zip(before, after, strict=False):
         np.testing.assert_array_equal(old, new)
     assert list(Home(home).revisions("cp")) == [2]
     keystore = open_keystore(home)

@@ -190,7 +190,7 @@ def test_fit_refuses_a_key_that_does_not_fit(scenes):
     with pytest.raises(TrainError, match="shf BlockKey of block size 4"):
         fit(model, data, None, FitConfig(epochs=1, lr=0.1), protection={"mode": "shf", "block_size": 4},
             key=BlockKey.generate("shf", 2), progress=False)
-    with pytest.raises(TrainError, match="CPKey of 32 channels"):
+    with pytest.raises(TrainError, match="the key has 16 channels but tap 'dec1' has 32"):
         fit(model, data, None, FitConfig(epochs=1, lr=0.1), protection={"mode": "cp", "tap": "dec1"},
             key=CPKey.generate(16), progress=False)
 
@@ -198,7 +198,6 @@ def test_fit_refuses_a_key_that_does_not_fit(scenes):
 @pytest.mark.parametrize(
     "overrides, kwargs, message",
     [
-        ({"protect": "cp"}, {"key_out": "k.json"}, "needs a tap"),
         ({"protect": "shf"}, {}, "--home"),
         ({"protect": "shf", "size": 66}, {"key_out": "k.json"}, "does not fit shf"),
         ({"protect": "none", "tap": "dec1"}, {}, "tap applies to cp"),
@@ -227,7 +226,6 @@ def test_cli_trains_and_writes_json(scenes, tmp_path, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--protect", "cp"], "needs a tap"),
         (["--protect", "shf"], "store it in a keystore"),
         (["--arch", "nope"], "unknown architecture"),
         (["--arch-arg", "width"], "expected KEY=VALUE"),
@@ -259,3 +257,9 @@ def test_the_recipe_has_one_home_that_the_cli_and_the_attacks_read():
     defaults = inspect.signature(finetune_attack).parameters
     assert (defaults["epochs"].default, defaults["batch_size"].default, defaults["lr"].default) == (
         RECIPE.epochs, RECIPE.batch_size, RECIPE.lr)
+
+
+def test_cp_without_a_tap_keys_the_architectures_default_tap_set():
+    from seglock.models.training.config import TrainConfig as Config
+
+    assert Config(data="d", protect="cp").protection() == {"mode": "cp", "tap": "all"}

@@ -53,13 +53,16 @@ def test_no_manifest_carries_key_material(name):
         assert word not in text
     if name in ("demo-cp", "demo-shf"):
         material = read_key_file(key_file(name)).key.to_dict()
-        secret = material.get("perm") or material.get("permutation")
-        assert json.dumps(secret)[1:-1] not in text
+        secrets = list(material.get("taps", {}).values()) or [material.get("perm") or material.get("permutation")]
+        assert all(json.dumps(secret)[1:-1] not in text for secret in secrets)
 
 
 def test_bundled_key_files_are_the_keyed_demos_keys():
     cp, shf = read_key_file(key_file("demo-cp")), read_key_file(key_file("demo-shf"))
-    assert (cp.kind, cp.model, cp.key.channels) == ("cp", "demo-cp", read_manifest(zoo_dir() / "demo-cp").protection["channels"])
+    protection = read_manifest(zoo_dir() / "demo-cp").protection
+    assert (cp.kind, cp.model) == ("cp", "demo-cp")
+    assert list(cp.key.tap_channels) == protection["tap"].split(",")  # the default tap set: every tap of tiny
+    assert list(cp.key.tap_channels.values()) == protection["channels"]
     assert (shf.kind, shf.model, shf.key.method, shf.key.block_size) == ("block", "demo-shf", "shf", 4)
     assert not key_file("demo-plain").exists() and not key_file("demo-per-image").exists()
     assert sorted(p.name for p in (zoo_dir() / "keys").iterdir()) == ["demo-cp.json", "demo-shf.json"]

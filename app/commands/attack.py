@@ -1,4 +1,5 @@
-"""`seglock attack`: the attacks of paper 000 (brute force, random keys, fine-tuning) and weight matching.
+"""`seglock attack`: the attacks of paper 000 (brute force, random keys, fine-tuning), weight matching,
+downstream retraining, the learned key, and the suite that measures the thief's advantage.
 
 Every action prints a short summary, or the JSON report with --json, and writes the JSON report to
 --out FILE; `seglock report` lays those files out as the papers' tables. The owner's key (--key-file
@@ -20,12 +21,15 @@ from seglock.app.commands.train import RecipeDefault, resolve_defaults
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "attack",
-        help="attack a protected model: key space, random keys, fine-tuning, weight matching",
+        help="attack a protected model: the thief's advantage (suite), key space, random keys, fine-tuning, "
+             "weight matching, downstream retraining, learned key",
         description=(
             "Run an attack on a stolen model artifact and report it as JSON: the key space and brute-force time "
             "(key-space), N random wrong keys (random-key), retraining on a fraction of the training data "
             "without the key (finetune), or recovering a CP key by matching weights or activation statistics "
-            "with an assignment solver (weight-matching)."
+            "with an assignment solver (weight-matching), retraining everything after the first keyed tap "
+            "(downstream), learning a relaxed key per tap (learned-key), or all of them against the thief's honest "
+            "alternatives (suite: the thief's advantage)."
         ),
     )
     actions = add_actions(parser, "attack_command")
@@ -69,6 +73,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                           help="the attacker's share of the training data, e.g. 0.05 or 0.10")
     _training(finetune)
     finetune.add_argument("--save", metavar="DIR", help="write the fine-tuned model as a plain artifact")
+    finetune.add_argument("--recipes", metavar="NAMES",
+                          help="thief's recipes to try, the best reported (e.g. sgd-0.02,adam-1e-3, or all; "
+                               "default: the one SGD recipe of --lr)")
     _common(finetune)
     finetune.set_defaults(handler=_finetune)
 
@@ -94,6 +101,65 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     _common(matching)
     matching.set_defaults(handler=_weight_matching)
 
+    downstream = actions.add_parser(
+        "downstream", help="freeze the stolen network up to its first keyed tap, retrain the rest on the data",
+        description=(
+            "Keep every layer of a stolen cp model before its first keyed tap (CP leaves them untouched), frozen "
+            "with its BatchNorm statistics, and train the rest of the network on --fraction of the training data "
+            "(from a fresh initialisation, or from the stolen weights with --init stolen), with each recipe; "
+            "reports the best mIoU without any key."
+        ),
+    )
+    downstream.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                            help="the attacker's share of the training data (default 0.1)")
+    downstream.add_argument("--init", choices=("fresh", "stolen"), default="fresh",
+                            help="start of the retrained part (default fresh)")
+    _recipes(downstream)
+    _common(downstream)
+    downstream.set_defaults(handler=_downstream)
+
+    learned = actions.add_parser(
+        "learned-key", help="learn a relaxed permutation per keyed tap (Sinkhorn), rounded to a key",
+        description=(
+            "With the stolen weights frozen, optimise one doubly-stochastic matrix per keyed tap (Sinkhorn "
+            "normalisation, temperature annealed towards 0) on --fraction of the training data, round each to "
+            "a permutation with an assignment solver, and report the mIoU of the stolen model with that key "
+            "(and the channels recovered, given the owner's key)."
+        ),
+    )
+    learned.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                         help="the attacker's share of the training data (default 0.1)")
+    learned.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                         help="passes over the data (default %(default)s)")
+    learned.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                         help="batch size (default %(default)s)")
+    learned.add_argument("--lr", type=float, default=0.1, help="Adam learning rate of the key logits (default 0.1)")
+    _common(learned)
+    learned.set_defaults(handler=_learned_key)
+
+    suite = actions.add_parser(
+        "suite", help="the thief's advantage: every attack against training from scratch (and public weights)",
+        description=(
+            "Run every attack on the stolen model with --fraction of the training data, and the thief's honest "
+            "alternatives with the same data and recipes: training from scratch and, with --backbone-weights, "
+            "from public pretrained weights. Reports per attack the mIoU, wall time and advantage = attack mIoU - "
+            "best alternative (points); the verdict is the largest advantage. Every training runs each recipe "
+            "and keeps the best (the worst case for the owner). On a CPU, --epochs and --recipes set the budget; "
+            "--cache keeps the alternatives for later suites on the same data."
+        ),
+    )
+    suite.add_argument("--fraction", type=float, default=0.1, metavar="F",
+                       help="the attacker's share of the training data (default 0.1)")
+    suite.add_argument("--backbone-weights", metavar="FILE",
+                       help="a local file of the architecture's public pretrained weights (the public alternative)")
+    suite.add_argument("--attacks", metavar="NAMES",
+                       help="attacks to run (default all): no-key, finetune, downstream, learned-key, class-profile, "
+                            "statistics, weights-trained, weights-public")
+    suite.add_argument("--cache", metavar="DIR", help="keep and reuse the alternatives' results in DIR")
+    _recipes(suite)
+    _common(suite)
+    suite.set_defaults(handler=_suite)
+
 
 def _common(parser: argparse.ArgumentParser, *, data: bool = True, key: bool = True) -> None:
     if data:
@@ -118,7 +184,24 @@ def _training(parser: argparse.ArgumentParser) -> None:
                         help="attacker's training epochs (default %(default)s, the owner's recipe)")
     parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
                         help="batch size (default %(default)s)")
-    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"), help="initial learning rate (default %(default)s)")
+    parser.add_argument("--lr", type=float, default=RecipeDefault("lr"),
+                        help="initial learning rate (default %(default)s)")
+
+
+def _recipes(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--recipes", metavar="NAMES",
+                        help="thief's recipes, comma-separated or 'all' (default sgd-0.02,sgd-0.005,adam-1e-3); "
+                             "known: sgd-0.02, sgd-0.05, sgd-0.005, adam-1e-3, adam-3e-4")
+    parser.add_argument("--epochs", type=int, default=RecipeDefault("epochs"), metavar="E",
+                        help="epochs of every training (the budget; default %(default)s, the owner's recipe)")
+    parser.add_argument("--batch-size", type=int, default=RecipeDefault("batch_size"), metavar="B",
+                        help="batch size (default %(default)s)")
+
+
+def _check_budget(args: argparse.Namespace) -> None:
+    resolve_defaults(args)
+    if args.epochs < 1 or args.batch_size < 1:
+        raise CLIError("--epochs and --batch-size must be at least 1")
 
 
 def resolve(args: argparse.Namespace) -> Any:
@@ -194,10 +277,13 @@ def _random_key(args: argparse.Namespace) -> int:
 def _finetune(args: argparse.Namespace) -> int:
     from seglock.models.attacks import finetune_attack
 
+    if args.save and args.recipes:
+        raise CLIError("--save keeps the single-recipe model: give it without --recipes")
     key = resolve(resolve_defaults(args))
     report = finetune_attack(args.model, args.data, fraction=args.fraction, key=key,
                              epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             device=args.device, seed=args.seed, progress=not args.quiet, save_to=args.save)
+                             device=args.device, seed=args.seed, progress=not args.quiet, save_to=args.save,
+                             recipes=args.recipes)
     summary = (f"{report['model']}: fine-tuned on {report['attacker_images']} images ({args.fraction * 100:g} %): "
                f"mIoU without the key {report['before']['mIoU']:.2f} -> {report['after']['mIoU']:.2f}")
     if report.get("owner"):
@@ -221,4 +307,65 @@ def _weight_matching(args: argparse.Namespace) -> int:
     if "fraction_recovered" in report:
         summary += (f"; {report['channels_recovered']}/{report['channels']} channels recovered"
                     f" (owner's key {miou['owner']:.2f}, no key {miou['plain']:.2f})")
+    return emit(args, report, summary)
+
+
+def _stolen_cp_model(args: argparse.Namespace):
+    """The stolen cp model and the thief's share of the data, as the training attacks take them."""
+    from seglock.models.attacks.stolen import load_stolen
+
+    _check_budget(args)
+    return load_stolen(args.model, args.data, fraction=args.fraction, key=resolve(args), device=args.device,
+                       seed=args.seed, cp_only=True)
+
+
+def _add_baselines(report: dict, stolen) -> None:
+    """What the thief gets with no key and what the owner gets, beside the attack's own score."""
+    report["no_key"] = stolen.score_no_key()
+    report["owner"] = stolen.score_owner()
+
+
+def _downstream(args: argparse.Namespace) -> int:
+    from seglock.models.attacks.downstream import downstream_attack
+    from seglock.models.attacks.recipes import parse_recipes
+
+    stolen = _stolen_cp_model(args)
+    report = downstream_attack(stolen, recipes=parse_recipes(args.recipes, epochs=args.epochs,
+                                                             batch_size=args.batch_size),
+                               init=args.init, progress=not args.quiet)
+    _add_baselines(report, stolen)
+    summary = (f"{report['model']}: retrained after {report['first_tap']} ({report['init']}, "
+               f"{report['frozen_parameters']}/{report['parameters']} parameters kept): mIoU without the key "
+               f"{report['mIoU']:.2f} (best recipe {report['best_recipe']})")
+    return emit(args, report, summary)
+
+
+def _learned_key(args: argparse.Namespace) -> int:
+    from seglock.models.attacks.learned_key import learned_key_attack
+
+    stolen = _stolen_cp_model(args)
+    report = learned_key_attack(stolen, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                progress=not args.quiet)
+    _add_baselines(report, stolen)
+    summary = f"{report['model']} taps {','.join(report['taps'])}: mIoU with the learned key {report['mIoU']:.2f}"
+    if "fraction_recovered" in report:
+        summary += f"; {report['fraction_recovered'] * 100:.0f} % of the channels recovered"
+    return emit(args, report, summary)
+
+
+def _suite(args: argparse.Namespace) -> int:
+    from seglock.models.attacks.suite import suite_attack
+
+    _check_budget(args)
+    key = resolve(args)
+    attacks = None if not args.attacks else [a.strip() for a in args.attacks.split(",") if a.strip()]
+    report = suite_attack(
+        args.model, args.data, fraction=args.fraction, key=key, backbone_weights=args.backbone_weights,
+        recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, attacks=attacks,
+        cache_dir=args.cache, device=args.device, seed=args.seed, progress=not args.quiet)
+    best = report["best_alternative"]
+    verdict = report["advantage"]
+    summary = (f"{report['model']}: thief's advantage {verdict:+.2f} mIoU points ({report['worst_attack']}) over "
+               f"the best honest alternative ({best:.2f})" if verdict is not None else
+               f"{report['model']}: no attack applied")
     return emit(args, report, summary)

@@ -50,10 +50,19 @@ def add_home_argument(parser: argparse.ArgumentParser) -> None:
         "--home", metavar="DIR",
         help=f"home folder holding keystore.json (default: ${HOME_ENV}, else ./{DEFAULT_HOME})",
     )
+    parser.add_argument(
+        "--keystore", metavar="URL",
+        help="postgresql://... : use the database keystore instead of HOME/keystore.json "
+             "(default: $SEGLOCK_KEYSTORE_URL or the file $SEGLOCK_KEYSTORE_URL_FILE names)",
+    )
 
 
 def home_of(args: argparse.Namespace) -> Path:
-    """--home, else $SEGLOCK_HOME, else ./seglock-home."""
+    """--home, else $SEGLOCK_HOME, else ./seglock-home. A --keystore URL goes to the environment, as
+    `seglock serve` does with its flags, so every keystore this command opens is that database."""
+    if getattr(args, "keystore", None):
+        os.environ["SEGLOCK_KEYSTORE_URL"] = args.keystore
+        os.environ.pop("SEGLOCK_KEYSTORE_URL_FILE", None)
     return Path(args.home or os.environ.get(HOME_ENV) or DEFAULT_HOME)
 
 

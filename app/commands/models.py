@@ -40,7 +40,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         ),
     )
     protect.add_argument("--model", required=True, metavar="PLAIN_DIR", help="the plain artifact folder")
-    protect.add_argument("--tap", required=True, help="the feature map to key, e.g. layer4 (ResNet) or dec1 (tiny)")
+    protect.add_argument("--tap", help="the feature maps to key: one (dec1), several (enc1,enc3,dec1) or 'all' "
+                         "(default: the architecture's measured default, see docs/security.md)")
     protect.add_argument("--out", required=True, metavar="DIR", help="the cp artifact folder to write")
     protect.add_argument("--name", help="model name (default: DIR's name)")
     where = protect.add_mutually_exclusive_group(required=True)
@@ -124,14 +125,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def current_revision(home: Path, name: str, keystore=None) -> Path:
     """The revision of `name` a server would serve, found without changing anything."""
-    from seglock.app.errors import ServiceError
     from seglock.app.home import Home
-    from seglock.models import ArtifactError
 
-    try:
-        return Home(home, keystore).serving_revision(name)
-    except (ServiceError, ArtifactError) as exc:
-        raise CLIError(str(exc)) from None
+    return Home(home, keystore).serving_revision(name)
 
 
 def resolve_artifact(model: str, home: str | None) -> Path:
@@ -151,12 +147,9 @@ def resolve_artifact(model: str, home: str | None) -> Path:
 def key_from_file(path: str, manifest) -> Any:
     """The key in a key file, checked against the manifest it is for."""
     from seglock.models.evaluate import EvaluateError, check_key
-    from seglock.models.keyfile import KeyFileError, read_key_file
+    from seglock.models.keyfile import read_key_file
 
-    try:
-        found = read_key_file(path)
-    except KeyFileError as exc:
-        raise CLIError(str(exc)) from None
+    found = read_key_file(path)
     if not manifest.mode.has_model_key:
         raise CLIError(f"model {manifest.name} ({manifest.mode}) takes no key, but a key file was given")
     if found.model is not None and found.model != manifest.name:
@@ -170,17 +163,13 @@ def key_from_file(path: str, manifest) -> Any:
 
 def key_from_home(home: str | Path, manifest) -> Any:
     """The key the manifest names (id and version), from the home's keystore."""
-    from seglock.app.errors import ServiceError
     from seglock.app.home import Home
     from seglock.keystore import Keystore
 
     if not manifest.mode.has_model_key:
         return None
     with Keystore.open(home) as store:
-        try:
-            return Home(home, store).model_key(manifest)
-        except ServiceError as exc:
-            raise CLIError(str(exc)) from None
+        return Home(home, store).model_key(manifest)
 
 
 def _check_name(name: str) -> None:
@@ -201,8 +190,8 @@ def _default_name(out: Path) -> str:
 
 
 def _protect(args: argparse.Namespace) -> int:
-    from seglock.models import KeyRef, ModelError, load_artifact, protect, save_artifact
-    from seglock.models.keyfile import KeyFileError, write_key_file
+    from seglock.models import KeyRef, load_artifact, protect, save_artifact
+    from seglock.models.keyfile import write_key_file
     from seglock.models.protect import CPKey
 
     out = Path(args.out)
@@ -213,26 +202,21 @@ def _protect(args: argparse.Namespace) -> int:
     key_out = Path(args.key_out) if args.key_out else None
     if key_out is not None and key_out.exists():
         raise CLIError(f"key file {key_out} already exists; refusing to overwrite it")
-    try:
-        model, manifest = load_artifact(args.model)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    model, manifest = load_artifact(args.model)
     if manifest.mode is not Mode.NONE:
         hint = "; to change a cp model's key use rotate-key" if manifest.mode is Mode.CP else ""
         raise CLIError(f"{args.model} is {manifest.mode}-protected: protect takes a plain (none) model{hint}")
     if args.home is not None:
         _check_home_free(Path(args.home), name)
+    from seglock.models.protect import join_taps
+    from seglock.models.taps import default_taps
+
     started = time.perf_counter()
-    try:
-        key: CPKey = protect(model, args.tap)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    key: CPKey = protect(model, args.tap or default_taps(manifest.architecture))
+    tap = join_taps(key.taps)
     seconds = time.perf_counter() - started
     if key_out is not None:
-        try:
-            write_key_file(key_out, key, model=name)
-        except KeyFileError as exc:
-            raise CLIError(str(exc)) from None
+        write_key_file(key_out, key, model=name)
         import secrets
 
         key_ref = KeyRef(id=f"file-{secrets.token_hex(6)}", version=1)  # random: says nothing about the key
@@ -242,20 +226,18 @@ def _protect(args: argparse.Namespace) -> int:
         with Keystore.open(args.home, create=True) as store:
             version = store.add_model_key(name, "cp", key.to_dict(), actor=CLI_ACTOR)
         key_ref = KeyRef(id=version.id, version=version.version)
-    try:
-        saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
-                              input_size=list(manifest.input_size), normalization=manifest.normalization,
-                              protection={"mode": Mode.CP.value, "tap": args.tap}, key=key_ref)
-    except ModelError as exc:
-        raise CLIError(str(exc)) from None
+    saved = save_artifact(model, out, name=name, class_names=list(manifest.class_names),
+                          input_size=list(manifest.input_size), normalization=manifest.normalization,
+                          protection={"mode": Mode.CP.value, "tap": tap}, key=key_ref)
     total = time.perf_counter() - started
     stored = str(key_out) if key_out is not None else f"{args.home} keystore ({name} v{key_ref.version})"
-    result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": args.tap,
-              "channels": key.channels, "key_space_log2": round(key.key_space_log2, 1),
+    channels = sum(key.tap_channels.values())
+    result = {"model": name, "artifact": str(out), "source": str(args.model), "tap": tap,
+              "channels": saved.protection["channels"], "key_space_log2": round(key.key_space_log2, 1),
               "key": {"id": key_ref.id, "version": key_ref.version}, "key_stored": stored,
               "protect_seconds": round(seconds, 4), "seconds": round(total, 3),
               "sha256": saved.weights.sha256}
-    return print_result(args.json, result, f"protected {manifest.name} at tap {args.tap} ({key.channels} channels, key space "
+    return print_result(args.json, result, f"protected {manifest.name} at tap {tap} ({channels} channels, key space "
                                f"2^{key.key_space_log2:.0f}) in {seconds:.4f} s ({total:.2f} s with saving) -> {out}; "
                                f"key in {stored}")
 
@@ -271,16 +253,13 @@ def _check_home_free(home: Path, name: str) -> None:
 
 
 def _list(args: argparse.Namespace) -> int:
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.models import read_manifest
 
     rows: list[dict[str, Any]] = []
     if args.home or not args.dirs:
         rows += _home_rows(home_of(args))
     for folder in args.dirs:
-        try:
-            manifest = read_manifest(folder)
-        except ArtifactError as exc:
-            raise CLIError(str(exc)) from None
+        manifest = read_manifest(folder)
         rows.append(_row(manifest, Path(folder), None))
     if args.json:
         print(json.dumps(rows, indent=2))
@@ -295,7 +274,7 @@ def _list(args: argparse.Namespace) -> int:
                          "-" if r["revision"] is None else f"r{r['revision']}", r["path"]) for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(header))]
     for row in table:
-        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)).rstrip())
     return 0
 
 
@@ -335,16 +314,12 @@ def _home_rows(home: Path) -> list[dict[str, Any]]:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from seglock.app.errors import ServiceError
     from seglock.app.home import Home
     from seglock.keystore import Keystore
-    from seglock.models import ArtifactError, read_manifest
+    from seglock.models import read_manifest
 
     home = home_of(args)
-    try:
-        manifest = read_manifest(args.model)
-    except ArtifactError as exc:
-        raise CLIError(str(exc)) from None
+    manifest = read_manifest(args.model)
     key = None
     if args.key_file:
         key = key_from_file(args.key_file, manifest)
@@ -354,45 +329,37 @@ def _import(args: argparse.Namespace) -> int:
         key = key_from_home(home, manifest)
     made = not (home / "keystore.json").exists()
     with Keystore.open(home, create=True) as store:
-        try:
-            imported = Home(home, store).import_artifact(Path(args.model), name=args.name,
-                                                                               key=key, actor=CLI_ACTOR)
-        except (ServiceError, ArtifactError) as exc:
-            raise CLIError(str(exc)) from None
+        imported = Home(home, store).import_artifact(Path(args.model), name=args.name,
+                                                                           key=key, actor=CLI_ACTOR)
     if made:
         print(f"made a new keystore in {home}", file=sys.stderr)
     result = {"model": imported.name, "home": str(home), "protection": dict(imported.protection),
               "key_version": None if imported.key is None else imported.key.version,
               "rekeyed": imported.mode is Mode.CP}
     note = "; re-keyed to a fresh key" if imported.mode is Mode.CP else ""
-    return print_result(args.json, result, f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}")
+    message = f"imported {args.model} into {home} as {imported.name} ({imported.mode}){note}"
+    return print_result(args.json, result, message)
 
 
 def _rotate(args: argparse.Namespace) -> int:
-    from seglock.app.errors import ServiceError
     from seglock.app.home import Home
     from seglock.keystore import Keystore
-    from seglock.models import ModelError
 
     home = home_of(args)
     _check_name(args.model)
     with Keystore.open(home) as store:
         started = time.perf_counter()
-        try:
-            rotation = Home(home, store).rotate_key(args.model)
-        except (ServiceError, ModelError) as exc:
-            raise CLIError(str(exc)) from None
+        rotation = Home(home, store).rotate_key(args.model)
     result = {**rotation.summary(), "seconds": round(time.perf_counter() - started, 3)}
     return print_result(args.json, result, f"rotated {result['model']}: key v{result['previous_key_version']} -> "
                                f"v{result['key_version']} in {result['seconds']:.3f} s (old key destroyed)")
 
 
 def _export(args: argparse.Namespace) -> int:
-    from seglock.app.errors import ServiceError
     from seglock.app.home import Home
     from seglock.keystore import Keystore
-    from seglock.models import ModelError, read_manifest
-    from seglock.models.keyfile import KeyFileError, write_key_file
+    from seglock.models import read_manifest
+    from seglock.models.keyfile import write_key_file
 
     home = home_of(args)
     _check_name(args.model)
@@ -406,20 +373,14 @@ def _export(args: argparse.Namespace) -> int:
         raise CLIError(f"{home} is not a seglock home (no keystore.json)")
     with Keystore.open(home) as store:
         target = Home(home, store)
-        try:
-            path = target.serving_revision(args.model)
-            manifest = read_manifest(path)
-            if key_out is not None and not manifest.mode.has_model_key:
-                raise CLIError(f"model {args.model} ({manifest.mode}) has no key to write (drop --key-out)")
-            key = target.model_key(manifest, args.model) if key_out is not None else None
-            target.export_revision(args.model, path, out)
-        except (ServiceError, ModelError) as exc:
-            raise CLIError(str(exc)) from None
+        path = target.serving_revision(args.model)
+        manifest = read_manifest(path)
+        if key_out is not None and not manifest.mode.has_model_key:
+            raise CLIError(f"model {args.model} ({manifest.mode}) has no key to write (drop --key-out)")
+        key = target.model_key(manifest, args.model) if key_out is not None else None
+        target.export_revision(args.model, path, out)
     if key_out is not None:
-        try:
-            write_key_file(key_out, key, model=args.model)
-        except KeyFileError as exc:
-            raise CLIError(str(exc)) from None
+        write_key_file(key_out, key, model=args.model)
     stored = str(key_out) if key_out is not None else (
         f"{home} keystore ({args.model} v{manifest.key.version})" if manifest.key is not None else None)
     result = {"model": args.model, "home": str(home), "revision": int(path.name[1:]), "artifact": str(out),

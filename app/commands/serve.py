@@ -11,12 +11,16 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import types
 import typing
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 # Flag names kept from before the flags were generated: field -> extra option strings.
-ALIASES = {"rate_limit_rps": ("--rate-limit",), "import_demo": ("--demo",)}  # --demo gives --no-demo
+ALIASES = {"rate_limit_rps": ("--rate-limit",), "import_demo": ("--demo",),  # --demo gives --no-demo
+           "compile_budget_s": ("--compile-budget",), "keystore_url": ("--keystore",)}
 ENV_PREFIX = "SEGLOCK_"
 
 
@@ -36,6 +40,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     group = parser.add_argument_group("settings")
     for name, field in Settings.model_fields.items():
         add_setting_flag(group, name, field)
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--engine", choices=["uvicorn", "ray"], default="uvicorn",
+                        help="uvicorn (default): this host's processes; ray: replicas on Ray Serve, on a local "
+                             "Ray or the cluster RAY_ADDRESS names (needs seglock[ray])")
+    engine.add_argument("--replicas", type=int, default=1, metavar="N", help="Ray Serve replicas (default 1)")
+    engine.add_argument("--gpus-per-replica", type=float, default=0.0, metavar="G",
+                        help="GPUs Ray reserves for each replica (default 0; 1 on GPU hosts)")
     parser.set_defaults(handler=run)
 
 
@@ -48,6 +59,11 @@ def add_setting_flag(parser: argparse._ActionsContainer, name: str, field: Any) 
     help_text = f"{field.description or name.replace('_', ' ')} (default: {shown}; env {env})".replace("%", "%%")
     kwargs: dict[str, Any] = {"dest": name, "default": None, "help": help_text}
     annotation = field.annotation
+    optional = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType) and len(optional) == 1:
+        annotation = optional[0]  # an optional setting: the flag gives the value
+    if annotation is SecretStr:
+        annotation = str
     if annotation is bool:
         kwargs["action"] = argparse.BooleanOptionalAction
     elif typing.get_origin(annotation) is typing.Literal:
@@ -77,6 +93,8 @@ def settings_from_args(args: argparse.Namespace):
 def run(args: argparse.Namespace) -> int:
     import uvicorn
 
+    from seglock.app.cli import CLIError
+
     settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
     from seglock.models.device import resolve_device
 
@@ -84,6 +102,15 @@ def run(args: argparse.Namespace) -> int:
     for name, value in flag_values(args).items():  # worker processes (--workers N) read the environment
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.engine == "ray":
+        if args.replicas < 1 or args.gpus_per_replica < 0:
+            raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
+        try:
+            from seglock.app import ray_serve
+        except ModuleNotFoundError as exc:
+            raise CLIError(f"--engine ray needs {exc.name!r}: pip install 'seglock[ray]'") from None
+        ray_serve.run_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
+        return 0
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -54,7 +54,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--arch", default="tiny", help="architecture (see models.list_architectures; default tiny)")
     parser.add_argument("--protect", default=Mode.NONE.value, choices=[mode.value for mode in Mode],
                         help="protection mode (default none)")
-    parser.add_argument("--tap", help="cp: the feature map the key permutes (e.g. layer4, dec1)")
+    parser.add_argument("--tap", help="cp: the feature maps the key permutes: one (dec1), several (enc1,enc3,dec1) "
+                        "or 'all' (default: the architecture's measured default, see docs/security.md)")
     parser.add_argument("--block-size", type=int, metavar="M",
                         help="shf/np/ffx: block size M (default 4); per-image: block size B (default 16)")
     parser.add_argument("--sub-block", type=int, metavar="S", help="per-image: sub-block size S (default 4)")

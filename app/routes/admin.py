@@ -224,7 +224,8 @@ async def thief_view(name: str, request: Request, registry: RegistryDep, setting
     try:
         with_key = await hosted.batcher.submit(keyed_input)
         if hosted.mode is Mode.CP:
-            without_key = await asyncio.to_thread(thief.stolen_mask, artifact, plain_input, registry.device)
+            without_key = await asyncio.to_thread(thief.stolen_mask, registry.home, name, artifact, plain_input,
+                                                    registry.device)
         else:  # block and per-image weights are served as stored: the thief feeds them plain images
             without_key = await hosted.batcher.submit(plain_input)
     except (Overloaded, EngineStopped) as exc:

@@ -24,6 +24,8 @@ async def healthz() -> dict:
 async def readyz(ready: ReadyDep, registry: OptionalRegistryDep) -> JSONResponse:
     if not ready or registry is None:
         return JSONResponse({"status": "starting"}, status_code=503, headers={"Retry-After": "1"})
+    if not registry.keystore.storage.fresh_enough():  # a database keystore out of reach for too long
+        return JSONResponse({"status": "keystore_unavailable"}, status_code=503, headers={"Retry-After": "5"})
     # how many, not which: model names are for tokens granted them
     return JSONResponse({"status": "ready", "models": len(registry.names())})
 

@@ -2,9 +2,10 @@
 
 The thief holds the protected weights and D', a fraction (5 % or 10 % in the paper) of the training
 data. It trains the weights as a plain model on plain images of D' (same recipe as the owner,
-`seglock.models.training.config.RECIPE`: SGD, momentum 0.9, poly schedule, crop and flip; the best epoch by loss on D' itself, since the thief has
-no other labelled data) and then uses the model without any key. Reported: mIoU without the key
-before (Table IV's 0 % row) and after, against the owner's mIoU with the key.
+`seglock.models.training.config.RECIPE`: SGD, momentum 0.9, poly schedule, crop and flip; the
+best epoch by loss on D' itself, since the thief has no other labelled data) and then uses the
+model without any key. Reported: mIoU without the key before (Table IV's 0 % row) and after,
+against the owner's mIoU with the key.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 
 from seglock.models.artifact import load_artifact, save_artifact
 from seglock.models.attacks.data import attacker_subset, check_fraction
-from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.device import resolve_device
+from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
 from seglock.models.training.config import RECIPE, FitConfig
 from seglock.models.training.loop import fit
 
@@ -43,8 +44,16 @@ def finetune_attack(
     seed: int = 0,
     progress: bool = True,
     save_to: str | os.PathLike[str] | None = None,
+    recipes: str | None = None,
 ) -> dict[str, Any]:
-    """Fine-tune the stolen model on `fraction` of the training data without a key; a JSON-ready report."""
+    """Fine-tune the stolen model on `fraction` of the training data without a key; a JSON-ready report.
+
+    With `recipes` (names from `seglock.models.attacks.recipes`, or "all"), the thief's training loop
+    runs each recipe for `epochs` and "after" is the best of them (the worst case for the owner).
+    """
+    if recipes is not None:
+        return _finetune_recipes(artifact_dir, data_dir, fraction=fraction, key=key, recipes=recipes, epochs=epochs,
+                                 batch_size=batch_size, device=device, seed=seed, progress=progress)
     started = time.perf_counter()
     fraction = check_fraction(fraction)
     device = resolve_device(device)
@@ -88,5 +97,33 @@ def finetune_attack(
         "after": headline(after),
         "owner": None if owner is None else headline(owner),
         "history": result.history,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def _finetune_recipes(artifact_dir, data_dir, *, fraction, key, recipes, epochs, batch_size, device, seed,
+                      progress) -> dict[str, Any]:
+    from seglock.models.attacks.recipes import parse_recipes, thief_fit
+    from seglock.models.attacks.stolen import load_stolen
+
+    started = time.perf_counter()
+    stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed)
+    runs = []
+    for recipe in parse_recipes(recipes, epochs=epochs, batch_size=batch_size):
+        model = stolen.copy_model()
+        history = thief_fit(model, stolen.train_part, recipe, normalization=stolen.manifest.normalization,
+                            device=stolen.device, seed=seed, progress=progress, desc=f"finetune {recipe.name}")
+        runs.append({"recipe": recipe.to_dict(), "after": stolen.score_plain(model), "history": history})
+    best = max(runs, key=lambda r: r["after"]["mIoU"])
+    return {
+        "kind": "finetune",
+        **stolen.describe(),
+        "epochs": epochs,
+        "before": stolen.score_no_key(),
+        "after": best["after"],
+        "best_recipe": best["recipe"]["name"],
+        "owner": stolen.score_owner(),
+        "runs": runs,
+        "history": best["history"],
         "seconds": round(time.perf_counter() - started, 3),
     }

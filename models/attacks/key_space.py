@@ -1,7 +1,8 @@
 """Brute force (paper 000 §III-E1): the size of each mode's key space and the time to search it.
 
 Key spaces, log2 (bits), computed with lgamma so that c! for c = 2048 never overflows:
-- cp: c! permutations of the tap's c channels (000_03ca646f856607f9.txt Table I).
+- cp: c! permutations of the tap's c channels (000_03ca646f856607f9.txt Table I); a key on several
+  taps draws one permutation per tap independently, so its space is the product c_1! c_2! ...
 - shf: (3 M^2)! permutations of a block vector (paper 000 Table I, with c = 3).
 - np: 3 M^2 bits, any subset of the block vector inverted (paper 001 §2.4). seglock's keys pick
   the subset by the reference rule key > L/2, which always inverts the same number of positions,
@@ -76,6 +77,13 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
     if known is Mode.NONE:
         return _entry(mode, {}, 0.0, formula="no key")
     if known is Mode.CP:
+        raw = params.get("channels")
+        if isinstance(raw, (list, tuple)):
+            counts = [_positive({"channels": c}, "channels") for c in raw]
+            if not counts:
+                raise ValueError("key space: a cp key needs at least one tap")
+            return _entry(mode, {"channels": counts, **_optional(params, "tap")},
+                          sum(log2_factorial(c) for c in counts), formula=" * ".join(f"{c}!" for c in counts))
         c = _positive(params, "channels")
         entry = _entry(mode, {"channels": c, **_optional(params, "tap")}, log2_factorial(c), formula=f"{c}!")
         return entry
@@ -90,7 +98,8 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
             return _entry(mode, {"block_size": m}, float(length), seglock=selection,
                           formula=f"2^(3*{m}^2) = 2^{length}; seglock keys: C({length}, {k})")
         return _entry(mode, {"block_size": m}, selection, seglock=selection + FFX_PASSWORD_BITS,
-                      formula=f"C({length}, {k}) with a fixed password; seglock keys add a {FFX_PASSWORD_BITS}-bit password")
+                      formula=f"C({length}, {k}) with a fixed password; "
+                              f"seglock keys add a {FFX_PASSWORD_BITS}-bit password")
     if known is Mode.PER_IMAGE:
         b, s = _positive(params, "block_size"), _positive(params, "sub_block")
         height, width = _image_size(params)
@@ -106,7 +115,8 @@ def key_space(mode: str, **params: Any) -> dict[str, Any]:
 def brute_force(log2_keys: float, seconds_per_try: float | None) -> dict[str, Any]:
     """Expected tries (half the space) and the time they take, as log10 values (they overflow floats)."""
     expected_log2 = max(log2_keys - 1.0, 0.0)
-    result: dict[str, Any] = {"expected_tries_log2": expected_log2, "expected_tries_log10": expected_log2 * math.log10(2)}
+    result: dict[str, Any] = {"expected_tries_log2": expected_log2,
+                              "expected_tries_log10": expected_log2 * math.log10(2)}
     if seconds_per_try is None or seconds_per_try <= 0:
         return result
     log10_seconds = result["expected_tries_log10"] + math.log10(seconds_per_try)
@@ -131,6 +141,8 @@ def key_space_table(
 ) -> list[dict[str, Any]]:
     """One entry per mode and parameter setting, each with its brute-force estimate."""
     entries = [key_space(Mode.CP, channels=c, tap=name) for name, c in (taps or {}).items()]
+    if taps and len(taps) > 1:  # every tap keyed at once: the spaces multiply
+        entries.append(key_space(Mode.CP, channels=list(taps.values()), tap=",".join(taps)))
     entries += [key_space(mode, block_size=m) for mode in Mode.block_modes() for m in block_sizes]
     entries += [
         key_space(Mode.PER_IMAGE, block_size=per_image_block, sub_block=s, image_size=list(image_size))
@@ -250,7 +262,7 @@ def key_space_attack(
     evaluation split (or a random image of the model's input size when no data is given).
     """
     from seglock.models.artifact import load_artifact
-    from seglock.models.protect import CPKey, apply_key
+    from seglock.models.protect import CPKey, apply_key, protection_channels
     from seglock.models.taps import taps as model_taps
 
     result: dict[str, Any] = {"kind": "key-space", "model": None, "protection": None}
@@ -265,7 +277,8 @@ def key_space_attack(
             image, mask = _one_image(data_dir, manifest)
             runner = model
             if manifest.mode is Mode.CP:  # a guess is tried by running the model with it at the tap
-                runner = apply_key(model, manifest.protection["tap"], CPKey.generate(manifest.protection["channels"]))
+                runner = apply_key(model, manifest.protection["tap"],
+                                   CPKey.generate(protection_channels(manifest.protection)))
             seconds_per_try = measure_seconds_per_try(runner, manifest, image, mask, device=device, repeats=repeats)
             result["measured_on"] = {"device": str(device), "image_size": list(image_size), "repeats": repeats}
         result.update({"model": manifest.name, "architecture": manifest.architecture,

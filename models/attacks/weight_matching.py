@@ -40,14 +40,13 @@ from torch.utils.data import DataLoader
 
 from seglock.client.modes import Mode
 from seglock.models.architectures import build_model, read_state_dict
-from seglock.models.artifact import load_artifact, read_manifest
+from seglock.models.artifact import read_manifest
 from seglock.models.attacks.assignment import SOLVER, linear_assignment
-from seglock.models.attacks.data import AttackError, attacker_subset, check_fraction
-from seglock.models.attacks.finetune import headline
+from seglock.models.attacks.data import AttackError, attacker_subset
 from seglock.models.errors import ModelError
 from seglock.models.inputs import model_input
-from seglock.models.protect import CPKey
-from seglock.models.taps import Tap, get_tap
+from seglock.models.protect import CPKey, fold_key
+from seglock.models.taps import Tap
 from seglock.models.training.config import RECIPE, FitConfig
 
 __all__ = [
@@ -56,6 +55,7 @@ __all__ = [
     "describe_match",
     "match_key",
     "read_reference",
+    "recover_key",
     "reference_tensors",
     "tap_columns",
     "train_reference",
@@ -112,7 +112,7 @@ def weight_cost(stolen: Mapping[str, torch.Tensor], reference: Mapping[str, torc
     sub_tap = Tap(tap.name, tap.channels, tap.producer, tap.consumers, tap.channelwise, tap.paper_number, tuple(shared))
     cost = np.zeros((tap.channels, tap.channels))
     compared = 0
-    for own, other in zip(tap_columns(stolen, sub_tap), tap_columns(ref, sub_tap)):
+    for own, other in zip(tap_columns(stolen, sub_tap), tap_columns(ref, sub_tap), strict=False):
         if own.shape != other.shape:
             continue  # e.g. a classifier for another number of classes: nothing to compare
         cost += 1.0 - (_unit_rows(own) @ _unit_rows(other).T).numpy()
@@ -152,7 +152,8 @@ def activation_cost(
             logits = model(model_input(images.to(device), manifest))
             features = captured["features"]
             # Class profile: mean activation of each channel over the pixels of each class.
-            labels = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")[:, 0].long().to(device)
+            resized = F.interpolate(masks[:, None].float(), size=features.shape[-2:], mode="nearest")
+            labels = resized[:, 0].long().to(device)
             valid = labels < num_classes
             onehot = F.one_hot(labels.clamp(max=num_classes - 1), num_classes).to(torch.float64) * valid[..., None]
             flat = features.detach().to(torch.float64).permute(1, 0, 2, 3).reshape(tap.channels, -1)
@@ -372,12 +373,64 @@ def read_reference(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return read_state_dict(path)
 
 
+def recover_key(
+    model: nn.Module,
+    keyed: list[Tap],
+    manifest: Any,
+    method: str,
+    *,
+    reference_state: Mapping[str, torch.Tensor] | None = None,
+    batches: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+    device: str = "cpu",
+    passes: int | None = None,
+) -> tuple[CPKey, dict[str, Any]]:
+    """A key for every keyed tap by one method; (key, {tap: details}).
+
+    Taps are matched one at a time in network order, with the keys recovered so far for the other
+    taps folded into the model (so tap t is matched on features the earlier taps' keys put right),
+    and, with several taps, a second pass re-matches each tap with all the others' keys in place.
+    A tap the method cannot match (no reference tensors, no BatchNorm after it) keeps the identity
+    when other taps could be matched; with one tap that is an error.
+    """
+    passes = passes or (1 if method == "weights" or len(keyed) == 1 else 2)
+    recovered = {tap.name: np.arange(tap.channels) for tap in keyed}
+    details: dict[str, Any] = {tap.name: {} for tap in keyed}
+    errors: dict[str, str] = {}
+    for _ in range(passes):
+        for tap in keyed:
+            others = [t for t in keyed if t.name != tap.name and not np.array_equal(recovered[t.name],
+                                                                                   np.arange(t.channels))]
+            context = model
+            if others and method != "weights":
+                context = fold_key(model, [t.name for t in others], CPKey({t.name: recovered[t.name] for t in others}))
+            try:
+                if method == "weights":
+                    found = match_key(weight_cost(model.state_dict(), reference_state, tap))
+                elif method == "activations":
+                    found = match_key(activation_cost(context, tap, manifest, batches, device=device))
+                else:
+                    found, info = statistics_key(context, tap, manifest, batches, device=device)
+                    details[tap.name] = info
+            except ModelError as exc:
+                if len(keyed) == 1:
+                    raise
+                errors[tap.name] = str(exc)
+                continue
+            recovered[tap.name] = found.perm
+    if len(errors) == len(keyed):
+        raise ModelError(f"no keyed tap could be matched: {next(iter(errors.values()))}")
+    for name, message in errors.items():
+        details[name] = {"skipped": message}
+    return CPKey(recovered), details
+
+
 def weight_matching_attack(
     artifact_dir: str | os.PathLike[str],
     data_dir: str | os.PathLike[str],
     *,
     method: str = "weights",
     reference: str | os.PathLike[str] | None = None,
+    reference_state: Mapping[str, torch.Tensor] | None = None,
     fraction: float = 0.1,
     key: CPKey | None = None,
     epochs: int = RECIPE.epochs,
@@ -386,72 +439,82 @@ def weight_matching_attack(
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
+    stolen: Any = None,
 ) -> dict[str, Any]:
-    """Recover the key of a stolen CP model; report the channels recovered (given the owner's key) and mIoU.
+    """Recover the key of a stolen CP model at every keyed tap; report the channels recovered (given the
+    owner's key) and mIoU.
 
-    method "weights": against `reference` (a weights file or artifact folder) or, without one, a
-    plain model the attacker trains on `fraction` of the training data for `epochs`.
+    method "weights": against `reference` (a weights file or artifact folder), `reference_state`, or,
+    without either, a plain model the attacker trains on `fraction` of the training data for `epochs`.
     method "activations": against class statistics on `fraction` of the training data.
+    method "statistics": against the BatchNorm statistics stored after the consumers.
     """
-    from seglock.models.evaluate import check_key, evaluate_model, evaluation_data
-    from seglock.models.device import resolve_device
+    from seglock.models.attacks.stolen import load_stolen
 
     started = time.perf_counter()
     if method not in METHODS:
         raise AttackError(f"weight matching method must be one of {', '.join(METHODS)}, got {method!r}")
-    check_fraction(fraction)
-    device = resolve_device(device)
-    model, manifest = load_artifact(artifact_dir)
-    if manifest.mode is not Mode.CP:
-        raise AttackError(f"weight matching recovers channel permutations: {manifest.name} is {manifest.mode}, not cp")
-    if key is not None:
-        check_key(manifest, key)
-    tap = get_tap(model, manifest.protection["tap"])
-    eval_set, split = evaluation_data(data_dir, manifest)
-
+    if stolen is None:
+        stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed,
+                             cp_only=True)
+    elif stolen.manifest.mode is not Mode.CP:
+        raise AttackError(f"weight matching recovers channel permutations: {stolen.manifest.name} is "
+                          f"{stolen.manifest.mode}, not cp")
+    model, manifest, key = stolen.model, stolen.manifest, stolen.key
+    keyed = stolen.keyed_taps
+    batches = None
     if method == "weights":
-        if reference is not None:
+        if reference_state is not None:
+            used = {"kind": "given"}
+        elif reference is not None:
             reference_state = read_reference(reference)
             used = {"kind": "file", "path": str(reference)}
         else:
-            ref_model = train_reference(data_dir, manifest, fraction=fraction, epochs=epochs, batch_size=batch_size,
-                                        lr=lr, device=device, seed=seed + 1, progress=progress)
+            ref_model = train_reference(data_dir, manifest, fraction=stolen.fraction, epochs=epochs,
+                                        batch_size=batch_size, lr=lr, device=str(stolen.device), seed=seed + 1,
+                                        progress=progress)
             reference_state = ref_model.state_dict()
-            used = {"kind": "trained", "fraction": fraction, "epochs": epochs}
-        recovered = match_key(weight_cost(model.state_dict(), reference_state, tap))
+            used = {"kind": "trained", "fraction": stolen.fraction, "epochs": epochs}
     else:
-        _, plain_part, _ = attacker_subset(data_dir, tuple(manifest.input_size), fraction, seed=seed, augment=False)
-        batches = list(DataLoader(plain_part, batch_size=batch_size, shuffle=False))
-        used = {"kind": "data" if method == "activations" else "statistics", "fraction": fraction,
-                "images": len(plain_part)}
-        if method == "activations":
-            recovered = match_key(activation_cost(model, tap, manifest, batches, device=str(device)))
-        else:
-            recovered, details = statistics_key(model, tap, manifest, batches, device=str(device))
-            used.update(details)
+        batches = list(DataLoader(stolen.plain_part, batch_size=batch_size, shuffle=False))
+        used = {"kind": "data" if method == "activations" else "statistics", "fraction": stolen.fraction,
+                "images": len(stolen.plain_part)}
+    recovered, details = recover_key(model, keyed, manifest, method, reference_state=reference_state,
+                                     batches=batches, device=str(stolen.device))
+    if method == "statistics" and len(keyed) == 1:
+        used.update(details[keyed[0].name])
 
-    scores = {
-        "plain": evaluate_model(model, manifest, eval_set, condition="plain", device=device, seed=seed),
-        "recovered": evaluate_model(model, manifest, eval_set, condition="correct", key=recovered, device=device,
-                                    seed=seed),
-    }
+    scores = {"plain": stolen.score_no_key(), "recovered": stolen.score_key(recovered)}
     if key is not None:
-        scores["owner"] = evaluate_model(model, manifest, eval_set, condition="correct", key=key, device=device,
-                                         seed=seed)
-    return {
+        scores["owner"] = stolen.score_key(key)
+    per_tap = {}
+    for tap in keyed:
+        owner_key = None if key is None else CPKey(key[tap.name])
+        per_tap[tap.name] = {**describe_match(CPKey(recovered[tap.name]), owner_key),
+                             **details.get(tap.name, {})}
+    result: dict[str, Any] = {
         "kind": "weight-matching",
         "model": manifest.name,
         "artifact": str(artifact_dir),
         "architecture": manifest.architecture,
         "protection": dict(manifest.protection),
-        "tap": tap.name,
-        "paper_number": tap.paper_number,
+        "tap": ",".join(t.name for t in keyed),
+        "paper_number": keyed[0].paper_number if len(keyed) == 1 else None,
         "method": method,
         "reference": used,
         "data": str(data_dir),
-        "split": split,
-        **describe_match(recovered, key),
-        "mIoU": {name: value["mIoU"] for name, value in scores.items()},
-        "scores": {name: headline(value) for name, value in scores.items()},
-        "seconds": round(time.perf_counter() - started, 3),
+        "split": stolen.split,
+        "channels": sum(t.channels for t in keyed),
+        "solver": SOLVER,
     }
+    if key is not None:
+        hits = sum(v["channels_recovered"] for v in per_tap.values())
+        result.update({"channels_recovered": hits, "fraction_recovered": hits / result["channels"],
+                       "exact": hits == result["channels"]})
+    result.update({
+        "per_tap": per_tap,
+        "mIoU": {name: value["mIoU"] for name, value in scores.items()},
+        "scores": scores,
+        "seconds": round(time.perf_counter() - started, 3),
+    })
+    return result

@@ -17,12 +17,12 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from seglock.client.modes import Mode
 from seglock.client.transforms.errors import TransformError
 from seglock.client.transforms.geometry import check_divisible
 from seglock.client.transforms.per_image import check_geometry
 from seglock.models.artifact import IMAGENET_NORMALIZATION
 from seglock.models.errors import ModelError
-from seglock.client.modes import Mode
 
 __all__ = [
     "AUX_WEIGHT",
@@ -134,10 +134,10 @@ class TrainConfig:
         mode = Mode.parse(self.protect)
         if mode is None:
             raise TrainError(f"protection must be one of {', '.join(Mode)}, got {self.protect!r}")
-        if mode is Mode.CP:
-            if not self.tap:
-                raise TrainError("cp training needs a tap (--tap): the feature map whose channels the key permutes")
-            return {"mode": mode.value, "tap": self.tap}
+        if mode is Mode.CP:  # no tap named: the architecture's measured default (models.taps.DEFAULT_TAPS)
+            from seglock.models.taps import default_taps
+
+            return {"mode": mode.value, "tap": self.tap or default_taps(self.arch)}
         if mode.is_block:
             return {"mode": mode.value, "block_size": self.block_size or DEFAULT_BLOCK_SIZE}
         if mode is Mode.PER_IMAGE:

@@ -27,10 +27,10 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seglock.client.modes import Mode
 from seglock.client.transforms import BlockKey
 from seglock.models.device import resolve_device
+from seglock.models.errors import ModelError
 from seglock.models.inputs import encrypt_for_mode, scaled_input
 from seglock.models.metrics import IGNORE_INDEX, MetricAccumulator
-from seglock.models.protect import CPKey, apply_key
-from seglock.models.taps import get_tap
+from seglock.models.protect import CPKey, apply_key, bind_key
 from seglock.models.training.checkpoint import load_checkpoint, restore_checkpoint, save_checkpoint
 from seglock.models.training.config import (
     COSINE_MIN_FACTOR,
@@ -66,9 +66,10 @@ def check_fit_key(model: nn.Module, protection: Mapping[str, Any], key: Any) -> 
     if mode is None:
         raise TrainError(f"protection mode must be one of {', '.join(Mode)}, got {protection.get('mode')!r}")
     if mode is Mode.CP:
-        tap = get_tap(model, protection.get("tap"))
-        if not isinstance(key, CPKey) or key.channels != tap.channels:
-            raise TrainError(f"cp training at tap {tap.name!r} needs a CPKey of {tap.channels} channels")
+        try:
+            bind_key(model, protection.get("tap"), key)
+        except ModelError as exc:
+            raise TrainError(f"cp training at tap {protection.get('tap')!r} needs a CPKey for it: {exc}") from None
     elif mode.is_block:
         if not isinstance(key, BlockKey) or key.method != mode or key.block_size != protection.get("block_size"):
             raise TrainError(f"{mode} training needs a {mode} BlockKey of block size {protection.get('block_size')}")

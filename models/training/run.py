@@ -31,7 +31,6 @@ from seglock.models.data.folder import FolderDataset
 from seglock.models.device import resolve_device
 from seglock.models.keyfile import KeyFileError, read_key_file, write_key_file
 from seglock.models.protect import CPKey
-from seglock.models.taps import get_tap
 from seglock.models.training.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_KEY
 from seglock.models.training.config import (
     DEFAULT_SPLITS,
@@ -203,7 +202,7 @@ def _check_out_dir(out_dir: Path, resume: bool) -> None:
 def _make_key(model: nn.Module, protection: Mapping[str, Any]) -> CPKey | BlockKey | None:
     mode = Mode(protection["mode"])
     if mode is Mode.CP:
-        return CPKey.generate(get_tap(model, protection["tap"]).channels)
+        return CPKey.for_model(model, protection["tap"])
     if mode.is_block:
         return BlockKey.generate(mode, protection["block_size"])
     return None

@@ -1,0 +1,247 @@
+"""Open Inference Protocol (KServe v2) REST beside /v1, so Triton and KServe clients can call seglock.
+
+Same tokens, scopes, grants, rate limits, batcher and metrics as /v1; errors are the protocol's
+`{"error": "<message>"}` with the /v1 status codes. Input: a UINT8 NHWC tensor named `image`
+(UINT16 for ffx-encrypted input); outputs: `mask` (UINT8 class indices, N×H×W) and, when asked
+for, `score` (FP32 softmax probability of each pixel's class). Images a client encrypted itself
+(block and per-image models) are declared in the request's `parameters` as `{"encrypted": true}`,
+with `"key_version": N` for block models; key material never travels here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from seglock.app import __version__, inference, oip
+from seglock.app.deps import ReadyDep, RegistryDep, SegmentGrant, SettingsDep
+from seglock.app.engine import EngineStopped, Overloaded
+from seglock.app.errors import (
+    APIError,
+    ServiceError,
+    bad_request,
+    conflict,
+    http_status,
+    not_found,
+    overloaded,
+    unprocessable,
+)
+from seglock.app.imageio import resize_mask
+from seglock.app.registry import HostedModel, Registry
+from seglock.app.routes.segment import hosted_for
+from seglock.client.modes import Mode
+from seglock.keystore.errors import KeystoreError
+from seglock.keystore.tokens import Grant
+
+log = logging.getLogger("seglock.app")
+
+EXTENSIONS = ["binary_tensor_data"]
+
+
+class ProtocolRoute(APIRoute):
+    """Answers every error of a /v2 route, its dependencies (auth) included, as `{"error": "..."}`."""
+
+    def get_route_handler(self) -> Callable:
+        handler = super().get_route_handler()
+
+        async def route_handler(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except APIError as exc:
+                return protocol_error(exc.status, exc.message, exc.headers)
+            except ServiceError as exc:  # domain errors: unknown model, stale key version, ...
+                return protocol_error(http_status(exc)[0], str(exc))
+            except KeystoreError as exc:
+                if exc.user_error:  # keystore messages never hold a secret
+                    return protocol_error(400, str(exc))
+                log.error("keystore error: %s", exc)
+                return protocol_error(503, "the keystore cannot be used right now", {"Retry-After": "5"})
+            except StarletteHTTPException as exc:  # e.g. the body-size limit, raised while the body streams in
+                return protocol_error(exc.status_code, str(exc.detail), getattr(exc, "headers", None))
+            except RequestValidationError:
+                return protocol_error(422, "the request does not match this endpoint")
+
+        return route_handler
+
+
+def protocol_error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
+
+
+@router.get("", summary="Server metadata")
+async def server_metadata() -> dict:
+    return {"name": "seglock", "version": __version__, "extensions": EXTENSIONS}
+
+
+@router.get("/health/live", summary="Liveness")
+async def live() -> dict:
+    return {"live": True}
+
+
+@router.get("/health/ready", summary="Readiness: every model loaded")
+async def ready(is_ready: ReadyDep) -> JSONResponse:
+    if not is_ready:
+        return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"ready": True})
+
+
+@router.get("/models/{name}", summary="Model metadata")
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
+async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant,
+                         version: str | None = None) -> dict:
+    return metadata(served(registry, name, version, principal))
+
+
+@router.get("/models/{name}/ready", summary="Model readiness")
+@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version")
+async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep,
+                      version: str | None = None) -> JSONResponse:
+    served(registry, name, version, principal)
+    if not is_ready:
+        return JSONResponse({"name": name, "ready": False}, status_code=503)
+    return JSONResponse({"name": name, "ready": True})
+
+
+_INFER_BODY = {
+    "requestBody": {"required": True, "content": {
+        "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary",
+                                                "description": "JSON header + binary tensors "
+                                                               "(Inference-Header-Content-Length)"}},
+    }},
+    "responses": {"200": {"content": {"application/json": {}, "application/octet-stream": {}},
+                          "description": "mask (and score) tensors"}},
+}
+
+
+@router.post("/models/{name}/infer", summary="Segment a batch of images", openapi_extra=_INFER_BODY,
+             response_class=Response)
+@router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
+             openapi_extra=_INFER_BODY, response_class=Response)
+async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, principal: SegmentGrant,
+                version: str | None = None) -> Response:
+    hosted = served(registry, name, version, principal)
+    body = await request.body()
+    parsed = await asyncio.to_thread(
+        oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
+        max_pixels=settings.max_pixels, max_images=settings.queue_size)
+    encrypted = encrypted_input(parsed.parameters, hosted)
+    tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
+    try:
+        results = await asyncio.gather(*(hosted.batcher.submit_scored(t, score=parsed.wants_score)
+                                         for t in tensors))
+    except Overloaded as exc:
+        raise overloaded(str(exc)) from None
+    except EngineStopped as exc:
+        raise overloaded(str(exc), retry_after_s=5) from None
+    payload, header_length = await asyncio.to_thread(answer, parsed, results, size, hosted)
+    headers = {"X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version)}
+    if header_length is None:
+        return Response(payload, media_type="application/json", headers=headers)
+    headers[oip.HEADER_LENGTH] = str(header_length)
+    return Response(payload, media_type="application/octet-stream", headers=headers)
+
+
+def served(registry: Registry, name: str, version: str | None, principal: Grant) -> HostedModel:
+    """The hosted model a token may use; a version, when named, must be the revision being served."""
+    hosted = hosted_for(registry, name, principal)
+    if version is not None and version != str(hosted.revision):
+        raise not_found(f"model {name} serves version {hosted.revision}, not {version!r}")
+    return hosted
+
+
+def metadata(hosted: HostedModel) -> dict[str, Any]:
+    height, width = hosted.manifest.input_size
+    runner = hosted.batcher.runner
+    return {
+        "name": hosted.name,
+        "versions": [str(hosted.revision)],
+        "platform": "seglock",
+        "inputs": [{"name": oip.INPUT_NAME, "datatype": "UINT8", "shape": [-1, -1, -1, 3]}],
+        "outputs": [{"name": "mask", "datatype": "UINT8", "shape": [-1, -1, -1]},
+                    {"name": "score", "datatype": "FP32", "shape": [-1, -1, -1]}],
+        "parameters": {
+            "protection": str(hosted.mode),
+            "key_version": hosted.key_version,
+            "input_size": [height, width],  # encrypted input must be exactly this size
+            "class_names": list(hosted.manifest.class_names),
+            "backend": runner.backend,  # eager | channels_last | compile (see --backend)
+            "compile": None if runner.compile_job is None else runner.compile_job.state,
+        },
+    }
+
+
+def encrypted_input(parameters: dict[str, Any], hosted: HostedModel) -> bool:
+    """Whether the client encrypted the image; block inputs must name the current key version."""
+    flag = parameters.get("encrypted", False)
+    key_version = parameters.get("key_version")
+    if not isinstance(flag, bool):
+        raise bad_request("parameters.encrypted must be true or false")
+    encrypted = flag or key_version is not None
+    if not encrypted:
+        return False
+    if not hosted.mode.encrypts_input:
+        raise bad_request(f"model {hosted.name} is {hosted.mode}: send a plain image")
+    if hosted.mode.is_block:
+        if key_version is None:
+            raise conflict(f"encrypted input for {hosted.name} needs parameters.key_version "
+                           f"(current: {hosted.key_version})")
+        if not isinstance(key_version, int) or isinstance(key_version, bool):
+            raise conflict(f"parameters.key_version must be an integer (current: {hosted.key_version})")
+        if key_version != hosted.key_version:
+            raise conflict(f"key version {key_version} is stale; the current key version of {hosted.name} is "
+                           f"{hosted.key_version}: fetch the client key again")
+    return True
+
+
+def model_inputs(images: np.ndarray, hosted: HostedModel, encrypted: bool):
+    """NHWC array -> (one CHW model input per image, the H×W the masks are answered at); the same
+    preprocessing as /v1, so the masks are byte-identical to its."""
+    if encrypted:
+        height, width = hosted.manifest.input_size
+        if images.shape[1:3] != (height, width):
+            raise unprocessable(f"encrypted input must be exactly {height}x{width} (HxW), "
+                                f"got {images.shape[1]}x{images.shape[2]}")
+        if hosted.mode is Mode.FFX:
+            if images.dtype != np.uint16 or int(images.max(initial=0)) > inference.FFX_MAX:
+                raise unprocessable(f"ffx input must be UINT16 with values 0..{inference.FFX_MAX}")
+        elif images.dtype != np.uint8:
+            raise unprocessable(f"{hosted.mode} input must be UINT8")
+        return [inference.to_tensor(image, hosted) for image in images], images.shape[1:3]
+    if images.dtype != np.uint8:
+        raise unprocessable("a plain image must be UINT8; UINT16 is for ffx-encrypted input")
+    return [inference.to_tensor(inference.plain_to_model_array(image, hosted), hosted)
+            for image in images], images.shape[1:3]
+
+
+def answer(parsed: oip.InferRequest, results, size: tuple[int, int], hosted: HostedModel):
+    height, width = int(size[0]), int(size[1])
+    arrays = {"mask": np.stack([resize_mask(mask, (height, width)) for mask, _ in results])}
+    if parsed.wants_score:
+        arrays["score"] = np.stack([resize_score(score, (height, width)) for _, score in results])
+    return oip.encode_response(
+        model_name=hosted.name, model_version=str(hosted.revision), request_id=parsed.id,
+        outputs=[(requested, arrays[requested.name]) for requested in parsed.outputs],
+        parameters={"key_version": hosted.key_version} if hosted.key_version is not None else None)
+
+
+def resize_score(score: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Scores follow their mask: the same nearest-neighbour pixel map (Pillow's, on a float image)."""
+    from PIL import Image
+
+    height, width = size
+    if score.shape == (height, width):
+        return score
+    return np.asarray(Image.fromarray(score.astype(np.float32)).resize((width, height), Image.NEAREST))
