@@ -72,7 +72,7 @@ async def get_audit(request: Request) -> Auditor:
     return audit
 
 
-async def get_auditor(request: Request) -> "AuditLogger":
+async def get_auditor(request: Request) -> AuditLogger:
     """The server's audit writer (`seglock.app.audit.Auditor`): raises when an entry cannot be written."""
     auditor = getattr(request.app.state, "auditor", None)
     if auditor is None:
@@ -80,7 +80,7 @@ async def get_auditor(request: Request) -> "AuditLogger":
     return auditor
 
 
-async def get_upload_gate(request: Request) -> "UploadGate":
+async def get_upload_gate(request: Request) -> UploadGate:
     return request.app.state.upload_gate
 
 

@@ -14,13 +14,9 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-<<<<<<< HEAD
 from seglock.app import memory
 from seglock.app.errors import APIError, bad_request, overloaded, too_large, unprocessable, unsupported_media
-=======
-from seglock.app.errors import APIError, bad_request, too_large, unprocessable, unsupported_media
 
->>>>>>> main
 # One source for the pixel maths the server and the SDK must agree on bit for bit.
 from seglock.client.imaging import mask_image, pil_to_rgb, resize_mask, resize_rgb  # noqa: F401 - re-exported
 

@@ -14,13 +14,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from seglock.app import __version__
+from seglock.app import __version__, memory
 from seglock.app.audit import Auditor
 from seglock.app.backends import use_compile_cache
 from seglock.app.bootstrap import first_start
-from seglock.app import memory
-from seglock.app.imageio import UploadGate
 from seglock.app.errors import error_response, install_error_handlers
+from seglock.app.imageio import UploadGate
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter

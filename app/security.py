@@ -6,8 +6,8 @@ revoked by the CLI in another process counts from the next request on.
 
 from __future__ import annotations
 
-from fastapi.security import HTTPBearer
 from fastapi import Request
+from fastapi.security import HTTPBearer
 
 from seglock.app.errors import forbidden, rate_limited, unauthorized
 from seglock.app.ratelimit import RateLimiter, retry_after_header

@@ -38,7 +38,8 @@ class Settings(BaseSettings):
     queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest image upload in bytes (413 above)")
     max_json_body_bytes: int = Field(64 * 1024, ge=1024, description="largest body on every other route")
-    max_pixels: int = Field(16_000_000, ge=1, description="decode budget in 8-bit RGB pixels; 16-bit and alpha count double")
+    max_pixels: int = Field(16_000_000, ge=1,
+                            description="decode budget in 8-bit RGB pixels; 16-bit and alpha count double")
     max_json_mask_pixels: int = Field(1_048_576, ge=1, description="larger masks are answered as PNG only")
     decode_concurrency: int = Field(4, ge=1, le=1024, description="uploads read and decoded at once per worker")
     decode_queue: int = Field(64, ge=0, description="uploads waiting for a decode slot before 503")

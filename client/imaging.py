@@ -99,13 +99,15 @@ def _sixteen_bit_grey(image: Image.Image) -> np.ndarray:
     in 16-bit integer maths (no 64-bit or float temporaries: a large upload costs a few bytes a pixel)."""
     wide = np.asarray(image)
     if not image.mode.startswith("I;16") and int(wide.max(initial=0)) <= 255:
-        return np.clip(wide, 0, 255).astype(np.uint8)  # an "I" image that holds 8-bit values
+        small: np.ndarray = np.clip(wide, 0, 255).astype(np.uint8)  # an "I" image that holds 8-bit values
+        return small
     if wide.dtype != np.uint16:
         wide = np.clip(wide, 0, 65535).astype(np.uint16)
     quotient = wide // np.uint16(257)
     remainder = wide - quotient * np.uint16(257)
     quotient += remainder >= 129  # v / 257 is never exactly .5, so this is round-half-anything
-    return quotient.astype(np.uint8)
+    grey: np.ndarray = quotient.astype(np.uint8)
+    return grey
 
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:

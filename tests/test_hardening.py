@@ -6,8 +6,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
-import shutil
 import tracemalloc
 
 import numpy as np
@@ -15,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from seglock.app.home import Home
 from seglock.app.imageio import decode_upload
 from seglock.app.main import create_app
-from seglock.app.home import Home
 from seglock.app.settings import Settings
 from seglock.client.imaging import pil_to_rgb
 from seglock.keystore import Keystore
@@ -35,7 +33,7 @@ def server(tmp_path, artifacts, monkeypatch):
     monkeypatch.setenv("SEGLOCK_MASTER_KEY", MASTER_KEY)
     home = tmp_path / "home"
     keystore = open_keystore(home)
-    for name, (path, key) in artifacts.items():
+    for path, key in artifacts.values():
         Home(home, keystore).import_artifact(path, key=key)
     tokens = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],

@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from seglock.app.home import Home
-from tests.server_fixtures import MASTER_KEY, live_server, make_artifacts, open_keystore, png_bytes, scene
+from tests.server_fixtures import live_server, make_artifacts, open_keystore, png_bytes, scene
 
 
 @pytest.fixture(scope="module")

@@ -59,7 +59,7 @@ class TokenRequest(BaseModel):
     model_config = {"json_schema_extra": _schema}
 
     @model_validator(mode="after")
-    def _star_alone(self) -> "TokenRequest":
+    def _star_alone(self) -> TokenRequest:
         if ALL_MODELS in self.models and len(set(self.models)) > 1:
             raise ValueError('"*" grants every model and cannot be listed with names')
         return self
