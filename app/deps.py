@@ -80,6 +80,11 @@ async def get_auditor(request: Request) -> AuditLogger:
     return auditor
 
 
+async def get_optional_auditor(request: Request) -> AuditLogger | None:
+    """The audit writer, or None while the server is still starting (authentication needs no log then)."""
+    return getattr(request.app.state, "auditor", None)
+
+
 async def get_upload_gate(request: Request) -> UploadGate:
     return request.app.state.upload_gate
 
@@ -100,6 +105,7 @@ OptionalRegistryDep = Annotated[Registry | None, Depends(get_optional_registry)]
 KeystoreDep = Annotated[Keystore, Depends(get_keystore)]
 AuditDep = Annotated[Auditor, Depends(get_audit)]
 AuditorDep = Annotated["AuditLogger", Depends(get_auditor)]
+OptionalAuditorDep = Annotated["AuditLogger | None", Depends(get_optional_auditor)]
 UploadGateDep = Annotated["UploadGate", Depends(get_upload_gate)]
 RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 ReadyDep = Annotated[bool, Depends(is_ready)]
@@ -113,9 +119,9 @@ def segment_grant(request: Request, keystore: KeystoreDep, limiter: RateLimiterD
     return authenticate(request, keystore, "segment", limiter)
 
 
-def admin_grant(request: Request, keystore: KeystoreDep, _bearer: Bearer) -> Grant:
-    """The request's token, admitted for the admin scope."""
-    return authenticate(request, keystore, "admin")
+def admin_grant(request: Request, keystore: KeystoreDep, auditor: OptionalAuditorDep, _bearer: Bearer) -> Grant:
+    """The request's token, admitted for the admin scope; a refused attempt is audited."""
+    return authenticate(request, keystore, "admin", auditor=auditor)
 
 
 SegmentGrant = Annotated[Grant, Depends(segment_grant)]

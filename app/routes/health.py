@@ -8,7 +8,15 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from seglock.app.deps import KeystoreDep, MetricsDep, OptionalRegistryDep, ReadyDep, RegistryDep, SettingsDep
+from seglock.app.deps import (
+    KeystoreDep,
+    MetricsDep,
+    OptionalAuditorDep,
+    OptionalRegistryDep,
+    ReadyDep,
+    RegistryDep,
+    SettingsDep,
+)
 from seglock.app.errors import documented
 from seglock.app.security import authenticate
 
@@ -34,9 +42,9 @@ async def readyz(ready: ReadyDep, registry: OptionalRegistryDep) -> JSONResponse
             response_class=Response, responses=documented(401, 403, 503),
             openapi_extra={"security": [{"HTTPBearer": []}, {}]})
 async def metrics(request: Request, settings: SettingsDep, metrics: MetricsDep, registry: RegistryDep,
-                  keystore: KeystoreDep) -> Response:
+                  keystore: KeystoreDep, auditor: OptionalAuditorDep) -> Response:
     if not settings.metrics_public:  # its labels name every model
-        await asyncio.to_thread(authenticate, request, keystore, "admin")
+        await asyncio.to_thread(authenticate, request, keystore, "admin", None, auditor)
 
     def render() -> bytes:
         for name in registry.names():
