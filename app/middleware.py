@@ -17,7 +17,7 @@ from seglock.keystore.audit import scrub
 
 # Routes that take an image upload; every other route's body is small JSON (or none) and gets the
 # small limit, so nothing parses megabytes before authenticating.
-UPLOAD_SUFFIXES = ("/segment", "/infer")
+UPLOAD_SUFFIXES = ("/segment", "/infer", "/thief-view")
 
 REQUEST_ID_HEADER = b"x-request-id"
 

@@ -45,10 +45,20 @@ class InferRequest:
     def wants_score(self) -> bool:
         return any(output.name == "score" for output in self.outputs)
 
+    def json_output_pixels(self) -> int:
+        """Pixels the answer would hold as JSON lists (outputs asked for without binary_data)."""
+        images, height, width = (int(d) for d in self.image.shape[:3])
+        return sum(images * height * width for output in self.outputs if not output.binary)
 
-def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, max_images: int) -> InferRequest:
-    """An infer request body (JSON, or JSON + binary tensors) -> `InferRequest`; 4xx `APIError` if malformed."""
-    header, binary = _split(body, header_length)
+
+def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, max_images: int,
+                  max_json_bytes: int | None = None) -> InferRequest:
+    """An infer request body (JSON, or JSON + binary tensors) -> `InferRequest`; 4xx `APIError` if malformed.
+
+    `max_pixels` counts 8-bit RGB pixels (a UINT16 pixel counts double, as a 16-bit PNG does on /v1);
+    `max_json_bytes` bounds the JSON part, which is parsed into Python objects (tens of bytes per
+    value), so large tensors must come as binary tensor data."""
+    header, binary = _split(body, header_length, max_json_bytes)
     if not isinstance(header, dict):
         raise bad_request("the inference request must be a JSON object")
     parameters = _parameters(header.get("parameters"), "parameters")
@@ -78,7 +88,7 @@ def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, ma
     return InferRequest(image, _requested_outputs(header.get("outputs"), default_binary), parameters, request_id)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def _split(body: bytes, header_length: str | None, max_json_bytes: int | None = None) -> tuple[Any, bytes]:
     if not body:
         raise bad_request("the request body is empty")
     if header_length is None:
@@ -90,6 +100,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise bad_request(f"{HEADER_LENGTH} must be an integer") from None
         if not 0 < length <= len(body):
             raise bad_request(f"{HEADER_LENGTH} is {length}, but the body has {len(body)} bytes")
+    if max_json_bytes is not None and length > max_json_bytes:
+        raise too_large(f"the JSON part of the request is {length} bytes; the limit is {max_json_bytes}: "
+                        f"send the image as binary tensor data ({HEADER_LENGTH})")
     try:
         header = json.loads(body[:length])
     except (ValueError, RecursionError):
@@ -116,9 +129,10 @@ def _input_tensor(spec: dict, binary: bytes, offset: int, *, max_pixels: int,
     count, images = math.prod(shape), shape[0]
     if images > max_images:
         raise too_large(f"the request holds {images} images; at most {max_images} per request")
-    if shape[1] * shape[2] > max_pixels:
-        raise too_large(f"image has {shape[1] * shape[2]} pixels; the limit is {max_pixels}")
     dtype = INPUT_DTYPES[datatype]
+    cost = 2 if dtype.itemsize > 1 else 1  # the decode budget is in 8-bit pixels
+    if shape[1] * shape[2] * cost > max_pixels:
+        raise too_large(f"image has {shape[1] * shape[2]} {datatype} pixels; the limit is {max_pixels // cost}")
     parameters = _parameters(spec.get("parameters"), f"input {INPUT_NAME!r} parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
