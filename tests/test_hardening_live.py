@@ -100,3 +100,24 @@ def test_the_image_refuses_to_start_without_a_master_key(tmp_path):
     assert not (home / "master.key").exists() and not (home / "keystore.json").exists()
     dockerfile = (Path(__file__).resolve().parent.parent / "Dockerfile").read_text()
     assert "SEGLOCK_REQUIRE_MASTER_KEY=1" in dockerfile
+
+
+def test_the_upload_gate_covers_v2_infer_and_the_thief_view(home_with_models, monkeypatch):
+    home, keystore = home_with_models
+    client = keystore.create_token("gate2", ["segment", "admin"], ["plain", "shf"])[1]
+    monkeypatch.setenv("SEGLOCK_DECODE_CONCURRENCY", "1")
+    monkeypatch.setenv("SEGLOCK_DECODE_QUEUE", "0")
+    with live_server(home) as live:
+        port = int(live["base"].rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port)) as slow:
+            # a /v2 infer whose body is still coming holds the only slot
+            slow.sendall((f"POST /v2/models/plain/infer HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {client}\r\n"
+                          f"Content-Length: 1000000\r\n\r\n").encode() + b"{" + b" " * 1000)
+            time.sleep(0.5)
+            infer = httpx.post(f"{live['base']}/v2/models/plain/infer", headers=bearer(client), timeout=10,
+                               content=b'{"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", '
+                                       b'"data": [0, 0, 0]}]}')
+            view = httpx.post(f"{live['base']}/admin/models/shf/thief-view", headers=bearer(client), timeout=10,
+                              files={"image": ("x.png", png_bytes(scene(1, 32, 32)))})
+        assert infer.status_code == 503 and infer.headers["Retry-After"] and set(infer.json()) == {"error"}
+        assert view.status_code == 503 and view.headers["Retry-After"]
