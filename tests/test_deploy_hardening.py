@@ -46,6 +46,7 @@ def _lock() -> dict[str, tuple[str, list[str]]]:
 def test_the_image_lock_pins_every_dependency_with_hashes_past_the_fixes():
     pins = _lock()
     assert {"fastapi", "starlette", "uvicorn", "pillow", "cryptography", "python-multipart", "numpy"} <= set(pins)
+    assert {"psycopg", "psycopg-binary", "psycopg-pool"} <= set(pins)  # the image runs a PostgreSQL keystore too
     assert all(len(hashes) >= 1 for _, hashes in pins.values())
     torch = dict(re.findall(r"^(torch|torchvision)==(\S+)$", (REPO / "requirements-torch.txt").read_text(), re.M))
     assert set(torch) == {"torch", "torchvision"}  # exact versions; hashes: see docs/security.md
