@@ -122,7 +122,7 @@ def _input_tensor(spec: dict, binary: bytes, offset: int, *, max_pixels: int,
                   max_images: int) -> tuple[np.ndarray, int]:
     """The NHWC array of one input and how many binary bytes it used."""
     datatype = spec.get("datatype")
-    if datatype not in INPUT_DTYPES:
+    if not isinstance(datatype, str) or datatype not in INPUT_DTYPES:
         raise unprocessable(f"input {INPUT_NAME!r} must be UINT8 (or UINT16 for ffx-encrypted input), "
                             f"not {datatype!r}")
     shape = _shape(spec.get("shape"))
@@ -164,7 +164,7 @@ def _json_tensor(data: Any, shape: list[int], datatype: str) -> np.ndarray:
         raise bad_request(f"input {INPUT_NAME!r} needs 'data' (a list) or parameters.binary_data_size")
     try:
         array = np.asarray(data)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError, RecursionError):
         raise bad_request(f"input {INPUT_NAME!r}: 'data' is not a regular list of integers") from None
     if array.dtype.kind not in "iu":
         raise bad_request(f"input {INPUT_NAME!r}: 'data' must hold integers only")
@@ -188,7 +188,7 @@ def _requested_outputs(value: Any, default_binary: bool) -> list[RequestedOutput
         if not isinstance(spec, dict):
             raise bad_request(f"outputs[{index}] must be an object")
         name = spec.get("name")
-        if name not in OUTPUTS:
+        if not isinstance(name, str) or name not in OUTPUTS:
             raise bad_request(f"unknown output {name!r}: this model answers {', '.join(map(repr, OUTPUTS))}")
         if any(output.name == name for output in outputs):
             raise bad_request(f"output {name!r} is asked for twice")

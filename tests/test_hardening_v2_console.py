@@ -229,3 +229,15 @@ def test_the_console_admin_routes_answer_a_keystore_failure_with_a_generic_503(s
         assert answer.status_code == 503 and answer.headers["Retry-After"]
         assert answer.json()["error"]["code"] == "keystore_unavailable"
         assert str(server["home"]) not in answer.text
+
+
+def test_v2_a_datatype_or_output_name_that_is_not_a_string_is_4xx_not_500(server):
+    """Found by the fuzzer: `"datatype": {}` reached a dict lookup and raised TypeError (500)."""
+    client = server["make"]()
+    for header in ({"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": {}, "data": [0, 0, 0]}]},
+                   {"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [0, 0, 0]}],
+                    "outputs": [{"name": ["mask"]}]},
+                   {"inputs": [{"name": "image", "shape": [1, 1, 1, 3], "datatype": "UINT8", "data": [[0, 0], 0]}]}):
+        answer = client.post("/v2/models/plain/infer", content=json.dumps(header).encode(), headers=auth(server))
+        assert answer.status_code in (400, 422), answer.text
+        protocol_error(answer, answer.status_code)

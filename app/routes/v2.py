@@ -30,15 +30,17 @@ from seglock.app.errors import (
     ServiceError,
     bad_request,
     conflict,
+    error_responses,
     http_status,
     not_found,
     overloaded,
     too_large,
     unprocessable,
 )
-from seglock.app.imageio import resize_mask
+from seglock.app.imageio import UploadGate, resize_mask
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.routes.segment import hosted_for
+from seglock.app.settings import Settings
 from seglock.client.modes import Mode
 from seglock.keystore.errors import InvalidRecord, KeystoreError
 from seglock.keystore.tokens import Grant
@@ -82,6 +84,16 @@ def protocol_error(status: int, message: str, headers: dict[str, str] | None = N
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
+def protocol_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with the protocol's `{"error": "..."}` body."""
+    schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    return {status: {"description": description, "content": {"application/json": {"schema": schema}}}
+            for status, description in ((s, error_responses(s)[s]["description"]) for s in statuses)}
+
+
+_MODEL_ERRORS = protocol_responses(401, 403, 404, 429, 503)
+
+
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
     return {"name": "seglock", "version": __version__, "extensions": EXTENSIONS}
@@ -92,33 +104,63 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: every model loaded")
+@router.get("/health/ready", summary="Readiness: every model loaded", responses=protocol_responses(503))
 async def ready(is_ready: ReadyDep) -> JSONResponse:
     if not is_ready:
         return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"ready": True})
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
-async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant,
-                         version: str | None = None) -> dict:
+@router.get("/models/{name}", summary="Model metadata", responses=_MODEL_ERRORS)
+async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant) -> dict:
+    return metadata(await served(registry, name, None, principal))
+
+
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=_MODEL_ERRORS)
+async def version_metadata(name: str, version: str, registry: RegistryDep, principal: SegmentGrant) -> dict:
     return metadata(await served(registry, name, version, principal))
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
-@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version")
-async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep,
-                      version: str | None = None) -> JSONResponse:
-    await served(registry, name, version, principal)
+@router.get("/models/{name}/ready", summary="Model readiness", responses=_MODEL_ERRORS)
+async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep) -> JSONResponse:
+    return readiness(await served(registry, name, None, principal), is_ready)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version",
+            responses=_MODEL_ERRORS)
+async def version_ready(name: str, version: str, registry: RegistryDep, principal: SegmentGrant,
+                        is_ready: ReadyDep) -> JSONResponse:
+    return readiness(await served(registry, name, version, principal), is_ready)
+
+
+def readiness(hosted: HostedModel, is_ready: bool) -> JSONResponse:
     if not is_ready:
-        return JSONResponse({"name": name, "ready": False}, status_code=503, headers={"Retry-After": "1"})
-    return JSONResponse({"name": name, "ready": True})
+        return JSONResponse({"name": hosted.name, "ready": False}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"name": hosted.name, "ready": True})
 
 
+_TENSOR = {
+    "type": "object", "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"const": oip.INPUT_NAME},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 4, "maxItems": 4},
+        "datatype": {"enum": sorted(oip.INPUT_DTYPES)},
+        "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 65535}},
+        "parameters": {"type": "object"},
+    },
+}
 _INFER_BODY = {
     "requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                "outputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                    "type": "object", "required": ["name"],
+                    "properties": {"name": {"enum": sorted(oip.OUTPUTS)}, "parameters": {"type": "object"}}}},
+                "parameters": {"type": "object"},
+            }}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                 "description": "JSON header + binary tensors "
                                                                "(Inference-Header-Content-Length)"}},
@@ -128,12 +170,25 @@ _INFER_BODY = {
 }
 
 
+_INFER_ERRORS = protocol_responses(400, 401, 403, 404, 409, 413, 422, 429, 503)
+
+
 @router.post("/models/{name}/infer", summary="Segment a batch of images", openapi_extra=_INFER_BODY,
-             response_class=Response)
-@router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
-             openapi_extra=_INFER_BODY, response_class=Response)
+             response_class=Response, responses=_INFER_ERRORS)
 async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, gate: UploadGateDep,
-                principal: SegmentGrant, version: str | None = None) -> Response:
+                principal: SegmentGrant) -> Response:
+    return await run_infer(name, None, request, registry, settings, gate, principal)
+
+
+@router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
+             openapi_extra=_INFER_BODY, response_class=Response, responses=_INFER_ERRORS)
+async def infer_version(name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep,
+                        gate: UploadGateDep, principal: SegmentGrant) -> Response:
+    return await run_infer(name, version, request, registry, settings, gate, principal)
+
+
+async def run_infer(name: str, version: str | None, request: Request, registry: Registry, settings: Settings,
+                    gate: UploadGate, principal: Grant) -> Response:
     hosted = await served(registry, name, version, principal)
     # As on /v1: the body is read, parsed and turned into model inputs only inside an upload slot,
     # so however many clients send at once, a worker holds at most `decode_concurrency` bodies.
