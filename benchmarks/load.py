@@ -1,14 +1,16 @@
 """Headless, bounded load against a real `seglock serve`: throughput, latency, and peak memory.
 
     python benchmarks/load.py mixed [--seconds 120] [--concurrency 16]     # throughput and latency
-    python benchmarks/load.py worst [--concurrency 32] [--rounds 2]         # peak RSS under the worst uploads
+    python benchmarks/load.py worst [--concurrency 32] [--rounds 2]         # peak RSS under the worst requests
     python benchmarks/load.py keystore [--calls 10000]                      # keystore size after client-key calls
 
 Each mode starts its own server (fresh home, demo models, the first start's real tokens, one
 worker, 127.0.0.1) unless `--url` and `--token` name one, and stops it at the end. `worst`
 sends, `--concurrency` at a time, the largest uploads the default limits admit and a few they
-refuse (8-bit RGB at the pixel budget, 16-bit greyscale at its budget, RGBA, a huge JPEG, a
-6300x6300 16-bit PNG, JSON answers), and reads the server's peak RSS (VmHWM) from /proc.
+refuse on /v1 (8-bit RGB at the pixel budget, 16-bit greyscale at its budget, RGBA, a huge JPEG, a
+6300x6300 16-bit PNG, JSON answers) and on /v2 (binary UINT8 and UINT16 tensors at the body limit,
+a JSON tensor at its limit, a JSON answer over its limit), and reads the server's peak RSS (VmHWM)
+from /proc.
 Every mode prints one JSON document; `--json OUT` writes it too.
 """
 
@@ -63,6 +65,31 @@ def worst_uploads() -> list[tuple[str, bytes, str]]:
         ("jpeg-16M", jpeg.getvalue(), "image/png"),
         ("rgb-16M-json", png(gradient(4000, 4000, 3)), "application/json"),
         ("grey16-40M", png(gradient(6300, 6300, 1, np.uint16)), "application/json"),
+    ]
+
+
+def v2_binary(images: np.ndarray, datatype: str, *, binary_output: bool = True) -> tuple[bytes, dict]:
+    header = json.dumps({"inputs": [{"name": "image", "shape": list(images.shape), "datatype": datatype,
+                                     "parameters": {"binary_data_size": images.nbytes}}],
+                         "outputs": [{"name": "mask", "parameters": {"binary_data": binary_output}}]}).encode()
+    return header + images.tobytes(), {"Inference-Header-Content-Length": str(len(header))}
+
+
+def worst_v2_requests() -> list[tuple[str, bytes, dict]]:
+    """(label, body, headers) of the heaviest /v2 infer requests the default limits admit (20 MiB
+    bodies, 4 MiB of JSON) and one they refuse (a JSON answer over 1 M pixels)."""
+    u8 = gradient(2580, 2580, 3)[None]  # 19.97 MB of binary tensor
+    # 20.76 MB; 3.46 M pixels that count double; parsed in full, then refused (422) by a plain model
+    u16 = gradient(1860, 1860, 3, np.uint16)[None]
+    values = (np.arange(580 * 580 * 3) % 156 + 100).tolist()  # three digits and a comma each: 4.04 MB
+    json_tensor = json.dumps({"inputs": [{"name": "image", "shape": [1, 580, 580, 3], "datatype": "UINT8",
+                                          "data": values}]}, separators=(",", ":")).encode()
+    over = gradient(1024, 1100, 3)[None]
+    return [
+        ("v2-u8-20MB", *v2_binary(u8, "UINT8")),
+        ("v2-u16-20MB", *v2_binary(u16, "UINT16")),
+        ("v2-json-4MB", json_tensor, {"Content-Type": "application/json"}),
+        ("v2-json-answer-1.1M", *v2_binary(over, "UINT8", binary_output=False)),
     ]
 
 
@@ -127,13 +154,14 @@ def percentiles(samples: list[float]) -> dict:
 
 
 async def mixed(base: str, client_token: str, seconds: float, concurrency: int) -> dict:
-    """Segment (PNG and JSON), client-key, model list and healthz, from `concurrency` clients."""
+    """Segment (PNG and JSON), /v2 infer, client-key, model list and healthz, from `concurrency` clients."""
     rng = np.random.default_rng(0)
     image = png(rng.integers(0, 256, (240, 320, 3), dtype=np.uint8))
     headers = {"Authorization": f"Bearer {client_token}"}
+    tensor, tensor_headers = v2_binary(rng.integers(0, 256, (1, 240, 320, 3), dtype=np.uint8), "UINT8")
     plan = [("segment", "demo-plain", "image/png"), ("segment", "demo-cp", "image/png"),
             ("segment", "demo-shf", "application/json"), ("client-key", "demo-shf", None),
-            ("models", None, None), ("healthz", None, None)]
+            ("v2-infer", "demo-cp", None), ("models", None, None), ("healthz", None, None)]
     statuses: Counter = Counter()
     latencies: dict[str, list[float]] = {}
     deadline = time.monotonic() + seconds
@@ -147,6 +175,9 @@ async def mixed(base: str, client_token: str, seconds: float, concurrency: int) 
             if kind == "segment":
                 answer = await client.post(f"{base}/v1/models/{model}/segment", files={"image": ("x.png", image)},
                                            headers={**headers, "Accept": accept})
+            elif kind == "v2-infer":
+                answer = await client.post(f"{base}/v2/models/{model}/infer", content=tensor,
+                                           headers={**headers, **tensor_headers})
             elif kind == "client-key":
                 answer = await client.get(f"{base}/v1/models/{model}/client-key", headers=headers)
             elif kind == "models":
@@ -168,13 +199,21 @@ async def mixed(base: str, client_token: str, seconds: float, concurrency: int) 
 
 async def worst(base: str, client_token: str, concurrency: int, rounds: int, pid: int | None) -> dict:
     uploads = worst_uploads()
+    v2 = worst_v2_requests()
     headers = {"Authorization": f"Bearer {client_token}"}
-    statuses: dict[str, Counter] = {label: Counter() for label, _, _ in uploads}
+    labels = [label for label, _, _ in uploads + v2]
+    statuses: dict[str, Counter] = {label: Counter() for label in labels}
 
     async def one(client: httpx.AsyncClient, index: int) -> None:
-        label, body, accept = uploads[index % len(uploads)]
-        answer = await client.post(f"{base}/v1/models/demo-plain/segment", files={"image": ("x", body)},
-                                   headers={**headers, "Accept": accept})
+        pick = index % len(labels)
+        if pick < len(uploads):
+            label, body, accept = uploads[pick]
+            answer = await client.post(f"{base}/v1/models/demo-plain/segment", files={"image": ("x", body)},
+                                       headers={**headers, "Accept": accept})
+        else:
+            label, body, extra = v2[pick - len(uploads)]
+            answer = await client.post(f"{base}/v2/models/demo-plain/infer", content=body,
+                                       headers={**headers, **extra})
         statuses[label][answer.status_code] += 1
 
     started = time.monotonic()
@@ -183,7 +222,7 @@ async def worst(base: str, client_token: str, concurrency: int, rounds: int, pid
             await asyncio.gather(*(one(client, i) for i in range(concurrency)))
     seen = {code for counts in statuses.values() for code in counts}
     return {"concurrency": concurrency, "rounds": rounds, "seconds": round(time.monotonic() - started, 1),
-            "upload_bytes": {label: len(body) for label, body, _ in uploads},
+            "upload_bytes": {label: len(body) for label, body, _ in uploads + v2},
             "statuses": {label: dict(c) for label, c in statuses.items()},
             "only_allowed_statuses": seen <= ALLOWED_WORST, "peak_rss_mb": peak_rss_mb(pid)}
 
