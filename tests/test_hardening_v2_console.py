@@ -189,7 +189,8 @@ def test_the_thief_view_takes_an_upload_sized_body(server):
     client = server["make"](max_json_body_bytes=64 * 1024)
     noisy = png_bytes(np.random.default_rng(5).integers(0, 256, (200, 200, 3), dtype=np.uint8))
     assert len(noisy) > 64 * 1024  # above the small-body limit every non-upload route has
-    answer = client.post("/admin/models/cp/thief-view", files={"image": ("x.png", noisy)}, headers=auth(server, "admin"))
+    answer = client.post("/admin/models/cp/thief-view", files={"image": ("x.png", noisy)},
+                         headers=auth(server, "admin"))
     assert answer.status_code == 200, answer.text
     assert (answer.json()["height"], answer.json()["width"]) == (200, 200)
 
