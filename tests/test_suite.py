@@ -229,6 +229,32 @@ def test_suite_reuses_cached_alternatives(world, suite, tmp_path):
     assert [a["name"] for a in report["attacks"]] == ["no-key"]
 
 
+def test_suite_repeats_average_every_training_over_thief_seeds(world, suite, tmp_path):
+    report = _attack(tmp_path, "suite", "--model", str(world["cp"]), "--data", str(world["data"]), "--fraction",
+                     "0.5", "--epochs", "1", "--recipes", "sgd-0.02,adam-1e-3", "--attacks", "no-key,finetune",
+                     "--repeats", "2", "--cache", str(world["root"] / "cache"))
+    scratch = report["alternatives"]["scratch"]
+    assert report["repeats"] == 2 and scratch["trial_seeds"] == [0, 1000]
+    # trial 0 is the single-run suite's training (the same cache entry); trial 1 is another seed
+    assert scratch["runs"] == suite["alternatives"]["scratch"]["runs"]
+    assert scratch["trials"][0] == suite["alternatives"]["scratch"]["mIoU"]
+    assert scratch["mIoU"] == pytest.approx(sum(scratch["trials"]) / 2, abs=1e-9)
+    assert report["best_alternative"] == scratch["mIoU"]
+    finetune = next(a for a in report["attacks"] if a["name"] == "finetune")
+    assert finetune["details"]["trials"][0] == next(a for a in suite["attacks"] if a["name"] == "finetune")["mIoU"]
+    assert finetune["mIoU"] == pytest.approx(sum(finetune["details"]["trials"]) / 2, abs=1e-9)
+    assert finetune["advantage"] == pytest.approx(finetune["mIoU"] - scratch["mIoU"], abs=1e-4)
+    no_key = next(a for a in report["attacks"] if a["name"] == "no-key")
+    assert "trials" not in no_key["details"]  # no training, nothing to repeat
+
+
+def test_suite_refuses_repeats_below_one(world, capsys):
+    code = main(["attack", "suite", "--model", str(world["cp"]), "--data", str(world["data"]), "--repeats", "0",
+                 "--quiet"])
+    assert code == 2
+    assert "repeats must be a positive integer" in capsys.readouterr().err
+
+
 def test_suite_refuses_an_unknown_attack(world, capsys):
     code = main(["attack", "suite", "--model", str(world["cp"]), "--data", str(world["data"]), "--attacks", "magic",
                  "--quiet"])

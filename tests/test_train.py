@@ -153,6 +153,24 @@ def test_an_interrupted_run_resumes_to_the_same_weights(scenes, tmp_path):
     assert not (tmp_path / "resumed" / CHECKPOINT_DIR).exists()
 
 
+def test_without_a_seed_each_run_draws_a_secret_one_that_resume_keeps(scenes, tmp_path):
+    from seglock.models.training.checkpoint import load_checkpoint
+
+    secret = _config(scenes, seed=None)
+    with pytest.raises(_Stop):
+        train(secret, tmp_path / "resumed", progress=False, on_epoch=_stop_after_first_epoch)
+    seed = load_checkpoint(tmp_path / "resumed" / CHECKPOINT_DIR)["fingerprint"]["seed"]
+    assert isinstance(seed, int) and 0 <= seed < 2**31
+    resumed = train(_config(scenes, seed=None, resume=True), tmp_path / "resumed", progress=False)
+    straight = train(_config(scenes, seed=seed), tmp_path / "straight", progress=False)
+    other = train(secret, tmp_path / "other", progress=False)
+    assert resumed.history == [{**h, "seconds": r["seconds"]} for h, r in zip(straight.history, resumed.history,
+                                                                                strict=True)]
+    assert other.history != straight.history  # another secret seed, another run
+    manifest = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+    assert "seed" not in json.dumps(manifest) and not (tmp_path / "resumed" / CHECKPOINT_DIR).exists()
+
+
 def test_a_resumed_keyed_run_keeps_its_key(scenes, tmp_path):
     with pytest.raises(_Stop):
         train(_config(scenes, protect="np", block_size=4), tmp_path / "m", key_out=tmp_path / "k.json",

@@ -156,6 +156,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                        help="attacks to run (default all): no-key, finetune, downstream, learned-key, class-profile, "
                             "statistics, weights-trained, weights-public")
     suite.add_argument("--cache", metavar="DIR", help="keep and reuse the alternatives' results in DIR")
+    suite.add_argument("--repeats", type=int, default=1, metavar="N",
+                       help="thief seeds per training (default 1); each training's mIoU is the mean over the seeds, "
+                            "so the verdict is not one lucky run")
     _recipes(suite)
     _common(suite)
     suite.set_defaults(handler=_suite)
@@ -362,7 +365,7 @@ def _suite(args: argparse.Namespace) -> int:
     report = suite_attack(
         args.model, args.data, fraction=args.fraction, key=key, backbone_weights=args.backbone_weights,
         recipes=args.recipes, epochs=args.epochs, batch_size=args.batch_size, attacks=attacks,
-        cache_dir=args.cache, device=args.device, seed=args.seed, progress=not args.quiet)
+        cache_dir=args.cache, device=args.device, seed=args.seed, repeats=args.repeats, progress=not args.quiet)
     best = report["best_alternative"]
     verdict = report["advantage"]
     summary = (f"{report['model']}: thief's advantage {verdict:+.2f} mIoU points ({report['worst_attack']}) over "

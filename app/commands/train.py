@@ -78,7 +78,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         help="auto, cpu, cuda, cuda:N or mps (default %(default)s)")
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="mixed precision (default: on for CUDA)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of initialisation, order and augmentation")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="seed of initialisation, order and augmentation (default: a secret seed from the OS's "
+                             "CSPRNG, recorded nowhere: a guessable seed lets a thief align a CP model's channels)")
     parser.add_argument("--train-split", metavar="SPLIT", help="default: train (folder), train-1318 (VOC), train")
     parser.add_argument("--val-split", metavar="SPLIT", help="default: val (folder), val-146 (VOC), val")
     parser.add_argument("--workers", type=int, default=0, metavar="N", help="data loader processes (default 0)")

@@ -19,6 +19,11 @@ everything after the first keyed tap on the stolen front (downstream); learn a r
 statistics (statistics), and by weights against the thief's scratch model (weights-trained) and the
 public backbone (weights-public).
 
+One training is noisy (on the demo, two seeds of the same recipe differ by about two points), and
+the verdict is a maximum over attacks, so single runs overstate it. With `repeats` > 1 every
+training (alternatives and the attacks that train) runs with that many thief seeds on the same D',
+and its mIoU is the mean of the runs' (each the best over the recipes); the spread is reported.
+
 Alternatives trained from scratch do not depend on the stolen model, so with `cache_dir` they are
 kept (scores and weights) and reused by every later suite on the same architecture, data, D' and recipe.
 """
@@ -28,9 +33,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -111,6 +118,25 @@ def train_alternative(
             "_state": best_state}
 
 
+TRIAL_SEED_STEP = 1000  # thief seed of trial t: the suite's seed + 1000 t (trial 0 is the single-run seed)
+
+
+def _trials(stolen: Stolen, repeats: int) -> list[Stolen]:
+    """The stolen model seen by each trial: the same file and D', another training seed."""
+    return [stolen] + [replace(stolen, seed=stolen.seed + TRIAL_SEED_STEP * t) for t in range(1, repeats)]
+
+
+def _repeated(trials: Sequence[Stolen], run: Callable[[Stolen], dict[str, Any]]) -> dict[str, Any]:
+    """`run` on every trial; trial 0's report with the mean mIoU over trials (single trial: unchanged)."""
+    reports = [run(trial) for trial in trials]
+    if len(reports) == 1:
+        return reports[0]
+    scores = [r["mIoU"] for r in reports]
+    return {**reports[0], "mIoU": statistics.fmean(scores), "trials": scores, "sd": statistics.stdev(scores),
+            "trial_seeds": [t.seed for t in trials],
+            "trial_runs": [{k: v for k, v in r.items() if k != "_state"} for r in reports[1:]]}
+
+
 def _finetune(stolen: Stolen, recipes: Sequence[Recipe], progress: bool) -> dict[str, Any]:
     runs = []
     for recipe in recipes:
@@ -139,6 +165,7 @@ def suite_attack(
     cache_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     seed: int = 0,
+    repeats: int = 1,
     progress: bool = True,
     on_result: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
@@ -149,15 +176,19 @@ def suite_attack(
     if unknown:
         raise AttackError(f"unknown attack {unknown[0]!r}; attacks: {', '.join(ATTACKS)}")
     recipe_list = parse_recipes(recipes, epochs=epochs, batch_size=batch_size)
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise AttackError(f"repeats must be a positive integer, got {repeats!r}")
     backbone = str(backbone_weights) if backbone_weights else None
     if backbone is not None and not Path(backbone).is_file():
         raise AttackError(f"--backbone-weights {backbone} is not a file")
     stolen = load_stolen(artifact_dir, data_dir, fraction=fraction, key=key, device=device, seed=seed)
     is_cp = stolen.manifest.mode == "cp"
+    trials = _trials(stolen, repeats)
     tap = stolen.manifest.protection.get('tap', '')
     _log(progress, f"suite on {stolen.manifest.name} ({stolen.manifest.mode} {tap}"
                    f"): D' = {len(stolen.plain_part)} of {stolen.pool} training images, "
-                   f"recipes {', '.join(r.name for r in recipe_list)}, {epochs} epochs")
+                   f"recipes {', '.join(r.name for r in recipe_list)}, {epochs} epochs"
+                   + (f", {repeats} thief seeds per training" if repeats > 1 else ""))
 
     owner = stolen.score_owner()
     no_key = stolen.score_no_key()
@@ -165,13 +196,13 @@ def suite_attack(
     _log(progress, f"no key {no_key['mIoU']:.2f}")
 
     _log(progress, "alternative: scratch")
-    scratch = train_alternative(stolen, recipe_list, cache_dir=cache_dir, progress=progress)
+    scratch = _repeated(trials, lambda t: train_alternative(t, recipe_list, cache_dir=cache_dir, progress=progress))
     public = None
     if backbone is not None:
         _log(progress, "alternative: public pretrained weights")
         try:
-            public = train_alternative(stolen, recipe_list, backbone_weights=backbone, cache_dir=cache_dir,
-                                       progress=progress)
+            public = _repeated(trials, lambda t: train_alternative(t, recipe_list, backbone_weights=backbone,
+                                                                    cache_dir=cache_dir, progress=progress))
         except ModelError as exc:
             raise AttackError(f"the public pretrained start failed: {exc}") from None
     best_alternative = max(scratch["mIoU"], public["mIoU"] if public else float("-inf"))
@@ -190,7 +221,8 @@ def suite_attack(
         else:
             entry = {"name": name, "mIoU": detail["mIoU"], "seconds": round(time.perf_counter() - t0, 3),
                      "advantage": round(detail["mIoU"] - best_alternative, 4), "details": detail}
-            _log(progress, f"  {name}: mIoU {entry['mIoU']:.2f}, advantage {entry['advantage']:+.2f} "
+            spread = f" ± {detail['sd']:.2f} over {len(detail['trials'])} seeds" if "trials" in detail else ""
+            _log(progress, f"  {name}: mIoU {entry['mIoU']:.2f}{spread}, advantage {entry['advantage']:+.2f} "
                            f"({entry['seconds']:.0f} s)")
         results.append(entry)
         if on_result is not None:
@@ -210,11 +242,13 @@ def suite_attack(
         if name == "no-key":
             record(name, lambda: {"mIoU": no_key["mIoU"], "scores": no_key})
         elif name == "finetune":
-            record(name, lambda: _finetune(stolen, recipe_list, progress))
+            record(name, lambda: _repeated(trials, lambda t: _finetune(t, recipe_list, progress)))
         elif name == "downstream":
-            record(name, lambda: downstream_attack(stolen, recipes=recipe_list, progress=progress))
+            record(name, lambda: _repeated(trials, lambda t: downstream_attack(t, recipes=recipe_list,
+                                                                               progress=progress)))
         elif name == "learned-key":
-            record(name, lambda: learned_key_attack(stolen, epochs=epochs, batch_size=batch_size, progress=progress))
+            record(name, lambda: _repeated(trials, lambda t: learned_key_attack(t, epochs=epochs, batch_size=batch_size,
+                                                                                progress=progress)))
         elif name == "class-profile":
             record(name, matching("activations"))
         elif name == "statistics":
@@ -243,5 +277,6 @@ def suite_attack(
         "recipes": [r.to_dict() for r in recipe_list],
         "epochs": epochs,
         "seed": seed,
+        "repeats": repeats,
         "seconds": round(time.perf_counter() - started, 3),
     }

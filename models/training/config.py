@@ -111,7 +111,7 @@ class TrainConfig:
     schedule: str = RECIPE.schedule
     size: int = 256
     device: str = RECIPE.device
-    seed: int = RECIPE.seed
+    seed: int | None = None  # None: a secret seed from the OS's CSPRNG, never recorded (see `secret_seed`)
     name: str | None = None  # artifact (and keystore) name; default: the output folder's name
     train_split: str | None = None  # default per format: folder train, voc train-1318, cityscapes train
     val_split: str | None = None  # folder val, voc val-146, cityscapes val
@@ -127,7 +127,8 @@ class TrainConfig:
         """The loop's part of this run."""
         return FitConfig(epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, momentum=self.momentum,
                          weight_decay=self.weight_decay, schedule=self.schedule, device=self.device,
-                         seed=self.seed, amp=self.amp, workers=self.workers)
+                         seed=RECIPE.seed if self.seed is None else self.seed, amp=self.amp,
+                         workers=self.workers)
 
     def protection(self) -> dict[str, Any]:
         """The public protection parameters of the artifact this config makes."""

@@ -137,8 +137,9 @@ def fit(
         saved = load_checkpoint(folder) if resume else None
         if saved is not None:
             if saved["fingerprint"] != fingerprint:
+                settings = {k: v for k, v in saved["fingerprint"].items() if k != "seed"}  # the seed may be secret
                 raise TrainError(f"the checkpoint in {folder} was made with other settings "
-                                 f"({saved['fingerprint']}); delete it or resume with those")
+                                 f"({settings}, and its seed); delete it or resume with those")
             restore_checkpoint(saved, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                                device=device)
             history, best_state = list(saved["history"]), saved["best_state"]

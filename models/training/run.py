@@ -14,7 +14,7 @@ import shutil
 import sys
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,7 +31,7 @@ from seglock.models.data.folder import FolderDataset
 from seglock.models.device import resolve_device
 from seglock.models.keyfile import KeyFileError, read_key_file, write_key_file
 from seglock.models.protect import CPKey
-from seglock.models.training.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_KEY
+from seglock.models.training.checkpoint import CHECKPOINT_DIR, CHECKPOINT_FILE, CHECKPOINT_KEY, load_checkpoint
 from seglock.models.training.config import (
     DEFAULT_SPLITS,
     HOLDOUT_EVERY,
@@ -144,6 +144,7 @@ def train(
         except ValueError as exc:
             raise TrainError(str(exc)) from None
     resolve_device(config.device)  # a device this machine lacks stops the run before any work
+    config = replace(config, seed=_run_seed(config.seed, checkpoint_dir, resuming))
 
     try:
         train_set, val_set, classes = training_data(config)
@@ -206,6 +207,22 @@ def _make_key(model: nn.Module, protection: Mapping[str, Any]) -> CPKey | BlockK
     if mode.is_block:
         return BlockKey.generate(mode, protection["block_size"])
     return None
+
+
+def _run_seed(seed: int | None, checkpoint_dir: Path, resuming: bool) -> int:
+    """The run's seed: the given one, else the checkpoint's when resuming, else a secret one.
+
+    A CP-keyed model trained from a seed the thief can guess can be matched channel by channel
+    against the thief's own training from that seed (docs/security.md), so the default seed comes
+    from the OS's CSPRNG and is written nowhere but the run's checkpoint (mode 0700, deleted when
+    the run ends).
+    """
+    if seed is not None:
+        return seed
+    saved = load_checkpoint(checkpoint_dir) if resuming else None
+    if saved is not None:
+        return int(saved["fingerprint"]["seed"])
+    return secrets.randbelow(2**31)
 
 
 def _run_key(checkpoint_dir: Path, model: nn.Module, protection: Mapping[str, Any], name: str,
