@@ -1,6 +1,6 @@
 """Issue 13's load figures as slow tests: benchmarks/load.py against a real `seglock serve`.
 
-    python -m pytest tests/test_load_slow.py -m slow      # a few minutes on 2 cores
+    python -m pytest tests/test_load_slow.py -m slow -s   # a few minutes on 2 cores; -s prints the figures
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ def run_load(tmp_path, *args: str) -> dict:
     done = subprocess.run([sys.executable, str(SCRIPT), *args, "--json", str(out)], capture_output=True, text=True,
                           timeout=1500, env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-3000:]
+    print(done.stdout)  # the figures, for `pytest -s`
     return json.loads(out.read_text())
 
 
