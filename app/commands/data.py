@@ -13,7 +13,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "data",
         help="make and inspect data sets",
         description=(
-            "Make the synthetic scene data set or the texture-mosaic set from real photos, or check a data set in the folder, VOC2012 or Cityscapes layout."
+            "Make the synthetic scene data set or the texture-mosaic set from real photos, or check a data "
+            "set in the folder, VOC2012 or Cityscapes layout."
         ),
     )
     actions = add_actions(parser, "data_command")
@@ -109,7 +110,8 @@ def _textures(args: argparse.Namespace) -> int:
         print(json.dumps(summary, indent=2))
     else:
         print(f"wrote {summary['scenes']} scenes ({summary['train']} train, {summary['val']} val) to {summary['out']}")
-        shares = ", ".join(f"{c} {100 * p:.1f} %" for c, p in zip(summary["classes"], summary["class_pixel_share"]))
+        pairs = zip(summary["classes"], summary["class_pixel_share"], strict=True)
+        shares = ", ".join(f"{name} {100 * share:.1f} %" for name, share in pairs)
         print(f"pixel shares: {shares}")
     return 0
 

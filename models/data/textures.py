@@ -23,9 +23,8 @@ from __future__ import annotations
 
 import json
 import math
-import shutil
 from collections.abc import Callable
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +81,8 @@ def photos_dir() -> Path:
     missing = [name for name in _all_photos() if not (folder / name).is_file()]
     if missing:
         raise DatasetError(
-            f"scikit-image at {folder.parent} lacks its bundled photos ({', '.join(missing)}): install scikit-image>=0.26"
+            f"scikit-image at {folder.parent} lacks its bundled photos ({', '.join(missing)}): "
+            "install scikit-image>=0.26"
         )
     return folder
 
@@ -91,7 +91,7 @@ def _all_photos() -> list[str]:
     return [photo for photo, _ in _CLASS_SOURCES.values()] + list(CLUTTER_PHOTOS)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _photo(name: str) -> np.ndarray:
     """A bundled photograph as float64 H x W x 3 (grayscale repeated into three channels)."""
     with Image.open(photos_dir() / name) as image:
@@ -146,14 +146,14 @@ def _shape_mask(rng: np.random.Generator, side: int) -> np.ndarray:
     ru, rv = cos * u + sin * v, -sin * u + cos * v
     if rng.uniform() < 0.4:
         aspect = rng.uniform(0.55, 1.0)
-        return (ru / 1.0) ** 2 + (rv / aspect) ** 2 <= 1.0
+        return ru**2 + (rv / aspect) ** 2 <= 1.0
     corners = int(rng.integers(3, 8))
     # Corners spread around the centre (each within its own sector), so no sliver shapes.
     jitter = rng.uniform(-0.3, 0.3, corners) * (2.0 * math.pi / corners)
-    thetas = np.sort((np.arange(corners) * 2.0 * math.pi / corners + jitter + rng.uniform(0, 2 * math.pi)) % (2 * math.pi))
+    spread = np.arange(corners) * 2.0 * math.pi / corners + jitter + rng.uniform(0.0, 2.0 * math.pi)
+    thetas = np.sort(spread % (2.0 * math.pi))
     radii = rng.uniform(0.6, 1.0, corners)
     xs, ys = radii * np.cos(thetas), radii * np.sin(thetas)
-    inside = np.ones((side, side), dtype=bool)
     # A star-shaped polygon around the origin: a pixel is inside when it lies within the triangle
     # (origin, corner i, corner i+1) of its angular sector.
     theta = np.arctan2(rv, ru) % (2.0 * math.pi)
@@ -162,7 +162,7 @@ def _shape_mask(rng: np.random.Generator, side: int) -> np.ndarray:
     ax, ay, bx, by = xs[prev], ys[prev], xs[sector], ys[sector]
     cross_edge = (bx - ax) * (rv - ay) - (by - ay) * (ru - ax)
     cross_origin = (bx - ax) * (0.0 - ay) - (by - ay) * (0.0 - ax)
-    inside &= np.sign(cross_edge) == np.sign(cross_origin)
+    inside = np.sign(cross_edge) == np.sign(cross_origin)
     return inside | ((ru * ru + rv * rv) <= 1e-6)
 
 
