@@ -31,18 +31,20 @@ RUN python3 -m venv /opt/seglock
 
 WORKDIR /src
 
-# Torch first, from its own index when one is given, so the project's `torch>=…` is already met
-# and PyPI's (CUDA) build is never pulled in beside it. Its own layer: the slowest, changed least.
+# Torch first, from its own index when one is given, so PyPI's (CUDA) build is never pulled in
+# beside it; at the versions of requirements-torch.txt. Its own layer: the slowest, changed least.
+COPY requirements-torch.txt ./
 RUN if [ -n "$TORCH_INDEX_URL" ]; then \
-        pip install --index-url "$TORCH_INDEX_URL" "torch>=2.6,<3" "torchvision>=0.21"; \
+        pip install --index-url "$TORCH_INDEX_URL" -r requirements-torch.txt; \
+    else \
+        pip install -r requirements-torch.txt; \
     fi
 
-# Then the rest of the dependencies (the SDK's, the `server` and `postgres` extras'), read from pyproject.toml,
-# so a code change keeps this layer.
+# Then every other dependency (the SDK's, the `server` and `postgres` extras') at the exact versions
+# and SHA-256 hashes of requirements.lock: a changed or substituted wheel fails the build.
+COPY requirements.lock ./
+RUN pip install --require-hashes --no-deps -r requirements.lock
 COPY pyproject.toml README.md ./
-RUN python3 -c 'import tomllib; p = tomllib.load(open("pyproject.toml", "rb"))["project"]; extra = p["optional-dependencies"]; print("\n".join(p["dependencies"] + extra["server"] + [d for d in extra["postgres"] if not d.startswith("seglock")]))' \
-        > /tmp/requirements.txt \
-    && pip install -r /tmp/requirements.txt
 
 # The project itself, demo models (models/zoo) included as package data.
 COPY app ./app
@@ -75,6 +77,7 @@ ENV PATH=/opt/seglock/bin:$PATH \
     XDG_CACHE_HOME=/tmp/.cache \
     MPLCONFIGDIR=/tmp/matplotlib \
     SEGLOCK_HOME=/var/lib/seglock \
+    SEGLOCK_REQUIRE_MASTER_KEY=1 \
     SEGLOCK_HOST=0.0.0.0 \
     SEGLOCK_PORT=8000
 
@@ -82,6 +85,10 @@ USER 10001:10001
 WORKDIR /var/lib/seglock
 VOLUME ["/var/lib/seglock"]
 EXPOSE 8000
+
+# SEGLOCK_REQUIRE_MASTER_KEY=1: the server refuses to start unless SEGLOCK_MASTER_KEY(_FILE) or
+# SEGLOCK_MASTER_PASSPHRASE(_FILE) is given; a master.key is never made in (or read from) the home
+# volume. `-e SEGLOCK_DEV=1` lifts this for a throwaway development run.
 
 # Liveness with the standard library (the image has no curl); the first start imports and
 # re-keys the demo models before the port opens, hence the long start period.

@@ -17,12 +17,15 @@ from collections.abc import Callable
 from typing import Annotated
 
 from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials
 
+from seglock.app.audit import Auditor as AuditLogger
 from seglock.app.errors import APIError
+from seglock.app.imageio import UploadGate
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
-from seglock.app.security import authenticate
+from seglock.app.security import authenticate, bearer_scheme
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
 from seglock.keystore.tokens import Grant
@@ -69,6 +72,23 @@ async def get_audit(request: Request) -> Auditor:
     return audit
 
 
+async def get_auditor(request: Request) -> AuditLogger:
+    """The server's audit writer (`seglock.app.audit.Auditor`): raises when an entry cannot be written."""
+    auditor = getattr(request.app.state, "auditor", None)
+    if auditor is None:
+        raise _starting()
+    return auditor
+
+
+async def get_optional_auditor(request: Request) -> AuditLogger | None:
+    """The audit writer, or None while the server is still starting (authentication needs no log then)."""
+    return getattr(request.app.state, "auditor", None)
+
+
+async def get_upload_gate(request: Request) -> UploadGate:
+    return request.app.state.upload_gate
+
+
 async def get_rate_limiter(request: Request) -> RateLimiter | None:
     """The per-token limit on segment requests; None when there is none."""
     return getattr(request.app.state, "rate_limiter", None)
@@ -84,18 +104,24 @@ RegistryDep = Annotated[Registry, Depends(get_registry)]
 OptionalRegistryDep = Annotated[Registry | None, Depends(get_optional_registry)]
 KeystoreDep = Annotated[Keystore, Depends(get_keystore)]
 AuditDep = Annotated[Auditor, Depends(get_audit)]
+AuditorDep = Annotated["AuditLogger", Depends(get_auditor)]
+OptionalAuditorDep = Annotated["AuditLogger | None", Depends(get_optional_auditor)]
+UploadGateDep = Annotated["UploadGate", Depends(get_upload_gate)]
 RateLimiterDep = Annotated[RateLimiter | None, Depends(get_rate_limiter)]
 ReadyDep = Annotated[bool, Depends(is_ready)]
 
 
-def segment_grant(request: Request, keystore: KeystoreDep, limiter: RateLimiterDep) -> Grant:
+Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]  # declares the scheme in OpenAPI
+
+
+def segment_grant(request: Request, keystore: KeystoreDep, limiter: RateLimiterDep, _bearer: Bearer) -> Grant:
     """The request's token, admitted for the segment scope and within its rate limit."""
     return authenticate(request, keystore, "segment", limiter)
 
 
-def admin_grant(request: Request, keystore: KeystoreDep) -> Grant:
-    """The request's token, admitted for the admin scope."""
-    return authenticate(request, keystore, "admin")
+def admin_grant(request: Request, keystore: KeystoreDep, auditor: OptionalAuditorDep, _bearer: Bearer) -> Grant:
+    """The request's token, admitted for the admin scope; a refused attempt is audited."""
+    return authenticate(request, keystore, "admin", auditor=auditor)
 
 
 SegmentGrant = Annotated[Grant, Depends(segment_grant)]

@@ -9,6 +9,7 @@ in `install_error_handlers` make sure nothing else reaches the client.
 from __future__ import annotations
 
 import logging
+import re
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -138,6 +139,22 @@ _STATUS_CODES = {
 }
 
 
+def allowed_methods(request: Request) -> list[str]:
+    """Every method the OpenAPI document lists at this request's path (Starlette's own Allow header
+    names only the first route that matched the path)."""
+    path = request.url.path
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        pattern = "".join("[^/]+" if part.startswith("{") else re.escape(part)
+                          for part in re.split(r"(\{[^}]+\})", template))
+        if re.fullmatch(pattern, path):
+            methods |= {m.upper() for m in operations if m in _HTTP_METHODS}
+    return sorted(methods)
+
+
+_HTTP_METHODS = ("get", "put", "post", "delete", "options", "head", "patch", "trace")
+
+
 def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
@@ -146,16 +163,19 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ServiceError)
     async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
         status, code = http_status(exc)
-        return error_response(status, code, str(exc))
+        return error_response(status, code, str(exc), {"Retry-After": "5"} if status == 503 else None)
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _STATUS_CODES.get(exc.status_code, "error")
-        return error_response(exc.status_code, code, str(exc.detail), getattr(exc, "headers", None))
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # Starlette names only the first matching route's methods
+            headers["Allow"] = ", ".join(allowed_methods(request))
+        return error_response(exc.status_code, code, str(exc.detail), headers or None)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -180,3 +200,6 @@ def error_responses(*statuses: int) -> dict[int | str, dict]:
         "properties": {"code": {"type": "string"}, "message": {"type": "string"}}}}}
     return {status: {"description": _DESCRIPTIONS.get(status, "error"),
                      "content": {"application/json": {"schema": schema}}} for status in statuses}
+
+
+documented = error_responses  # the hardening routes' name for it

@@ -167,6 +167,17 @@ class Home:
             keystore.refresh()
             return self._choose(name, repair=True)
 
+    def load_serving(self, name: str) -> tuple[Path, nn.Module, Manifest, BlockKey | None]:
+        """`serving_revision(repair=True)` and `serving_module` under one hold of the model's lock,
+        so a rotation elsewhere cannot remove the revision between choosing it and reading it."""
+        if not self.revisions(name):
+            raise ModelNotFound(f"{self.path} has no model {name!r}")
+        keystore = self._keystore()
+        with self.model_lock(name):
+            keystore.refresh()
+            path = self._choose(name, repair=True)
+            return (path, *self.serving_module(name, path))
+
     def revision_for_key(self, name: str, key_version: int) -> tuple[int, Path] | None:
         """The newest revision whose manifest names `key_version`, or None."""
         for revision, path in sorted(self.revisions(name).items(), reverse=True):

@@ -5,6 +5,8 @@ Pure functions of bytes and arrays: the routes call them off the event loop.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import warnings
 from dataclasses import dataclass
@@ -12,12 +14,19 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from seglock.app.errors import APIError, bad_request, too_large, unprocessable, unsupported_media
+from seglock.app import memory
+from seglock.app.errors import APIError, bad_request, overloaded, too_large, unprocessable, unsupported_media
 
 # One source for the pixel maths the server and the SDK must agree on bit for bit.
 from seglock.client.imaging import mask_image, pil_to_rgb, resize_mask, resize_rgb  # noqa: F401 - re-exported
 
 PLAIN_FORMATS = {"PNG", "JPEG", "WEBP"}
+_DECODERS = ("PNG", "JPEG", "WEBP")  # the only Pillow plugins that ever see an upload's bytes
+# What a pixel costs against `max_pixels`, by Pillow mode: the limit is in 8-bit RGB pixels, and a
+# 16-bit or transparent image takes more memory on its way to RGB (wider buffers, a compositing pass).
+_PIXEL_COST = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 2, "F": 2, "RGBA": 2, "LA": 2, "PA": 2,
+               "RGBa": 2, "La": 2, "CMYK": 2}
+_NPY_HEADER_MAX = 4096
 NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -29,53 +38,111 @@ class Upload:
     array: np.ndarray
     kind: str  # "png" | "jpeg" | "webp" | "npy"
     source_mode: str = "RGB"  # Pillow mode before conversion; encrypted PNGs must be plain RGB
+    original_size: tuple[int, int] | None = None  # (H, W) as uploaded, when decoded smaller (JPEG draft)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(H, W) of the upload as sent: the size its mask is answered at."""
+        return self.original_size or (int(self.array.shape[0]), int(self.array.shape[1]))
 
     @property
     def lossless(self) -> bool:
         return self.kind in ("png", "npy")
 
 
-def decode_upload(data: bytes, *, max_pixels: int) -> Upload:
-    """Decode an image upload (PNG, JPEG, WebP) or an `.npy` tensor into an HWC array."""
+class UploadGate:
+    """At most `slots` uploads read, decoded or encoded at once (taken before the body is read);
+    at most `queue` more wait for a slot, the rest are answered 503 at once. Bounds a worker's memory."""
+
+    def __init__(self, slots: int, queue: int):
+        self.slots, self.queue = slots, queue
+        self._semaphore = asyncio.Semaphore(slots)
+        self._waiting = 0
+
+    @contextlib.asynccontextmanager
+    async def slot(self):
+        if self._semaphore.locked() and self._waiting >= self.queue:
+            raise overloaded("too many uploads are being decoded; try again shortly")
+        self._waiting += 1
+        try:
+            await self._semaphore.acquire()
+        finally:
+            self._waiting -= 1
+        try:
+            yield
+        finally:
+            self._semaphore.release()
+            await asyncio.to_thread(memory.trim)  # what a decode freed goes back to the system
+
+
+def decode_upload(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Upload:
+    """Decode an image upload (PNG, JPEG, WebP) or an `.npy` tensor into an HWC array.
+
+    `max_pixels` counts 8-bit RGB pixels (16-bit and alpha images count double). With
+    `draft_size` (H, W), a JPEG much larger than that is decoded at 1/2, 1/4 or 1/8 scale (never
+    below it); `Upload.size` keeps the size as sent.
+    """
     if not data:
         raise bad_request("the image field is empty")
     if data.startswith(NPY_MAGIC):
         return Upload(_decode_npy(data, max_pixels=max_pixels), "npy", "npy")
-    return _decode_image(data, max_pixels=max_pixels)
+    return _decode_image(data, max_pixels=max_pixels, draft_size=draft_size)
 
 
 def _decode_npy(data: bytes, *, max_pixels: int) -> np.ndarray:
+    """The header is parsed and checked first; the data is a view of the upload, never a fresh allocation."""
+    stream = io.BytesIO(data[:_NPY_HEADER_MAX])
     try:
-        array = np.load(io.BytesIO(data), allow_pickle=False)
-    except ValueError as exc:
-        # allow_pickle=False raises ValueError for object arrays: say so without echoing data
-        raise bad_request(f"the .npy upload cannot be read: {_short(exc)}") from None
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(stream, max_header_size=_NPY_HEADER_MAX)
+        elif version in ((2, 0), (3, 0)):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(stream, max_header_size=_NPY_HEADER_MAX)
+        else:
+            raise ValueError(f"unsupported .npy version {version}")
     except Exception as exc:
-        raise bad_request(f"the .npy upload cannot be read: {type(exc).__name__}") from None
-    if array.dtype not in (np.uint8, np.uint16):
-        raise unprocessable(f".npy upload must be uint8 or uint16, got {array.dtype}")
-    if array.ndim != 3 or array.shape[2] != 3:
-        raise unprocessable(f".npy upload must be H x W x 3, got shape {tuple(array.shape)}")
-    if array.shape[0] * array.shape[1] > max_pixels:
-        raise too_large(f"image has {array.shape[0] * array.shape[1]} pixels; the limit is {max_pixels}")
-    return np.ascontiguousarray(array)
+        raise bad_request(f"the .npy upload cannot be read: {_short(exc)}") from None
+    if dtype.hasobject:
+        raise bad_request("the .npy upload cannot be read: object arrays are not accepted")
+    if dtype not in (np.uint8, np.uint16, np.dtype("<u2"), np.dtype(">u2")):
+        raise unprocessable(f".npy upload must be uint8 or uint16, got {dtype}")
+    if len(shape) != 3 or shape[2] != 3:
+        raise unprocessable(f".npy upload must be H x W x 3, got shape {tuple(shape)}")
+    if shape[0] * shape[1] > max_pixels:
+        raise too_large(f"image has {shape[0] * shape[1]} pixels; the limit is {max_pixels}")
+    offset = stream.tell()
+    count = shape[0] * shape[1] * shape[2]
+    if len(data) - offset != count * dtype.itemsize:
+        raise bad_request(f"the .npy upload cannot be read: {len(data) - offset} data bytes for shape {tuple(shape)}")
+    array = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    array = array.reshape(shape[::-1]).transpose() if fortran else array.reshape(shape)
+    return np.ascontiguousarray(array.astype(dtype.newbyteorder("="), copy=False))
 
 
-def _decode_image(data: bytes, *, max_pixels: int) -> Upload:
+def _decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Upload:
+    original_size = None
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
+            image = Image.open(io.BytesIO(data), formats=_DECODERS)
             fmt = image.format
             if fmt not in PLAIN_FORMATS:
                 raise unsupported_media(f"unsupported image format {fmt}; send PNG, JPEG, WebP or .npy")
             width, height = image.size
-            if width * height > max_pixels:
-                raise too_large(f"image has {width * height} pixels; the limit is {max_pixels}")
+            cost = width * height * _PIXEL_COST.get(image.mode, 1)
+            if cost > max_pixels:
+                raise too_large(f"image has {width * height} pixels of mode {image.mode} (cost {cost}); "
+                                f"the limit is {max_pixels}")
+            if fmt == "JPEG" and draft_size is not None and not _exif_rotates(image):
+                # DCT scaling: decode at 1/2..1/8 of the size, at least the model's input size
+                image.draft("RGB", (draft_size[1], draft_size[0]))
+                if image.size != (width, height):
+                    original_size = (height, width)
             image.load()
             source_mode = image.mode
-            image = ImageOps.exif_transpose(image)
-            array = pil_to_rgb(image)
+            ImageOps.exif_transpose(image, in_place=True)  # the same pixels as the SDK's copy, without a copy
+            array = np.asarray(image) if image.mode == "RGB" else pil_to_rgb(image)
+            image.close()
     except APIError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -86,7 +153,14 @@ def _decode_image(data: bytes, *, max_pixels: int) -> Upload:
         raise unsupported_media("the upload is not a PNG, JPEG, WebP image or a .npy tensor") from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise bad_request(f"the image cannot be decoded: {_short(exc)}") from None
-    return Upload(array, fmt.lower(), source_mode)
+    return Upload(array, fmt.lower(), source_mode, original_size)
+
+
+def _exif_rotates(image: Image.Image) -> bool:
+    try:
+        return image.getexif().get(0x0112, 1) not in (1, None)
+    except Exception:
+        return True
 
 
 def _has_image_magic(data: bytes) -> bool:

@@ -77,7 +77,7 @@ def prepare(upload: Upload, hosted: HostedModel, *, encrypted: bool) -> tuple[to
         return to_tensor(array, hosted), array.shape[:2]
     if upload.array.dtype != np.uint8:
         raise unprocessable("a plain image must be 8-bit; uint16 tensors are for ffx-encrypted input")
-    return to_tensor(plain_to_model_array(upload.array, hosted), hosted), upload.array.shape[:2]
+    return to_tensor(plain_to_model_array(upload.array, hosted), hosted), upload.size
 
 
 def mask_png(mask: np.ndarray, size: tuple[int, int]) -> bytes:

@@ -14,10 +14,12 @@ from pathlib import Path
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
-from seglock.app import __version__
+from seglock.app import __version__, memory
+from seglock.app.audit import Auditor
 from seglock.app.backends import set_threads, use_compile_cache
 from seglock.app.bootstrap import first_start
 from seglock.app.errors import error_response, install_error_handlers
+from seglock.app.imageio import UploadGate
 from seglock.app.middleware import RequestMiddleware
 from seglock.app.observability import Metrics
 from seglock.app.ratelimit import RateLimiter
@@ -25,7 +27,7 @@ from seglock.app.registry import Registry
 from seglock.app.routes import account, admin, console, health, segment, v2
 from seglock.app.settings import Settings
 from seglock.keystore import Keystore
-from seglock.keystore.errors import KeystoreError
+from seglock.keystore.errors import InvalidRecord, KeystoreError
 from seglock.models.device import resolve_device
 
 log = logging.getLogger("seglock.app")
@@ -49,14 +51,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.metrics = metrics
     app.state.ready = False
+    app.state.upload_gate = UploadGate(settings.decode_concurrency, settings.decode_queue)
     app.state.rate_limiter = (RateLimiter(settings.rate_limit_rps, settings.rate_limit_burst)
                               if settings.rate_limit_rps > 0 else None)
     install_error_handlers(app)
 
     @app.exception_handler(KeystoreError)
     async def _keystore_error(_: Request, exc: KeystoreError) -> JSONResponse:
-        if exc.user_error:  # the caller's to fix; keystore messages never hold a secret
+        if isinstance(exc, InvalidRecord):  # a field of the caller's request; says nothing of the server
             return error_response(400, "bad_request", str(exc))
+        # Anything else is the server's: paths and the master key's source stay in the server's log.
         log.error("keystore error: %s", exc)
         return error_response(503, "keystore_unavailable", "the keystore cannot be used right now",
                               {"Retry-After": "5"})
@@ -67,38 +71,33 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(admin.router)
     app.include_router(console.router)
     app.include_router(v2.router)
-    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
+                       max_small_body_bytes=settings.max_json_body_bytes)
     return app
 
 
 def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
     set_threads(settings.threads)
+    memory.tune_malloc()
     home = Path(settings.home)
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
     url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
-    keystore = Keystore.open(home, create=True, url=url)
+    keystore = Keystore.open(home, create=True, url=url, lock_timeout=settings.keystore_lock_timeout_s)
     keystore.refresh()  # a database keystore starts following other hosts' writes now
     use_compile_cache(Path(settings.compile_cache) if settings.compile_cache else home / "cache" / "compile")
-    tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root)
+    tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root,
+                              token_ttl_s=settings.initial_token_ttl_s)
     if tokens_path is not None:
         log.warning("initial tokens written to %s (mode 0600): read them there", tokens_path)
     registry = Registry(settings, keystore, metrics, resolve_device(settings.device))
     registry.load_all()
     app.state.keystore = keystore
     app.state.registry = registry
-    app.state.audit = _auditor(keystore)
+    app.state.auditor = Auditor(keystore, window_s=settings.audit_window_s)
+    app.state.audit = app.state.auditor.best_effort  # deps.AuditDep: (grant, action, target, outcome)
     if settings.warmup:
         registry.warm_up()
     app.state.ready = True
     log.info("ready: %d models on %s", len(registry.names()), registry.device)
 
-
-def _auditor(keystore: Keystore):
-    def audit(principal, action: str, target: str, outcome: str) -> None:
-        try:
-            keystore.audit(action, target, outcome, actor=principal.token_id)
-        except KeystoreError as exc:
-            log.error("audit entry not written: %s", exc)
-
-    return audit

@@ -13,6 +13,11 @@ import time
 from starlette.exceptions import HTTPException
 
 from seglock.app.observability import Metrics, access_log
+from seglock.keystore.audit import scrub
+
+# Routes that take an image upload; every other route's body is small JSON (or none) and gets the
+# small limit, so nothing parses megabytes before authenticating.
+UPLOAD_SUFFIXES = ("/segment", "/infer", "/thief-view")
 
 REQUEST_ID_HEADER = b"x-request-id"
 
@@ -32,10 +37,11 @@ def _error_body(code: str, message: str) -> bytes:
 class RequestMiddleware:
     """Tags each request with an id, limits its body, logs it once, and counts it."""
 
-    def __init__(self, app, *, metrics: Metrics, max_body_bytes: int):
+    def __init__(self, app, *, metrics: Metrics, max_body_bytes: int, max_small_body_bytes: int | None = None):
         self.app = app
         self.metrics = metrics
         self.max_body_bytes = max_body_bytes
+        self.max_small_body_bytes = max_small_body_bytes or max_body_bytes
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -45,7 +51,9 @@ class RequestMiddleware:
         scope.setdefault("state", {})["request_id"] = request_id
         started = time.perf_counter()
         status_holder = {"status": 500, "sent": False}
-        limit = self.max_body_bytes
+        path = scope.get("path", "")
+        limit = self.max_body_bytes if path.endswith(UPLOAD_SUFFIXES) else min(self.max_small_body_bytes,
+                                                                                self.max_body_bytes)
 
         declared = _content_length(scope)
         if declared is not None and declared > limit:
@@ -89,9 +97,15 @@ class RequestMiddleware:
         method = scope.get("method", "-")
         self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(method, route).observe(elapsed)
-        # the path is logged, the query string and headers (tokens) never are
-        access_log.info("%s %s %s %d %.1fms", request_id, method, scope.get("path", "-"), status,
+        # the path is logged (a token pasted into it cut to its id, control characters escaped so no
+        # line can be forged); the query string and headers (tokens) never are
+        access_log.info("%s %s %s %d %.1fms", request_id, method, log_safe_path(scope.get("path", "-")), status,
                         elapsed * 1000)
+
+
+def log_safe_path(path: str, limit: int = 300) -> str:
+    text = scrub(path[:limit])
+    return text.encode("unicode_escape").decode("ascii") if not text.isprintable() or not text.isascii() else text
 
 
 def _route_template(scope) -> str:

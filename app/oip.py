@@ -45,10 +45,20 @@ class InferRequest:
     def wants_score(self) -> bool:
         return any(output.name == "score" for output in self.outputs)
 
+    def json_output_pixels(self) -> int:
+        """Pixels the answer would hold as JSON lists (outputs asked for without binary_data)."""
+        images, height, width = (int(d) for d in self.image.shape[:3])
+        return sum(images * height * width for output in self.outputs if not output.binary)
 
-def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, max_images: int) -> InferRequest:
-    """An infer request body (JSON, or JSON + binary tensors) -> `InferRequest`; 4xx `APIError` if malformed."""
-    header, binary = _split(body, header_length)
+
+def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, max_images: int,
+                  max_json_bytes: int | None = None) -> InferRequest:
+    """An infer request body (JSON, or JSON + binary tensors) -> `InferRequest`; 4xx `APIError` if malformed.
+
+    `max_pixels` counts 8-bit RGB pixels (a UINT16 pixel counts double, as a 16-bit PNG does on /v1);
+    `max_json_bytes` bounds the JSON part, which is parsed into Python objects (tens of bytes per
+    value), so large tensors must come as binary tensor data."""
+    header, binary = _split(body, header_length, max_json_bytes)
     if not isinstance(header, dict):
         raise bad_request("the inference request must be a JSON object")
     parameters = _parameters(header.get("parameters"), "parameters")
@@ -78,7 +88,7 @@ def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, ma
     return InferRequest(image, _requested_outputs(header.get("outputs"), default_binary), parameters, request_id)
 
 
-def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
+def _split(body: bytes, header_length: str | None, max_json_bytes: int | None = None) -> tuple[Any, bytes]:
     if not body:
         raise bad_request("the request body is empty")
     if header_length is None:
@@ -90,6 +100,9 @@ def _split(body: bytes, header_length: str | None) -> tuple[Any, bytes]:
             raise bad_request(f"{HEADER_LENGTH} must be an integer") from None
         if not 0 < length <= len(body):
             raise bad_request(f"{HEADER_LENGTH} is {length}, but the body has {len(body)} bytes")
+    if max_json_bytes is not None and length > max_json_bytes:
+        raise too_large(f"the JSON part of the request is {length} bytes; the limit is {max_json_bytes}: "
+                        f"send the image as binary tensor data ({HEADER_LENGTH})")
     try:
         header = json.loads(body[:length])
     except (ValueError, RecursionError):
@@ -109,16 +122,17 @@ def _input_tensor(spec: dict, binary: bytes, offset: int, *, max_pixels: int,
                   max_images: int) -> tuple[np.ndarray, int]:
     """The NHWC array of one input and how many binary bytes it used."""
     datatype = spec.get("datatype")
-    if datatype not in INPUT_DTYPES:
+    if not isinstance(datatype, str) or datatype not in INPUT_DTYPES:
         raise unprocessable(f"input {INPUT_NAME!r} must be UINT8 (or UINT16 for ffx-encrypted input), "
                             f"not {datatype!r}")
     shape = _shape(spec.get("shape"))
     count, images = math.prod(shape), shape[0]
     if images > max_images:
         raise too_large(f"the request holds {images} images; at most {max_images} per request")
-    if shape[1] * shape[2] > max_pixels:
-        raise too_large(f"image has {shape[1] * shape[2]} pixels; the limit is {max_pixels}")
     dtype = INPUT_DTYPES[datatype]
+    cost = 2 if dtype.itemsize > 1 else 1  # the decode budget is in 8-bit pixels
+    if shape[1] * shape[2] * cost > max_pixels:
+        raise too_large(f"image has {shape[1] * shape[2]} {datatype} pixels; the limit is {max_pixels // cost}")
     parameters = _parameters(spec.get("parameters"), f"input {INPUT_NAME!r} parameters")
     size = parameters.get("binary_data_size")
     if size is not None:
@@ -150,7 +164,7 @@ def _json_tensor(data: Any, shape: list[int], datatype: str) -> np.ndarray:
         raise bad_request(f"input {INPUT_NAME!r} needs 'data' (a list) or parameters.binary_data_size")
     try:
         array = np.asarray(data)
-    except (ValueError, OverflowError):
+    except (ValueError, OverflowError, TypeError, RecursionError):
         raise bad_request(f"input {INPUT_NAME!r}: 'data' is not a regular list of integers") from None
     if array.dtype.kind not in "iu":
         raise bad_request(f"input {INPUT_NAME!r}: 'data' must hold integers only")
@@ -174,7 +188,7 @@ def _requested_outputs(value: Any, default_binary: bool) -> list[RequestedOutput
         if not isinstance(spec, dict):
             raise bad_request(f"outputs[{index}] must be an object")
         name = spec.get("name")
-        if name not in OUTPUTS:
+        if not isinstance(name, str) or name not in OUTPUTS:
             raise bad_request(f"unknown output {name!r}: this model answers {', '.join(map(repr, OUTPUTS))}")
         if any(output.name == name for output in outputs):
             raise bad_request(f"output {name!r} is asked for twice")

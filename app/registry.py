@@ -129,8 +129,7 @@ class Registry:
 
     def load(self, name: str) -> HostedModel:
         """Load (or reload) one model: the revision matching its active key, stale ones cleaned up."""
-        path = self.home.serving_revision(name, repair=True)
-        module, manifest, block_key = self.home.serving_module(name, path)
+        path, module, manifest, block_key = self.home.load_serving(name)
         runner = ModelRunner(module, self.device, amp=self.settings.amp, channels_last=self.settings.channels_last,
                              backend=self.settings.backend, compile_budget_s=self.settings.compile_budget_s,
                              probe=probe_batch(tuple(manifest.input_size), self.settings.max_batch), name=name)
@@ -154,7 +153,7 @@ class Registry:
 
     async def rotate_key(self, name: str) -> dict[str, Any]:
         """Rotate a served cp model's key (`Home.rotate_key`) and swap the re-keyed module in."""
-        hosted = self.get(name)
+        hosted = await asyncio.to_thread(self.get, name)  # following a rotation elsewhere loads a model
         check_rotatable(hosted.manifest)
         lock = self._rotation_locks.setdefault(name, asyncio.Lock())
         async with lock:

@@ -7,11 +7,17 @@ revoked by the CLI in another process counts from the next request on.
 from __future__ import annotations
 
 from fastapi import Request
+from fastapi.security import HTTPBearer
 
+from seglock.app.audit import Auditor
 from seglock.app.errors import forbidden, rate_limited, unauthorized
 from seglock.app.ratelimit import RateLimiter, retry_after_header
 from seglock.keystore import Keystore
-from seglock.keystore.tokens import Grant
+from seglock.keystore.tokens import Grant, parse_token
+
+# Declares the bearer scheme in the OpenAPI document (clients and fuzzers then send tokens);
+# auto_error=False: the checks below answer with seglock's own 401 bodies.
+bearer_scheme = HTTPBearer(auto_error=False, description="an API token: slk_<id>_<secret>")
 
 Principal = Grant
 
@@ -34,12 +40,19 @@ def bearer_token(request: Request) -> str:
     return token.strip()
 
 
-def authenticate(request: Request, keystore: Keystore, scope: str, limiter: RateLimiter | None = None) -> Grant:
+def authenticate(request: Request, keystore: Keystore, scope: str, limiter: RateLimiter | None = None,
+                 auditor: Auditor | None = None) -> Grant:
     """The grant of the request's token for `scope`, within `limiter`'s rate; 401, 403 or 429 otherwise.
 
-    Routes take it as `seglock.app.deps.SegmentGrant` or `AdminGrant`.
+    Routes take it as `seglock.app.deps.SegmentGrant` or `AdminGrant`; a refused admin attempt is
+    written to `auditor` (when the server has one yet).
     """
-    check = keystore.check_token(bearer_token(request), scope=scope)
+    try:
+        token = bearer_token(request)
+    except Exception:
+        _audit_denied(auditor, request, scope, "anonymous", "no_token")
+        raise
+    check = keystore.check_token(token, scope=scope)
     if check.ok:
         request.state.token_id = check.grant.token_id
         if limiter is not None:
@@ -49,8 +62,23 @@ def authenticate(request: Request, keystore: Keystore, scope: str, limiter: Rate
                                    retry_after_header(wait))
         return check.grant
     if check.status == 403:
+        _audit_denied(auditor, request, scope, check.grant.token_id, check.reason)
         raise forbidden(f"this token lacks the '{scope}' scope")
+    # a revoked or expired token names a real record; any other id is the caller's invention
+    parts = parse_token(token) if check.reason in ("revoked", "expired") else None
+    _audit_denied(auditor, request, scope, parts[0] if parts else "anonymous", check.reason)
     raise unauthorized(_REASONS_401.get(check.reason, "the API token is not valid"))
+
+
+def _audit_denied(auditor: Auditor | None, request: Request, scope: str, actor: str, reason: str) -> None:
+    """A refused admin attempt is audited, once per caller, reason and path per audit window.
+
+    KeystoreError if it cannot be written: the caller then gets the generic 503, not the 401/403."""
+    if scope != "admin" or auditor is None:
+        return
+    path = request.url.path[:200]
+    auditor.record_once(("admin.denied", actor, reason, path), actor, "admin.denied",
+                        f"{request.method} {path}", "denied", reason)
 
 
 def authenticate_any(request: Request, keystore: Keystore) -> Grant:

@@ -44,9 +44,21 @@ class Settings(BaseSettings):
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="milliseconds a batch waits to fill")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")
-    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest request body in bytes (413 above)")
-    max_pixels: int = Field(40_000_000, ge=1, description="largest image in pixels (413 above)")
-    metrics_public: bool = Field(True, description="serve /metrics without a token")
+    max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest image upload in bytes (413 above)")
+    max_json_body_bytes: int = Field(64 * 1024, ge=1024, description="largest body on every other route")
+    max_pixels: int = Field(16_000_000, ge=1,
+                            description="decode budget in 8-bit RGB pixels; 16-bit and alpha count double")
+    max_json_mask_pixels: int = Field(
+        1_048_576, ge=1, description="larger masks are answered as PNG (or /v2 binary tensors) only")
+    max_json_tensor_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="largest JSON part of a /v2 infer request; send binary tensors above")
+    decode_concurrency: int = Field(4, ge=1, le=1024, description="uploads read and decoded at once per worker")
+    decode_queue: int = Field(64, ge=0, description="uploads waiting for a decode slot before 503")
+    audit_window_s: float = Field(3600.0, ge=0, description="a key release is audited once per token, model and window")
+    keystore_lock_timeout_s: float = Field(10.0, gt=0, le=300,
+                                           description="seconds a keystore write waits for its lock")
+    initial_token_ttl_s: float = Field(86_400.0, gt=0, description="lifetime of the first start's tokens")
+    metrics_public: bool = Field(False, description="serve /metrics to anyone; else to admin tokens only")
     rate_limit_rps: float = Field(0.0, ge=0, description="segment requests per second per token; 0 = no limit")
     rate_limit_burst: int = Field(20, ge=1, description="requests a token may make at once before the limit applies")
     import_demo: bool = Field(True, description="import the bundled demo models into an empty home")

@@ -86,14 +86,28 @@ def load_rgb(image: ImageInput) -> np.ndarray:
 def pil_to_rgb(image: Image.Image) -> np.ndarray:
     """Any Pillow mode as HWC uint8 RGB: 16-bit greyscale scaled, transparency over white."""
     if image.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(image, dtype=np.int64)
-        top = 65535 if image.mode.startswith("I;16") or wide.max(initial=0) > 255 else 255
-        grey = np.clip(np.rint(wide * (255.0 / top)), 0, 255).astype(np.uint8)
+        grey = _sixteen_bit_grey(image)
         return np.repeat(grey[:, :, None], 3, axis=2)
     if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
         rgba = image.convert("RGBA")
         image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
     return np.array(image.convert("RGB"), dtype=np.uint8)
+
+
+def _sixteen_bit_grey(image: Image.Image) -> np.ndarray:
+    """16-bit (or 32-bit "I") greyscale as uint8: round(v * 255 / 65535) = round(v / 257), exactly,
+    in 16-bit integer maths (no 64-bit or float temporaries: a large upload costs a few bytes a pixel)."""
+    wide = np.asarray(image)
+    if not image.mode.startswith("I;16") and int(wide.max(initial=0)) <= 255:
+        small: np.ndarray = np.clip(wide, 0, 255).astype(np.uint8)  # an "I" image that holds 8-bit values
+        return small
+    if wide.dtype != np.uint16:
+        wide = np.clip(wide, 0, 65535).astype(np.uint16)
+    quotient = wide // np.uint16(257)
+    remainder = wide - quotient * np.uint16(257)
+    quotient += remainder >= 129  # v / 257 is never exactly .5, so this is round-half-anything
+    grey: np.ndarray = quotient.astype(np.uint8)
+    return grey
 
 
 def array_to_rgb(array: np.ndarray) -> np.ndarray:

@@ -66,8 +66,9 @@ PROXY_PORT=$(free_port)
 
 export COMPOSE_PROJECT_NAME=$PROJECT
 export SEGLOCK_IMAGE=$IMAGE
-export SEGLOCK_PUBLISH=127.0.0.1:$PORT
-export SEGLOCK_PROXY_PUBLISH=127.0.0.1:$PROXY_PORT
+export SEGLOCK_BIND=127.0.0.1
+export SEGLOCK_PUBLISH=$PORT
+export SEGLOCK_PROXY_PUBLISH=$PROXY_PORT
 export SEGLOCK_MASTER_KEY_SECRET_FILE=$WORK/secrets/master.key
 compose() { "${COMPOSE[@]}" -f "$ROOT/docker-compose.yml" --profile replicas "$@"; }
 
@@ -336,15 +337,18 @@ EOF
 sed 's/^/    /' "$WORK/inside.txt"
 pass "non-root, no capabilities, no-new-privileges, read-only root, keystore 0600, no master.key"
 
-# -- backup: the documented hot backup (tar under the keystore's lock) -----------------------------
+# -- backup: the documented hot backup (tar under the keystore's and the audit log's locks) ---------
 VOLUME=${PROJECT}_seglock-home
 docker run --rm --entrypoint flock -v "$VOLUME:/var/lib/seglock" "$IMAGE" \
-    /var/lib/seglock/keystore.json.lock tar -C /var/lib/seglock -cf - . > "$WORK/backup.tar" \
+    /var/lib/seglock/keystore.json.lock flock /var/lib/seglock/keystore.audit.lock \
+    tar -C /var/lib/seglock --exclude=./initial-tokens.json --exclude=./master.key -cf - . > "$WORK/backup.tar" \
     || fail "the hot backup of the home volume failed"
 tar -tf "$WORK/backup.tar" > "$WORK/backup.list"
 grep -qx './keystore.json' "$WORK/backup.list" || fail "the backup lacks keystore.json"
 grep -q "^./models/$MODEL/" "$WORK/backup.list" || fail "the backup lacks models/$MODEL"
 ! grep -q 'master.key' "$WORK/backup.list" || fail "the backup holds a master key"
+! grep -q 'initial-tokens.json' "$WORK/backup.list" || fail "the backup holds the initial tokens"
+grep -q '^./keystore.audit-' "$WORK/backup.list" || fail "the backup lacks the audit log"
 pass "hot backup under the keystore lock: $(wc -l < "$WORK/backup.list") entries, $(( $(stat -c %s "$WORK/backup.tar") / 1000000 )) MB, no master key"
 
 # -- restart: the keystore reopens under the secret file, the rotated key holds ---------------------

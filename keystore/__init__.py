@@ -48,8 +48,13 @@ atomic write); methods called inside an open transaction join it, and an excepti
         ks.set_active(model, 2, actor=token_id)
         ks.destroy_model_key(model, 1, actor=token_id)
 
-Audit: each change appends an entry in its own transaction; `ks.audit(action, target, outcome,
-actor=..., detail=...)` adds one (outcome "ok" | "denied" | "error"); `ks.audit_log(limit=None)`.
+Audit: entries live outside the envelope, in append-only HMAC-chained segment files beside it
+(`keystore.audit-NNNNNN.jsonl`, see `seglock.keystore.audit.AuditLog`); a change's entries are
+written before it commits (a change that cannot be audited is not made). `ks.audit(action, target,
+outcome, actor=..., detail=...)` adds one in O(1) without touching keystore.json (outcome "ok" |
+"denied" | "error"); `ks.audit_log(limit=None)`; `ks.verify_audit()` checks the chain. A
+keystore.json older than the audit log has seen is refused (`KeystoreRolledBack`) unless
+`SEGLOCK_KEYSTORE_ALLOW_ROLLBACK=1`.
 
 Master key: `ks.change_master_key(MasterKey | None, scrypt=None)` re-encrypts atomically.
 `ks.status()` is a JSON-ready summary. Errors: `KeystoreError` and the subclasses in
@@ -67,6 +72,7 @@ from seglock.keystore.errors import (
     KeystoreExists,
     KeystoreLocked,
     KeystoreNotFound,
+    KeystoreRolledBack,
     KeystoreTampered,
     KeystoreTruncated,
     KeystoreUnavailable,
@@ -95,6 +101,7 @@ __all__ = [
     "KeystoreExists",
     "KeystoreLocked",
     "KeystoreNotFound",
+    "KeystoreRolledBack",
     "KeystoreTampered",
     "KeystoreTruncated",
     "KeystoreUnavailable",

@@ -68,12 +68,13 @@ def _hkdf(master: bytes, info: bytes) -> bytes:
 class EnvelopeKeys:
     """The AEAD key and key check derived from a master key; never shows either."""
 
-    __slots__ = ("_aead", "check")
+    __slots__ = ("_aead", "check", "audit")
 
     def __init__(self, master: bytes) -> None:
         # Separate HKDF outputs: the key check published in the header says nothing of the AEAD key.
         self._aead = AESGCM(_hkdf(master, b"seglock keystore v1 aead key"))
         self.check = _hkdf(master, b"seglock keystore v1 key check")
+        self.audit = _hkdf(master, b"seglock audit v1 hmac key")  # keys the audit log's HMAC chain
 
     def __repr__(self) -> str:
         return "EnvelopeKeys(<hidden>)"

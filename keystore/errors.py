@@ -60,6 +60,10 @@ class UnsupportedFormatVersion(KeystoreError):
     """The keystore was written in a format version this seglock cannot read."""
 
 
+class KeystoreRolledBack(KeystoreError):
+    """The keystore file is authentic but older than one already seen (a restore or a replay)."""
+
+
 class KeystoreLocked(KeystoreError):
     """Another process held the keystore's lock for too long."""
 

@@ -32,6 +32,12 @@ MASTER_KEY_FILENAME = "master.key"
 ENV_PREFIX = "SEGLOCK_MASTER"  # SEGLOCK_MASTER_KEY, SEGLOCK_MASTER_KEY_FILE, ...
 NEW_ENV_PREFIX = "SEGLOCK_NEW_MASTER"  # the key `change-master-key` moves to
 ALL_SOURCES = "SEGLOCK_MASTER_KEY(_FILE) or SEGLOCK_MASTER_PASSPHRASE(_FILE)"
+REQUIRE_ENV = "SEGLOCK_REQUIRE_MASTER_KEY"  # set in the Docker image: never a master.key in the home
+DEV_ENV = "SEGLOCK_DEV"  # ...unless this says it is a development run
+
+
+def _truthy(value: str | None) -> bool:
+    return value is not None and value.strip().lower() in ("1", "true", "yes", "on")
 # A stored header must not make us allocate without bound: 1 GiB of scrypt memory at most.
 _SCRYPT_MAX_MEMORY = 1 << 30
 
@@ -238,6 +244,11 @@ def resolve_master_key(
     if from_env is not None:
         return from_env
     path = home / MASTER_KEY_FILENAME
+    if _truthy(env.get(REQUIRE_ENV)) and not _truthy(env.get(DEV_ENV)):
+        # A key beside the keystore makes encryption at rest pointless: the image refuses it.
+        raise MasterKeyError(
+            f"no master key given: set {ALL_SOURCES} ({REQUIRE_ENV} is set, so no {MASTER_KEY_FILENAME} in the "
+            f"home is made or used; set {DEV_ENV}=1 for a development run)", path=path)
     if path.exists():
         return read_master_key_file(path)
     if generate:

@@ -29,7 +29,7 @@ from typing import Any, TypedDict
 
 from seglock.client import fsio
 from seglock.keystore import envelope
-from seglock.keystore.audit import AuditEntry, make_entry
+from seglock.keystore.audit import AuditEntry, AuditLog, AuditReport, make_entry
 from seglock.keystore.errors import (
     InvalidRecord,
     KeyStateError,
@@ -37,6 +37,7 @@ from seglock.keystore.errors import (
     KeystoreError,
     KeystoreExists,
     KeystoreNotFound,
+    KeystoreRolledBack,
     KeystoreUnavailable,
     MasterKeyError,
     ModelKeyNotFound,
@@ -76,6 +77,10 @@ PENDING_MASTER_KEY_FILENAME = "master.key.new"  # a generated master key not yet
 STATE_SCHEMA = 1
 DATA_KEY_BYTES = 32  # AES-256 (seglock.models.at_rest)
 DEFAULT_LOCK_TIMEOUT = 30.0
+ALLOW_ROLLBACK_ENV = "SEGLOCK_KEYSTORE_ALLOW_ROLLBACK"  # set once to accept a restored older keystore.json
+# A database keystore keeps its audit entries inside the sealed state, in the row's same transaction
+# (its hosts share no folder for segment files); the newest this many are kept, so it stays bounded.
+DB_AUDIT_KEEP = 10_000
 
 Clock = Callable[[], float]
 _compact = functools.partial(json.dumps, separators=(",", ":"), allow_nan=False)
@@ -214,8 +219,9 @@ class Keystore:
         self._txn: _State | None = None
         self._txn_thread: int | None = None
         self._txn_dirty = False
-        self._txn_audit_from = 0
         self._next_master: tuple[MasterKey, dict[str, Any]] | None = None
+        self._txn_audit: list[AuditEntry] = []  # the open transaction's entries, written before its commit
+        self._audit: tuple[str, AuditLog] | None = None
 
     # -- opening --------------------------------------------------------------------------
 
@@ -258,11 +264,31 @@ class Keystore:
                 finished = store._finish_master_key_change()
                 if finished is None:
                     raise
-                return finished
+                store = finished
+            store._check_not_rolled_back(env.get(ALLOW_ROLLBACK_ENV, "").strip().lower() in ("1", "true", "yes"))
             return store
         except BaseException:
             storage.close()
             raise
+
+    def _check_not_rolled_back(self, allow: bool) -> None:
+        """Refuse a keystore.json older than the audit log says it was (an authentic file replayed).
+        File backend only: a database keystore has no audit log beside it to compare with."""
+        if self.home is None:
+            return
+        logged, pre_commit = self._audit_log().last_generation()
+        generation = self._loaded.generation
+        # An entry written just before a commit that a crash cut off names one generation more.
+        if logged is None or logged <= generation or (logged == generation + 1 and pre_commit):
+            return
+        if not allow:
+            raise KeystoreRolledBack(
+                f"{self.location} is at generation {generation} but its audit log has seen generation {logged}: "
+                f"an older copy was put in place. If this is a restore you made, start once with "
+                f"{ALLOW_ROLLBACK_ENV}=1", path=self.location)
+        log.warning("accepted %s rolled back from generation %d to %d", self.location, logged, generation)
+        self._audit_log().append(make_entry(self._clock(), "system", "keystore.rollback", self.location, "ok",
+                                            f"from generation {logged} to {generation}"), generation=generation)
 
     @classmethod
     def init(
@@ -309,8 +335,12 @@ class Keystore:
             now = store._clock()
             store._kdf = master.new_kdf(store._scrypt)
             state = _State(created_at=now, generation=0, tokens={}, models={}, audit=[])
-            state.audit.append(make_entry(now, "system", "keystore.create", storage.location, "ok", None))
-            store._commit(state, session)
+            create = make_entry(now, "system", "keystore.create", storage.location, "ok", None)
+            if store.home is not None:
+                store._audit_log().append(create, generation=1, pre_commit=True)
+            else:
+                state.audit.append(create)
+            store._commit(state, session, [create])
             log.info("made a keystore at %s (master key from %s)", storage.location, master.origin)
             return store
 
@@ -354,6 +384,12 @@ class Keystore:
             keys = self._envelope_keys(sealed.header.kdf)
             plaintext = envelope.unseal(sealed, keys, self.location, self._master.origin)
             state = _State.from_bytes(plaintext, self.location)
+            # Files only: a database restore (older row put back by an operator) is followed, not refused.
+            if self.home is not None and self._state is not None and state.generation < self._state.generation:
+                raise KeystoreRolledBack(
+                    f"{self.location} went back from generation {self._state.generation} to {state.generation}: "
+                    "an older copy was put in place while it was open; restart to accept a restore",
+                    path=self.location)
         except BaseException:
             self._storage.release(snapshot)
             raise
@@ -407,23 +443,54 @@ class Keystore:
                 if self._snapshot is None or session.version != self._snapshot.version:
                     self._reload(session.load())
                 self._txn, self._txn_thread, self._txn_dirty = self._loaded.copy(), threading.get_ident(), False
-                self._txn_audit_from = len(self._txn.audit)
+                self._txn_audit = []
                 try:
                     yield self
                     if self._txn_dirty:
-                        self._commit(self._txn, session)
+                        self._commit_audited(self._txn, session)
                 finally:
                     self._txn, self._txn_thread, self._next_master = None, None, None
+                    self._txn_audit = []
 
-    def _commit(self, state: _State, session: WriteSession) -> None:
+    def _commit_audited(self, state: _State, session: WriteSession) -> None:
+        """Write the transaction's audit entries, then the change: nothing is changed unaudited."""
+        entries = list(self._txn_audit)
+        if self.home is None:  # a database: the entries go into the sealed state, in the same commit
+            state.audit.extend(entries)
+            del state.audit[:-DB_AUDIT_KEEP]
+            self._commit(state, session, entries)
+            return
+        audit = self._audit_log()
+        for entry in entries:
+            audit.append(entry, generation=state.generation + 1, pre_commit=True)
+        try:
+            self._commit(state, session, entries)
+        except BaseException:
+            try:
+                audit.append(make_entry(self._clock(), "system", "keystore.write", self.location, "error",
+                                        "the change above was not committed"), generation=self._loaded.generation)
+            except KeystoreError:
+                pass
+            raise
+
+    def _audit_log(self) -> AuditLog:
+        """The audit log beside the file, keyed from the master key in force (file backend only)."""
+        if self.home is None:
+            raise KeystoreError("internal: a database keystore keeps its audit entries in the sealed state")
+        cache_key = json.dumps(self._kdf, sort_keys=True)
+        if self._audit is None or self._audit[0] != cache_key:
+            keys = self._envelope_keys(self._kdf)
+            self._audit = (cache_key, AuditLog(self.home, keys.audit, lock_timeout=self._lock_timeout))
+        return self._audit[1]
+
+    def _commit(self, state: _State, session: WriteSession, audit: list[AuditEntry]) -> None:
+        """Seal and write `state`; `audit` holds the entries this write records (for the backend)."""
         master, kdf = self._next_master or (self._master, self._kdf)
-        if self._next_master:
-            keys = envelope.EnvelopeKeys(master.derive(kdf, self.location))
-        else:
-            keys = self._envelope_keys(kdf)
+        keys = (envelope.EnvelopeKeys(master.derive(kdf, self.location)) if self._next_master
+                else self._envelope_keys(kdf))
         state.generation += 1
         sealed = envelope.seal(state.to_bytes(), keys, kdf)
-        snapshot = session.commit(sealed, state.audit[self._txn_audit_from:])
+        snapshot = session.commit(sealed, audit)
         if self._next_master:
             self._master, self._keys = master, {json.dumps(kdf, sort_keys=True): keys}
         self._install(state, snapshot, kdf)
@@ -452,7 +519,8 @@ class Keystore:
     def _record(self, actor: str | None, action: str, target: str | None, outcome: str = "ok",
                 detail: str | None = None) -> AuditEntry:
         entry = make_entry(self._clock(), actor, action, target, outcome, detail)
-        self._writing().audit.append(entry)
+        self._writing()
+        self._txn_audit.append(entry)
         return entry
 
     # -- tokens ---------------------------------------------------------------------------
@@ -664,14 +732,34 @@ class Keystore:
         actor: str | None = None,
         detail: str | None = None,
     ) -> AuditEntry:
-        """Append an entry (joins an open transaction, else writes one); secrets are scrubbed."""
-        with self.transaction():
+        """Append an entry durably; secrets are scrubbed. Inside an open transaction it is written
+        with that transaction's changes; outside, it is one fsynced line in the audit log (O(1),
+        no keystore lock, the sealed keystore does not change). KeystoreError if it cannot be written."""
+        if self._txn is not None and self._txn_thread == threading.get_ident():
             return self._record(actor, action, target, outcome, detail)
+        if self.home is None:  # a database keystore: the entry is one write of the sealed state
+            with self.transaction():
+                return self._record(actor, action, target, outcome, detail)
+        entry = make_entry(self._clock(), actor, action, target, outcome, detail)
+        self._audit_log().append(entry, generation=self._view().generation)
+        return entry
 
     def audit_log(self, *, limit: int | None = None) -> list[AuditEntry]:
-        """The audit entries, oldest first (the last `limit` if given)."""
-        entries = self._view().audit
-        return list(entries[-limit:] if limit else entries)
+        """The audit entries, oldest first (the last `limit` if given): those an older keystore
+        kept inside its envelope, then the audit log's (a database keystore's are all in its envelope)."""
+        entries = list(self._view().audit)
+        if self.home is not None:
+            entries += self._audit_log().entries(limit=limit)
+        return entries[-limit:] if limit else entries
+
+    def verify_audit(self) -> AuditReport:
+        """Check the audit log's HMAC chain (see `seglock keystore audit --verify`). A database
+        keystore's entries are inside the envelope, which AES-GCM authenticated when it was read."""
+        self.refresh()
+        if self.home is None:
+            count = len(self._loaded.audit)
+            return AuditReport(True, count, 0, 1 if count else 0, None)
+        return self._audit_log().verify()
 
     # -- master key -----------------------------------------------------------------------
 
@@ -738,10 +826,12 @@ class Keystore:
                 target = Keystore(storage, self._master, clock=self._clock, scrypt=self._scrypt,
                                   lock_timeout=self._lock_timeout)
                 target._kdf = self._kdf
-                target._txn_audit_from = len(state.audit)
-                state.audit.append(make_entry(self._clock(), actor, "keystore.migrate", storage.location, "ok",
-                                              f"from {self.location}"))
-                target._commit(state, session)
+                state.audit = self.audit_log()  # a file keystore's entries too (its segment files)
+                migrate = make_entry(self._clock(), actor, "keystore.migrate", storage.location, "ok",
+                                     f"from {self.location}")
+                state.audit.append(migrate)
+                del state.audit[:-DB_AUDIT_KEEP]
+                target._commit(state, session, [migrate])
         except BaseException:
             storage.close()
             raise
@@ -792,7 +882,7 @@ class Keystore:
                 model: [{"version": v.version, "id": v.id, "kind": v.kind, "state": v.state} for v in versions]
                 for model, versions in sorted(state.models.items())
             },
-            "audit_entries": len(state.audit),
+            "audit_entries": len(state.audit) + (len(self._audit_log().entries()) if self.home is not None else 0),
             "data_keys": sorted(state.data_keys),  # models whose weights are encrypted at rest (ids only)
         }
 

@@ -57,3 +57,24 @@ def test_a_first_start_cut_off_half_way_is_finished_by_the_next(tmp_path):
     path = first_start(tmp_path, keystore, import_demo=False)
     assert path is not None and path.exists()
     assert not (tmp_path / PENDING).exists()
+
+
+def test_a_home_without_demo_models_is_set_up_once_even_when_its_tokens_file_is_deleted(tmp_path):
+    keystore = Keystore.open(tmp_path, create=True, env=ENV)
+    assert first_start(tmp_path, keystore, import_demo=False) is not None
+    (tmp_path / INITIAL_TOKENS).unlink()  # as the docs say: read it, then delete it
+    assert first_start(tmp_path, keystore, import_demo=False) is None
+    assert [t.name for t in keystore.list_tokens()] == ["initial-admin"]
+
+
+def test_initial_tokens_expire_after_a_day_by_default(tmp_path):
+    import time
+
+    keystore = Keystore.open(tmp_path, create=True, env=ENV)
+    before = time.time()
+    first_start(tmp_path, keystore, import_demo=False)
+    (admin,) = keystore.list_tokens()
+    assert before + 86_400 <= admin.expires_at <= time.time() + 86_400
+    first_start(tmp_path / "other", Keystore.open(tmp_path / "other", create=True, env=ENV), import_demo=False,
+                token_ttl_s=60)
+    assert Keystore.open(tmp_path / "other", env=ENV).list_tokens()[0].expires_at <= time.time() + 60

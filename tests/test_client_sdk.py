@@ -233,6 +233,9 @@ def test_server_errors_arrive_as_typed_exceptions(hosted):
         with pytest.raises(PermissionDenied) as denied:
             sdk.segment(noise(0), "cp")
         assert denied.value.status == 403 and denied.value.code == "forbidden"
+    # a token granted every model learns that a name is unknown; a limited one gets 403 for any
+    # model it is not granted, so it cannot probe which models exist (issue 13)
+    with SegLockClient(hosted["url"], hosted["tokens"]["client"]) as sdk:
         with pytest.raises(ModelNotFound) as missing:
             sdk.segment(noise(0), "no-such-model")
         assert missing.value.status == 404 and missing.value.code == "not_found"

@@ -41,7 +41,7 @@ def server(tmp_path_factory):
     made = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"]),
         "client": keystore.create_token("client", ["segment"], ["demo-cp", "demo-plain"]),
-        "admin-only": keystore.create_token("ops", ["admin"], []),
+        "admin-only": keystore.create_token("ops", ["admin"], ["*"]),
     }
     previous = os.environ.get("SEGLOCK_MASTER_KEY")
     os.environ["SEGLOCK_MASTER_KEY"] = MASTER_KEY
@@ -178,7 +178,7 @@ def test_whoami_answers_id_name_scopes_and_models_for_any_valid_token(server):
         "id": server["ids"]["client"], "name": "client", "scopes": ["segment"], "models": ["demo-cp", "demo-plain"],
         "expires_at": None}
     assert client.get("/v1/whoami", headers=auth(server, "admin-only")).json() == {
-        "id": server["ids"]["admin-only"], "name": "ops", "scopes": ["admin"], "models": [], "expires_at": None}
+        "id": server["ids"]["admin-only"], "name": "ops", "scopes": ["admin"], "models": ["*"], "expires_at": None}
     for who, token in server["tokens"].items():
         secret = token.rsplit("_", 1)[1]
         assert secret not in client.get("/v1/whoami", headers=auth(server, who)).text
@@ -381,10 +381,10 @@ def test_new_endpoints_are_in_the_openapi_schema_with_their_responses(server):
     paths = schema["paths"]
     documented = {
         ("/v1/whoami", "get"): {"200", "401"},
-        ("/admin/models", "get"): {"200", "401", "403"},
+        ("/admin/models", "get"): {"200", "401", "403", "503"},
         ("/admin/models/{name}/thief-view", "post"): {"200", "400", "401", "403", "404", "409", "413", "415", "422",
                                                       "503"},
-        ("/admin/audit", "get"): {"200", "401", "403", "422"},
+        ("/admin/audit", "get"): {"200", "401", "403", "422", "503"},
         ("/ui", "get"): {"200"},
         ("/ui/{asset}", "get"): {"200", "404", "422"},
     }

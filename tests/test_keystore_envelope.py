@@ -73,7 +73,7 @@ def test_file_is_one_json_document_with_the_header_in_clear(ks):
 def test_every_write_uses_a_fresh_nonce(ks):
     nonces = set()
     for i in range(5):
-        ks.audit("tick", str(i))
+        ks.create_token(f"tick{i}", ["admin"])
         nonces.add(json.loads(ks.path.read_bytes())["nonce"])
     assert len(nonces) == 5
 

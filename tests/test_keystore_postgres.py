@@ -187,3 +187,20 @@ def test_a_restore_from_backup_is_followed_even_though_the_version_goes_back(pg_
             assert server.list_tokens() == []
         finally:
             server.close()
+
+
+def test_a_database_keystore_keeps_its_audit_in_the_envelope_capped_to_the_newest(pg_url, master_env, monkeypatch):
+    from seglock.keystore import store
+
+    monkeypatch.setattr(store, "DB_AUDIT_KEEP", 5)
+    with Keystore.open(None, create=True, url=pg_url, env=master_env) as ks:
+        for n in range(8):
+            ks.audit("client-key", f"m{n}", "ok", actor="t")
+        entries = ks.audit_log()
+        assert [e.target for e in entries] == ["m3", "m4", "m5", "m6", "m7"]  # the newest five, oldest first
+        report = ks.verify_audit()
+        assert (report.ok, report.entries) == (True, 5)
+        # a change and its entry are one write: the token and its token.create entry arrive together
+        record, _ = ks.create_token("capped", ["segment"], ["m"])
+        assert ks.audit_log()[-1].action == "token.create" and ks.audit_log()[-1].target == record.id
+        assert len(ks.audit_log()) == 5

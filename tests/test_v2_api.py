@@ -27,7 +27,7 @@ def server(tmp_path_factory):
     tokens = {
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
         "plain-only": keystore.create_token("limited", ["segment"], ["plain"])[1],
-        "admin-only": keystore.create_token("ops", ["admin"], [])[1],
+        "admin-only": keystore.create_token("ops", ["admin"], ["*"])[1],
     }
     previous = os.environ.get("SEGLOCK_MASTER_KEY")
     os.environ["SEGLOCK_MASTER_KEY"] = MASTER_KEY
@@ -227,7 +227,7 @@ def test_too_large_body_is_413_in_protocol_form(server):
 def test_infer_is_counted_under_its_route_template(server):
     body, headers = binary_request(scene(4)[None])
     assert infer(server, "plain", body, headers).status_code == 200
-    text = server["client"].get("/metrics").text
+    text = server["client"].get("/metrics", headers=auth(server, "admin-only")).text  # admin tokens only
     assert 'route="/v2/models/{name}/infer",status="200"' in text
 
 

@@ -70,6 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_home_argument(audit)
     audit.add_argument("--limit", type=int, metavar="N", help="only the last N entries")
     audit.add_argument("--json", action="store_true", help="print JSON lines")
+    audit.add_argument("--verify", action="store_true",
+                       help="check the audit log's HMAC chain instead of printing it (exit 1 if broken)")
     audit.set_defaults(handler=_audit)
 
 
@@ -141,7 +143,9 @@ def _check_copy(source: Keystore, target: Keystore) -> None:
             problems.append(f"model {model}")
     if target.models() != source.models():
         problems.append("models")
-    if target.audit_log()[:-1] != source.audit_log():
+    copied = target.audit_log()[:-1]  # a database keeps the newest DB_AUDIT_KEEP entries (the last: the migration)
+    originals = source.audit_log()
+    if copied != originals[len(originals) - len(copied):]:
         problems.append("audit log")
     if problems:
         raise KeystoreError(f"the copy at {target.location} differs from {source.location} in: {', '.join(problems)}")
@@ -185,6 +189,19 @@ def _change_master_key(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 1:
         raise CLIError("--limit must be a positive integer")
+    if args.verify:
+        with open_keystore(home_of(args)) as store:
+            report = store.verify_audit()
+        if args.json:
+            print(json.dumps({"ok": report.ok, "entries": report.entries, "segments": report.segments,
+                              "first_seq": report.first_seq, "earlier_key_entries": report.earlier_key_entries,
+                              "problem": report.problem}))
+        elif report.ok:
+            print(f"audit log intact: {report.entries} entries in {report.segments} segments "
+                  f"(from entry {report.first_seq})")
+        else:
+            print(f"audit log BROKEN: {report.problem}", file=sys.stderr)
+        return 0 if report.ok else 1
     with open_keystore(home_of(args)) as store:
         entries = store.audit_log(limit=args.limit)
     for entry in entries:

@@ -5,14 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 
 from seglock.app import inference
-from seglock.app.deps import AuditDep, RegistryDep, SegmentGrant, SettingsDep
+from seglock.app.deps import AuditorDep, RegistryDep, SegmentGrant, SettingsDep, UploadGateDep
 from seglock.app.engine import EngineStopped, Overloaded
-from seglock.app.errors import bad_request, forbidden, overloaded, unsupported_media
+from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
 from seglock.app.registry import HostedModel, Registry
 from seglock.client.modes import Mode
@@ -37,53 +36,74 @@ _SEGMENT_BODY = {
 }
 
 
-def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
-    hosted = registry.get(name)  # ModelNotFound (404) for unknown names
+NO_STORE = {"Cache-Control": "no-store"}
+
+
+async def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
+    """The model, if this token is granted it. A token is never told whether a model it is not
+    granted exists: unknown and ungranted names get the same 403 (a `*` token sees 404s)."""
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
-    return hosted
+    # off the event loop: following another worker's rotation loads a model
+    return await asyncio.to_thread(registry.get, name)  # ModelNotFound (404)
 
 
-@router.get("/models", summary="The models this token may use, with their public protection parameters")
+@router.get("/models", summary="The models this token may use, with their public protection parameters",
+            responses=documented(401, 403, 429, 503))
 async def list_models(registry: RegistryDep, principal: SegmentGrant) -> dict:
-    return {"models": [registry.get(n).public_info() for n in registry.names() if principal.allows_model(n)]}
+    def granted() -> list[dict]:
+        return [registry.get(n).public_info() for n in registry.names() if principal.allows_model(n)]
+
+    return {"models": await asyncio.to_thread(granted)}
 
 
-@router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)")
-async def client_key(name: str, registry: RegistryDep, audit: AuditDep, principal: SegmentGrant) -> dict:
-    hosted = hosted_for(registry, name, principal)
+@router.get("/models/{name}/client-key", summary="The block key an SDK encrypts with (shf/np/ffx models)",
+            responses=documented(400, 401, 403, 404, 429, 503))
+async def client_key(name: str, registry: RegistryDep, auditor: AuditorDep, principal: SegmentGrant) -> Response:
+    hosted = await hosted_for(registry, name, principal)
     if not hosted.mode.is_block:
         raise bad_request(f"model {name} is {hosted.mode}: it has no client key")
-    audit(principal, "client-key", name, "ok")
-    return {"model": name, "key_version": hosted.key_version, "key": hosted.block_key.to_dict()}
+    version = hosted.key_version
+    # Audited before it is released (once per token, model, version and window); if the record
+    # cannot be written the KeystoreError becomes a 503 and no key leaves the server.
+    await asyncio.to_thread(auditor.record_once, ("client-key", principal.token_id, name, version),
+                            principal.token_id, "client-key", name, "ok", f"key_version={version}")
+    return JSONResponse({"model": name, "key_version": version, "key": hosted.block_key.to_dict()},
+                        headers=NO_STORE)
 
 
 @router.post("/models/{name}/segment", summary="Segment one image", openapi_extra=_SEGMENT_BODY,
-             response_class=Response)
+             response_class=Response, responses=documented(400, 401, 403, 404, 409, 413, 415, 422, 429, 503))
 async def segment(
     name: str,
     request: Request,
     registry: RegistryDep,
     settings: SettingsDep,
+    gate: UploadGateDep,
     principal: SegmentGrant,
     accept: Annotated[str | None, Header()] = None,
     x_seglock_key_version: Annotated[str | None, Header()] = None,
     x_seglock_encrypted: Annotated[str | None, Header()] = None,
 ) -> Response:
-    hosted = hosted_for(registry, name, principal)
-    data = await read_image_field(request)
+    hosted = await hosted_for(registry, name, principal)
     encrypted = x_seglock_key_version is not None or _truthy(x_seglock_encrypted)
     if encrypted:
         if not hosted.mode.encrypts_input:
             raise bad_request(f"model {name} is {hosted.mode}: send a plain image")
         if hosted.mode.is_block:
             inference.check_key_version(hosted, x_seglock_key_version)
-
-    def decode_and_prepare() -> tuple[torch.Tensor, tuple[int, int]]:  # one trip to a worker thread, not two
-        upload = decode_upload(data, max_pixels=settings.max_pixels)
-        return inference.prepare(upload, hosted, encrypted=encrypted)
-
-    tensor, size = await asyncio.to_thread(decode_and_prepare)
+    wants_json = _wants_json(accept)
+    # The body is read and decoded only inside a slot: memory stays bounded however many upload at once.
+    async with gate.slot():
+        data = await read_image_field(request)
+        draft = None if encrypted else tuple(hosted.manifest.input_size)
+        upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels, draft_size=draft)
+        del data
+        if wants_json and upload.size[0] * upload.size[1] > settings.max_json_mask_pixels:
+            raise too_large(f"a {upload.size[0]}x{upload.size[1]} mask is too large for JSON "
+                            f"(limit {settings.max_json_mask_pixels} pixels): ask for image/png")
+        tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
+        del upload
     try:
         mask = await hosted.batcher.submit(tensor)
     except Overloaded as exc:
@@ -95,10 +115,11 @@ async def segment(
         "X-Seglock-Model-Version": str(hosted.revision),
         "X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version),
     }
-    if _wants_json(accept):
-        body = await asyncio.to_thread(inference.mask_json, mask, size, hosted)
-        return Response(body, media_type="application/json", headers=headers)
-    body = await asyncio.to_thread(inference.mask_png, mask, size)
+    async with gate.slot():  # a full-size mask costs what a decode does
+        if wants_json:
+            body = await asyncio.to_thread(inference.mask_json, mask, size, hosted)
+            return Response(body, media_type="application/json", headers=headers)
+        body = await asyncio.to_thread(inference.mask_png, mask, size)
     return Response(body, media_type="image/png", headers=headers)
 
 

@@ -23,23 +23,26 @@ from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from seglock.app import __version__, inference, oip
-from seglock.app.deps import ReadyDep, RegistryDep, SegmentGrant, SettingsDep
+from seglock.app.deps import ReadyDep, RegistryDep, SegmentGrant, SettingsDep, UploadGateDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import (
     APIError,
     ServiceError,
     bad_request,
     conflict,
+    error_responses,
     http_status,
     not_found,
     overloaded,
+    too_large,
     unprocessable,
 )
-from seglock.app.imageio import resize_mask
+from seglock.app.imageio import UploadGate, resize_mask
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.routes.segment import hosted_for
+from seglock.app.settings import Settings
 from seglock.client.modes import Mode
-from seglock.keystore.errors import KeystoreError
+from seglock.keystore.errors import InvalidRecord, KeystoreError
 from seglock.keystore.tokens import Grant
 
 log = logging.getLogger("seglock.app")
@@ -61,8 +64,9 @@ class ProtocolRoute(APIRoute):
             except ServiceError as exc:  # domain errors: unknown model, stale key version, ...
                 return protocol_error(http_status(exc)[0], str(exc))
             except KeystoreError as exc:
-                if exc.user_error:  # keystore messages never hold a secret
+                if isinstance(exc, InvalidRecord):  # a field of the caller's request; says nothing of the server
                     return protocol_error(400, str(exc))
+                # Anything else is the server's (as on /v1): paths and the master key's source stay in its log.
                 log.error("keystore error: %s", exc)
                 return protocol_error(503, "the keystore cannot be used right now", {"Retry-After": "5"})
             except StarletteHTTPException as exc:  # e.g. the body-size limit, raised while the body streams in
@@ -80,6 +84,16 @@ def protocol_error(status: int, message: str, headers: dict[str, str] | None = N
 router = APIRouter(prefix="/v2", tags=["open inference protocol"], route_class=ProtocolRoute)
 
 
+def protocol_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, with the protocol's `{"error": "..."}` body."""
+    schema = {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}
+    return {status: {"description": description, "content": {"application/json": {"schema": schema}}}
+            for status, description in ((s, error_responses(s)[s]["description"]) for s in statuses)}
+
+
+_MODEL_ERRORS = protocol_responses(401, 403, 404, 429, 503)
+
+
 @router.get("", summary="Server metadata")
 async def server_metadata() -> dict:
     return {"name": "seglock", "version": __version__, "extensions": EXTENSIONS}
@@ -90,33 +104,63 @@ async def live() -> dict:
     return {"live": True}
 
 
-@router.get("/health/ready", summary="Readiness: every model loaded")
+@router.get("/health/ready", summary="Readiness: every model loaded", responses=protocol_responses(503))
 async def ready(is_ready: ReadyDep) -> JSONResponse:
     if not is_ready:
         return JSONResponse({"ready": False}, status_code=503, headers={"Retry-After": "1"})
     return JSONResponse({"ready": True})
 
 
-@router.get("/models/{name}", summary="Model metadata")
-@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version")
-async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant,
-                         version: str | None = None) -> dict:
-    return metadata(served(registry, name, version, principal))
+@router.get("/models/{name}", summary="Model metadata", responses=_MODEL_ERRORS)
+async def model_metadata(name: str, registry: RegistryDep, principal: SegmentGrant) -> dict:
+    return metadata(await served(registry, name, None, principal))
 
 
-@router.get("/models/{name}/ready", summary="Model readiness")
-@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version")
-async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep,
-                      version: str | None = None) -> JSONResponse:
-    served(registry, name, version, principal)
+@router.get("/models/{name}/versions/{version}", summary="Model metadata of one version", responses=_MODEL_ERRORS)
+async def version_metadata(name: str, version: str, registry: RegistryDep, principal: SegmentGrant) -> dict:
+    return metadata(await served(registry, name, version, principal))
+
+
+@router.get("/models/{name}/ready", summary="Model readiness", responses=_MODEL_ERRORS)
+async def model_ready(name: str, registry: RegistryDep, principal: SegmentGrant, is_ready: ReadyDep) -> JSONResponse:
+    return readiness(await served(registry, name, None, principal), is_ready)
+
+
+@router.get("/models/{name}/versions/{version}/ready", summary="Readiness of one model version",
+            responses=_MODEL_ERRORS)
+async def version_ready(name: str, version: str, registry: RegistryDep, principal: SegmentGrant,
+                        is_ready: ReadyDep) -> JSONResponse:
+    return readiness(await served(registry, name, version, principal), is_ready)
+
+
+def readiness(hosted: HostedModel, is_ready: bool) -> JSONResponse:
     if not is_ready:
-        return JSONResponse({"name": name, "ready": False}, status_code=503)
-    return JSONResponse({"name": name, "ready": True})
+        return JSONResponse({"name": hosted.name, "ready": False}, status_code=503, headers={"Retry-After": "1"})
+    return JSONResponse({"name": hosted.name, "ready": True})
 
 
+_TENSOR = {
+    "type": "object", "required": ["name", "shape", "datatype"],
+    "properties": {
+        "name": {"const": oip.INPUT_NAME},
+        "shape": {"type": "array", "items": {"type": "integer", "minimum": 1}, "minItems": 4, "maxItems": 4},
+        "datatype": {"enum": sorted(oip.INPUT_DTYPES)},
+        "data": {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 65535}},
+        "parameters": {"type": "object"},
+    },
+}
 _INFER_BODY = {
     "requestBody": {"required": True, "content": {
-        "application/json": {"schema": {"type": "object", "required": ["inputs"]}},
+        "application/json": {"schema": {
+            "type": "object", "required": ["inputs"],
+            "properties": {
+                "id": {"type": "string"},
+                "inputs": {"type": "array", "items": _TENSOR, "minItems": 1, "maxItems": 1},
+                "outputs": {"type": "array", "minItems": 1, "maxItems": 2, "items": {
+                    "type": "object", "required": ["name"],
+                    "properties": {"name": {"enum": sorted(oip.OUTPUTS)}, "parameters": {"type": "object"}}}},
+                "parameters": {"type": "object"},
+            }}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary",
                                                 "description": "JSON header + binary tensors "
                                                                "(Inference-Header-Content-Length)"}},
@@ -126,19 +170,42 @@ _INFER_BODY = {
 }
 
 
+_INFER_ERRORS = protocol_responses(400, 401, 403, 404, 409, 413, 422, 429, 503)
+
+
 @router.post("/models/{name}/infer", summary="Segment a batch of images", openapi_extra=_INFER_BODY,
-             response_class=Response)
+             response_class=Response, responses=_INFER_ERRORS)
+async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, gate: UploadGateDep,
+                principal: SegmentGrant) -> Response:
+    return await run_infer(name, None, request, registry, settings, gate, principal)
+
+
 @router.post("/models/{name}/versions/{version}/infer", summary="Segment with one model version",
-             openapi_extra=_INFER_BODY, response_class=Response)
-async def infer(name: str, request: Request, registry: RegistryDep, settings: SettingsDep, principal: SegmentGrant,
-                version: str | None = None) -> Response:
-    hosted = served(registry, name, version, principal)
-    body = await request.body()
-    parsed = await asyncio.to_thread(
-        oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
-        max_pixels=settings.max_pixels, max_images=settings.queue_size)
-    encrypted = encrypted_input(parsed.parameters, hosted)
-    tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
+             openapi_extra=_INFER_BODY, response_class=Response, responses=_INFER_ERRORS)
+async def infer_version(name: str, version: str, request: Request, registry: RegistryDep, settings: SettingsDep,
+                        gate: UploadGateDep, principal: SegmentGrant) -> Response:
+    return await run_infer(name, version, request, registry, settings, gate, principal)
+
+
+async def run_infer(name: str, version: str | None, request: Request, registry: Registry, settings: Settings,
+                    gate: UploadGate, principal: Grant) -> Response:
+    hosted = await served(registry, name, version, principal)
+    # As on /v1: the body is read, parsed and turned into model inputs only inside an upload slot,
+    # so however many clients send at once, a worker holds at most `decode_concurrency` bodies.
+    async with gate.slot():
+        body = await request.body()
+        parsed = await asyncio.to_thread(
+            oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
+            max_pixels=settings.max_pixels, max_images=settings.queue_size,
+            max_json_bytes=settings.max_json_tensor_bytes)
+        del body
+        json_pixels = parsed.json_output_pixels()
+        if json_pixels > settings.max_json_mask_pixels:
+            raise too_large(f"{json_pixels} output pixels are too many for JSON (limit "
+                            f"{settings.max_json_mask_pixels}): ask for binary_data outputs")
+        encrypted = encrypted_input(parsed.parameters, hosted)
+        tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
+        parsed.image = parsed.image[:0]  # the upload is not needed any more; the answer's size is in `size`
     try:
         results = await asyncio.gather(*(hosted.batcher.submit_scored(t, score=parsed.wants_score)
                                          for t in tensors))
@@ -146,7 +213,8 @@ async def infer(name: str, request: Request, registry: RegistryDep, settings: Se
         raise overloaded(str(exc)) from None
     except EngineStopped as exc:
         raise overloaded(str(exc), retry_after_s=5) from None
-    payload, header_length = await asyncio.to_thread(answer, parsed, results, size, hosted)
+    async with gate.slot():  # full-size masks (and scores) cost what a decode does
+        payload, header_length = await asyncio.to_thread(answer, parsed, results, size, hosted)
     headers = {"X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version)}
     if header_length is None:
         return Response(payload, media_type="application/json", headers=headers)
@@ -154,9 +222,10 @@ async def infer(name: str, request: Request, registry: RegistryDep, settings: Se
     return Response(payload, media_type="application/octet-stream", headers=headers)
 
 
-def served(registry: Registry, name: str, version: str | None, principal: Grant) -> HostedModel:
-    """The hosted model a token may use; a version, when named, must be the revision being served."""
-    hosted = hosted_for(registry, name, principal)
+async def served(registry: Registry, name: str, version: str | None, principal: Grant) -> HostedModel:
+    """The hosted model a token may use (403 alike for unknown and ungranted names, as on /v1); a
+    version, when named, must be the revision being served."""
+    hosted = await hosted_for(registry, name, principal)
     if version is not None and version != str(hosted.revision):
         raise not_found(f"model {name} serves version {hosted.revision}, not {version!r}")
     return hosted

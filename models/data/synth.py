@@ -234,6 +234,28 @@ def scene_stem(index: int) -> str:
     return f"{index:06d}"
 
 
+def prepare_output(out: str | Path, *, force: bool) -> tuple[Path, Path]:
+    """Make `out`/images and `out`/masks for a new data set; (images dir, masks dir).
+
+    Refuses a directory that already holds images or masks unless `force`, which first removes
+    the old PNGs so that no stale scene survives.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DatasetError(f"{out} exists and is not a directory")
+    images_dir, masks_dir = out / "images", out / "masks"
+    existing = [d for d in (images_dir, masks_dir) if d.is_dir() and any(d.iterdir())]
+    if existing and not force:
+        raise DatasetError(
+            f"{out} already holds a data set ({existing[0].name}/ is not empty): replace it with --force (force=True)"
+        )
+    for folder in existing:
+        shutil.rmtree(folder)
+    images_dir.mkdir(parents=True, exist_ok=True)
+    masks_dir.mkdir(parents=True, exist_ok=True)
+    return images_dir, masks_dir
+
+
 def write_synth_dataset(
     out: str | Path,
     n: int,
@@ -256,18 +278,7 @@ def write_synth_dataset(
     if seed < 0:
         raise DatasetError(f"seed must be non-negative, got {seed}")
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise DatasetError(f"{out} exists and is not a directory")
-    images_dir, masks_dir = out / "images", out / "masks"
-    existing = [d for d in (images_dir, masks_dir) if d.is_dir() and any(d.iterdir())]
-    if existing and not force:
-        raise DatasetError(
-            f"{out} already holds a data set ({existing[0].name}/ is not empty): replace it with --force (force=True)"
-        )
-    for folder in existing:
-        shutil.rmtree(folder)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    masks_dir.mkdir(parents=True, exist_ok=True)
+    images_dir, masks_dir = prepare_output(out, force=force)
 
     classes = list(CLASS_NAMES[:num_classes])
     pixels = np.zeros(num_classes, dtype=np.int64)
