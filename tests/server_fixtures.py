@@ -87,6 +87,41 @@ def open_keystore(home: Path) -> Keystore:
     return Keystore.open(home, create=True, env={"SEGLOCK_MASTER_KEY": MASTER_KEY})
 
 
+def imported_home(root: Path, artifacts: dict[str, tuple[Path, object]]) -> tuple[Path, Keystore]:
+    """ROOT/home with every artifact of `make_artifacts` imported (and its key stored)."""
+    from seglock.app.home import Home
+
+    home = root / "home"
+    keystore = open_keystore(home)
+    for path, key in artifacts.values():
+        Home(home, keystore).import_artifact(path, key=key)
+    return home, keystore
+
+
+@contextlib.contextmanager
+def in_process_servers(home: Path):
+    """`make(**settings)`: a TestClient of the app over `home` (small batches, no demo, no warm-up);
+    every client made is closed on exit."""
+    from fastapi.testclient import TestClient
+
+    from seglock.app.main import create_app
+    from seglock.app.settings import Settings
+
+    clients = []
+
+    def make(**overrides):
+        options = dict(home=home, import_demo=False, max_batch=4, max_wait_ms=2, warmup=False)
+        client = TestClient(create_app(Settings(**{**options, **overrides})), raise_server_exceptions=False)
+        clients.append(client.__enter__())
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in clients:
+            client.__exit__(None, None, None)
+
+
 def master_env() -> dict[str, str]:
     return {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY}
 

@@ -13,13 +13,21 @@ import pytest
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from seglock.app.home import Home
 from seglock.app.imageio import decode_upload
 from seglock.app.main import create_app
 from seglock.app.settings import Settings
 from seglock.client.imaging import pil_to_rgb
 from seglock.keystore import Keystore
-from tests.server_fixtures import MASTER_KEY, make_artifacts, npy_bytes, open_keystore, png_bytes, scene
+from tests.server_fixtures import (
+    MASTER_KEY,
+    imported_home,
+    in_process_servers,
+    make_artifacts,
+    npy_bytes,
+    open_keystore,
+    png_bytes,
+    scene,
+)
 
 
 @pytest.fixture(scope="module")
@@ -31,27 +39,15 @@ def artifacts(tmp_path_factory):
 def server(tmp_path, artifacts, monkeypatch):
     """A fresh home with the four test models and tokens, served in process; `make(**settings)`."""
     monkeypatch.setenv("SEGLOCK_MASTER_KEY", MASTER_KEY)
-    home = tmp_path / "home"
-    keystore = open_keystore(home)
-    for path, key in artifacts.values():
-        Home(home, keystore).import_artifact(path, key=key)
+    home, keystore = imported_home(tmp_path, artifacts)
     tokens = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"])[1],
         "client": keystore.create_token("client", ["segment"], ["*"])[1],
         "plain-only": keystore.create_token("limited", ["segment"], ["plain"])[1],
         "cp-admin": keystore.create_token("cp admin", ["admin", "segment"], ["cp"])[1],
     }
-    clients = []
-
-    def make(**overrides):
-        options = dict(home=home, import_demo=False, max_batch=4, max_wait_ms=2, warmup=False)
-        client = TestClient(create_app(Settings(**{**options, **overrides})), raise_server_exceptions=False)
-        clients.append(client.__enter__())
-        return client
-
-    yield {"make": make, "tokens": tokens, "home": home, "keystore": keystore}
-    for client in clients:
-        client.__exit__(None, None, None)
+    with in_process_servers(home) as make:
+        yield {"make": make, "tokens": tokens, "home": home, "keystore": keystore}
 
 
 def auth(server, who="client") -> dict:

@@ -9,14 +9,10 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from fastapi.testclient import TestClient
 
 from seglock.app import oip
-from seglock.app.home import Home
-from seglock.app.main import create_app
-from seglock.app.settings import Settings
 from seglock.keystore import Keystore
-from tests.server_fixtures import MASTER_KEY, make_artifacts, open_keystore, png_bytes, scene
+from tests.server_fixtures import MASTER_KEY, imported_home, in_process_servers, make_artifacts, png_bytes, scene
 
 
 @pytest.fixture(scope="module")
@@ -28,28 +24,16 @@ def artifacts(tmp_path_factory):
 def server(tmp_path, artifacts, monkeypatch):
     """A fresh home with the four test models and tokens, served in process; `make(**settings)`."""
     monkeypatch.setenv("SEGLOCK_MASTER_KEY", MASTER_KEY)
-    home = tmp_path / "home"
-    keystore = open_keystore(home)
-    for path, key in artifacts.values():
-        Home(home, keystore).import_artifact(path, key=key)
+    home, keystore = imported_home(tmp_path, artifacts)
     made = {
         "admin": keystore.create_token("admin", ["admin", "segment"], ["*"]),
         "client": keystore.create_token("client", ["segment"], ["*"]),
         "plain-only": keystore.create_token("limited", ["segment"], ["plain"]),
         "cp-admin": keystore.create_token("cp admin", ["admin"], ["cp"]),
     }
-    clients = []
-
-    def make(**overrides):
-        options = dict(home=home, import_demo=False, max_batch=4, max_wait_ms=2, warmup=False)
-        client = TestClient(create_app(Settings(**{**options, **overrides})), raise_server_exceptions=False)
-        clients.append(client.__enter__())
-        return client
-
-    yield {"make": make, "home": home, "tokens": {who: token for who, (_, token) in made.items()},
-           "ids": {who: record.id for who, (record, _) in made.items()}}
-    for client in clients:
-        client.__exit__(None, None, None)
+    with in_process_servers(home) as make:
+        yield {"make": make, "home": home, "tokens": {who: token for who, (_, token) in made.items()},
+               "ids": {who: record.id for who, (record, _) in made.items()}}
 
 
 def auth(server, who="client") -> dict:

@@ -293,11 +293,17 @@ def write_synth_dataset(
         if on_scene is not None:
             on_scene()
     splits = split_stems(stems, seed, val_fraction)
+    return finish_output(out, classes, splits, pixels, scenes=n, seed=seed, size=size)
+
+
+def finish_output(out: Path, classes: list[str], splits: dict[str, list[str]], pixels: np.ndarray, *, scenes: int,
+                  seed: int, size: int) -> dict:
+    """Write classes.json and splits.json beside the scenes; the summary `seglock data` prints."""
     (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
     (out / "splits.json").write_text(json.dumps(splits, indent=2) + "\n")
     return {
         "out": str(out),
-        "scenes": n,
+        "scenes": scenes,
         "seed": seed,
         "size": size,
         "classes": classes,

@@ -21,7 +21,6 @@ is downloaded. Seeded numpy generators are right here: this is data, not a key.
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Callable
 from functools import cache
@@ -239,7 +238,7 @@ def write_textures_dataset(
     Same rules as `write_synth_dataset`: refuses a folder that already holds images or masks
     unless `force` (which removes the old PNGs first). Returns a summary with the class pixel shares.
     """
-    from seglock.models.data.synth import prepare_output, scene_stem
+    from seglock.models.data.synth import finish_output, prepare_output, scene_stem
 
     check_params(size)
     if n < 1:
@@ -261,16 +260,4 @@ def write_textures_dataset(
         splits[splits_of[index]].append(stem)
         if on_scene is not None:
             on_scene()
-    classes = list(CLASS_NAMES)
-    (out / "classes.json").write_text(json.dumps(classes, indent=2) + "\n")
-    (out / "splits.json").write_text(json.dumps(splits, indent=2) + "\n")
-    return {
-        "out": str(out),
-        "scenes": n,
-        "seed": seed,
-        "size": size,
-        "classes": classes,
-        "train": len(splits["train"]),
-        "val": len(splits["val"]),
-        "class_pixel_share": [round(float(p) / float(pixels.sum()), 6) for p in pixels],
-    }
+    return finish_output(out, list(CLASS_NAMES), splits, pixels, scenes=n, seed=seed, size=size)
