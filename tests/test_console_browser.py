@@ -227,8 +227,8 @@ def test_api_errors_are_shown_with_the_apis_message(site):
     assert by_id(driver, "token-form-error").text == "name: String should have at least 1 character"
     by_id(driver, "new-token-name").send_keys("no models")
     css_all(driver, "#token-form button[type=submit]")[0].click()
-    wait_for(lambda: "needs at least one model" in by_id(driver, "token-form-error").text, 45, "the keystore's error")
-    assert by_id(driver, "token-form-error").text == "a segment token needs at least one model (or '*' for all)"
+    wait_for(lambda: "at least 1 item" in by_id(driver, "token-form-error").text, 45, "the models error")
+    assert by_id(driver, "token-form-error").text == "models: List should have at least 1 item after validation, not 0"
 
     from selenium.webdriver.common.keys import Keys
 

@@ -671,7 +671,7 @@ function startMetrics() {
   const tick = async () => {
     if (document.body.dataset.page !== "metrics") return;
     try {
-      const text = await (await api("/metrics", { accept: "text/plain", auth: false })).text();
+      const text = await (await api("/metrics", { accept: "text/plain" })).text();  // admin-only since issue 13
       showError("metrics-error", null);
       renderMetrics(parseMetrics(text));
       $("metrics-updated").textContent = `Updated ${new Date().toLocaleTimeString()}.`;
