@@ -50,7 +50,7 @@ from fastapi import FastAPI, UploadFile
 from fastapi.responses import Response
 from PIL import Image
 
-from seglock.app.settings import thread_environment
+from seglock.app.settings import thread_environment, usable_cores
 
 SERVERS = ("seglock", "litserve", "bare")
 MODELS = ("plain", "cp")
@@ -439,10 +439,6 @@ def report(summary: dict, servers: dict, args, load: tuple) -> None:
                   f"{theirs['cpu_ms_per_image']:.1f} ms: {'ok' if ok else 'MISSED'}")
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="lraspp_mobilenet_v3_large")
@@ -453,7 +449,7 @@ def main() -> int:
                         help="requests per concurrent client worker in each window")
     parser.add_argument("--min-requests", type=int, default=16, help="at least this many requests per window")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over all servers")
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=int, default=usable_cores(),
                         help="worker processes of every server (default: one per core)")
     parser.add_argument("--threads", type=int, default=1, help="torch/OpenMP threads of every server process "
                                                                "(default 1)")

@@ -45,7 +45,7 @@ from PIL import Image
 
 from seglock.app.backends import fold_batch_norms, set_threads
 from seglock.app.home import Home
-from seglock.app.settings import thread_environment
+from seglock.app.settings import thread_environment, usable_cores
 from seglock.keystore import Keystore
 from seglock.models import apply_key, build_model, fold_key, get_tap, protect, save_artifact
 from seglock.models.artifact import IMAGENET_NORMALIZATION
@@ -263,17 +263,13 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values) * 1000, q))
 
 
-def default_workers() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="lraspp_mobilenet_v3_large")
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=default_workers(),
+    parser.add_argument("--workers", type=int, default=usable_cores(),
                         help="server processes, and raw-forward processes run at once (default: one per core)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads of every process: server workers, raw forwards, this one "
