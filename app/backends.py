@@ -6,13 +6,21 @@ Backends (`--backend`, `SEGLOCK_BACKEND`):
                    lraspp_mobilenet_v3_large, masks identical)
     fused          channels_last, and every BatchNorm that follows a convolution folded into that
                    convolution's weights (one pass over the activations less per pair)
+    script         fused, traced and frozen into one TorchScript graph: the whole forward is one C++
+                   call that releases the GIL. An eager forward takes the GIL back between two ops
+                   (hundreds per batch) and waits for it while the event loop parses requests: with
+                   one Python thread busy beside it, a fused lraspp forward ran 9x slower, the
+                   scripted one 1.2x. Weights are constants of the frozen graph: a rotation traces again
     compile        channels_last, then `torch.compile` (inductor) built on a background thread while
                    the channels_last module serves; swapped in between two batches once its masks on
                    a probe batch equal the eager ones
-    auto           the fastest of eager, channels_last and fused on a probe batch among those whose
-                   masks equal eager's (timed in interleaved rounds; by the thread's CPU time on a
-                   one-thread CPU); then the compiled module too, if it is faster still and exact
-"Exact" means the argmax masks equal eager's on the probe batch, pixel for pixel. bf16/fp16 on CPU
+    auto           the fastest of eager, channels_last, fused and script on a probe batch among those
+                   whose masks equal eager's (timed in interleaved rounds; by the thread's CPU time on
+                   a one-thread CPU), script preferred within 5 % of the fastest (what the GIL costs the
+                   others in a server is not seen on a quiet probe); then the compiled module too, if
+                   it is faster still and exact
+"Exact" means the argmax masks equal eager's on the probe batch, pixel for pixel (and, for script, on
+one image of it: a trace must not have kept the probe's batch size). bf16/fp16 on CPU
 are not candidates: they change masks (see docs/serving.md).
 
 Compiling is bounded: after `compile_budget_s` the attempt is abandoned (the thread cannot be
@@ -31,6 +39,7 @@ import os
 import statistics
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -40,7 +49,8 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 log = logging.getLogger("seglock.engine")
 
-BACKENDS = ("auto", "eager", "channels_last", "fused", "compile")
+BACKENDS = ("auto", "eager", "channels_last", "fused", "script", "compile")
+SCRIPT_PREFERENCE = 1.05  # auto takes script unless the fastest candidate beats it by more than this
 PROBE_SEED = 20261130
 
 
@@ -91,6 +101,18 @@ def fold_batch_norms(module: nn.Module) -> nn.Module:
                 parent._modules[first] = fuse_conv_bn_eval(conv, norm)
                 parent._modules[second] = nn.Identity()
     return module
+
+
+def script_module(module: nn.Module, example: torch.Tensor) -> torch.jit.ScriptModule:
+    """`module` traced on `example` and frozen (weights become constants, so the graph runs without
+    touching Python). The caller checks its masks: a trace follows the example's path only."""
+    with torch.no_grad(), warnings.catch_warnings():
+        # torch.jit is deprecated in favour of torch.compile, whose Python wrapper takes the GIL per
+        # kernel like eager does; tracing is still the one way to a GIL-free CPU forward with no compiler
+        warnings.simplefilter("ignore", FutureWarning)
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        traced = torch.jit.trace(module.eval(), example, check_trace=False)
+        return torch.jit.freeze(traced)
 
 
 def forward_clock(device: torch.device) -> Callable[[], float]:

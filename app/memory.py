@@ -15,6 +15,7 @@ import logging
 
 log = logging.getLogger("seglock.app")
 
+TRIM_ABOVE_BYTES = 4 * 1024 * 1024  # an upload slot that held a buffer this large trims when released
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
 _M_ARENA_MAX = -8
@@ -51,6 +52,8 @@ def tune_malloc(mmap_threshold: int = 32 * 1024 * 1024, arenas: int = 4) -> bool
 
 
 def trim() -> None:
+    """Hand back the free memory of every heap arena (malloc_trim); costs a few ms and the pages a
+    forward pass would reuse, so only after large buffers."""
     libc = _glibc()
     if libc is not None:
         libc.malloc_trim(0)

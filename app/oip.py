@@ -50,6 +50,14 @@ class InferRequest:
         images, height, width = (int(d) for d in self.image.shape[:3])
         return sum(images * height * width for output in self.outputs if not output.binary)
 
+    def answer_nbytes(self) -> int:
+        """About what the answer's arrays take while it is built: 1 byte a mask pixel, 4 a score,
+        and a pointer and its text (8) per value for JSON outputs."""
+        images, height, width = (int(d) for d in self.image.shape[:3])
+        per_pixel = {"mask": 1, "score": 4}
+        return sum(images * height * width * (per_pixel.get(output.name, 4) if output.binary else 8)
+                   for output in self.outputs)
+
 
 def parse_request(body: bytes, header_length: str | None, *, max_pixels: int, max_images: int,
                   max_json_bytes: int | None = None) -> InferRequest:

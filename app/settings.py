@@ -43,7 +43,7 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory layout on CUDA")
-    backend: Literal["auto", "eager", "channels_last", "fused", "compile"] = Field(
+    backend: Literal["auto", "eager", "channels_last", "fused", "script", "compile"] = Field(
         "auto", description="how the forward pass runs; auto = the fastest exact one, measured at load")
     compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
     compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")

@@ -9,7 +9,9 @@ Servers (each a real process tree on loopback):
 Models: a plain lraspp_mobilenet_v3_large (6 classes, random weights, seed 0) and the same model
 CP-protected at `features16` (seglock folds the key from its keystore; the peers serve the folded
 module, which is what a peer holding the key would run).
-Load: the same httpx client at concurrency 1, 16 and 64 (--concurrency), the same scene image.
+Load: the same client (benchmarks/loadgen.py: each request encoded once, keep-alive connections, a
+few tens of microseconds of CPU per request) at concurrency 1, 16 and 64 (--concurrency), the same
+scene image.
 Every server's mask of that image is checked against the eager forward's.
 
 Equal-handed: every server gets `--workers` worker processes (seglock --workers, uvicorn workers,
@@ -44,6 +46,7 @@ import time
 from pathlib import Path
 
 import httpx
+import loadgen  # benchmarks/, beside this script
 import numpy as np
 import torch
 from fastapi import FastAPI, UploadFile
@@ -256,21 +259,24 @@ def wait_compiled(base: str, token: str, limit_s: float, workers: int) -> str:
     return " / ".join(sorted(seen))
 
 
-def request_for(kind: str, model: str, setup: dict):
-    """(path, httpx keyword arguments, function reading the mask out of the response)."""
+def request_for(kind: str, model: str, setup: dict, base: str):
+    """(the request, encoded once, and a function reading the mask out of the answer's body)."""
     png = setup["png"]
 
-    def from_png(response):
-        return np.asarray(Image.open(io.BytesIO(response.content)))
+    def from_png(body: bytes) -> np.ndarray:
+        return np.asarray(Image.open(io.BytesIO(body)))
 
-    if kind == "seglock":
-        return (f"/v1/models/{model}/segment",
-                {"files": {"image": ("x.png", png)}, "headers": {"Authorization": f"Bearer {setup['token']}"}},
-                from_png)
-    if kind == "bare":
-        return f"/predict/{model}", {"files": {"image": ("x.png", png)}}, from_png
-    return (f"/predict/{model}", {"json": {"image": base64.b64encode(png).decode()}},
-            lambda r: np.asarray(Image.open(io.BytesIO(base64.b64decode(r.json()["mask"])))))
+    if kind in ("seglock", "bare"):
+        body, content_type = loadgen.multipart({"image": ("x.png", png)})
+        headers = {"Content-Type": content_type}
+        if kind == "seglock":
+            headers["Authorization"] = f"Bearer {setup['token']}"
+        path = f"/v1/models/{model}/segment" if kind == "seglock" else f"/predict/{model}"
+        return loadgen.request("POST", base + path, body=body, headers=headers), from_png
+    body = json.dumps({"image": base64.b64encode(png).decode()}).encode()
+    return (loadgen.request("POST", base + f"/predict/{model}", body=body,
+                            headers={"Content-Type": "application/json"}),
+            lambda answer: from_png(base64.b64decode(json.loads(answer)["mask"])))
 
 
 def cpu_seconds(process: subprocess.Popen) -> float:
@@ -291,40 +297,19 @@ def cpu_seconds(process: subprocess.Popen) -> float:
     return total
 
 
-async def drive(base: str, path: str, kwargs: dict, concurrency: int, total: int) -> dict:
-    """`total` requests from `concurrency` workers; throughput and latency percentiles."""
-    latencies: list[float] = []
-    failed = [0]
-    left = [total]
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, timeout=600, limits=limits) as http:
-        async def worker():
-            while left[0] > 0:
-                left[0] -= 1
-                started = time.perf_counter()
-                try:
-                    response = await http.post(path, **kwargs)
-                except httpx.HTTPError:
-                    failed[0] += 1
-                    continue
-                if response.status_code != 200:  # counted, not fatal: one peer's timeout must not end the run
-                    failed[0] += 1
-                    continue
-                latencies.append(time.perf_counter() - started)
-
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    ms = np.array(latencies or [float("nan")]) * 1000
-    return {"images_per_s": len(latencies) / elapsed, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "requests": total, "failed": failed[0]}
+async def drive(req: loadgen.Request, concurrency: int, total: int) -> dict:
+    """`total` requests from `concurrency` connections; throughput and latency percentiles."""
+    result = await loadgen.drive(req, concurrency, total)
+    ms = np.array(result.latencies_s or [float("nan")]) * 1000
+    return {"images_per_s": result.answered / result.elapsed_s, "p50_ms": float(np.percentile(ms, 50)),
+            "p99_ms": float(np.percentile(ms, 99)), "requests": total, "failed": result.failed}
 
 
 def window(server: dict, model: str, concurrency: int, total: int) -> dict:
     """One measured window: the load, and the server's CPU time per answered image."""
-    path, kwargs, _ = server["requests"][model]
+    req, _ = server["requests"][model]
     cpu_before = cpu_seconds(server["process"])
-    result = asyncio.run(drive(server["base"], path, kwargs, concurrency, total))
+    result = asyncio.run(drive(req, concurrency, total))
     answered = result["requests"] - result["failed"]
     result["cpu_ms_per_image"] = (cpu_seconds(server["process"]) - cpu_before) * 1000 / max(answered, 1)
     return result
@@ -341,14 +326,15 @@ def start_all(work: Path, setup: dict, env: dict, args) -> dict:
         if kind == "seglock":
             server["backend"] = wait_compiled(server["base"], setup["token"], args.compile_budget + 120,
                                               args.workers)
-        server["requests"] = {model: request_for(kind, model, setup) for model in MODELS}
+        server["requests"] = {model: request_for(kind, model, setup, server["base"]) for model in MODELS}
         server["masks_identical"] = {}
         for model in MODELS:
-            path, kwargs, read_mask = server["requests"][model]
-            response = httpx.post(server["base"] + path, timeout=600, **kwargs)
-            response.raise_for_status()
-            server["masks_identical"][model] = bool(np.array_equal(read_mask(response), setup["expected"][model]))
-            asyncio.run(drive(server["base"], path, kwargs, 8, 8 * args.workers))  # warm-up, every worker
+            req, read_mask = server["requests"][model]
+            answer = asyncio.run(loadgen.send_once(req, timeout_s=600))
+            if answer.status != 200:
+                raise SystemExit(f"{kind} answered {answer.status} for model {model}: {answer.body[:200]!r}")
+            server["masks_identical"][model] = bool(np.array_equal(read_mask(answer.body), setup["expected"][model]))
+            asyncio.run(drive(req, 8, 8 * args.workers))  # warm-up, every worker
     return servers
 
 

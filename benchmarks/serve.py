@@ -5,7 +5,7 @@
     /v2) vs the raw batched forward of the same model on the same device:
       vs the eager fp32 forward                                          target >= 1.5 CPU
       vs the fastest exact raw forward found (channels_last, fused,      target >= 0.9
-      compile)
+      script, compile)
     and the server's masks identical to the eager forward's
 (c) p50 / p99 latency at concurrency 1 and 16
 
@@ -14,7 +14,9 @@ like the server's workers (the same `--threads`, set before torch loads; the sam
 all at once, and their throughput is the sum. The server and the raw processes stay up together
 and are measured in `--rounds` interleaved rounds (raw forwards, then HTTP load, then again), so a
 shared machine's drifting load falls on both sides; the ratios are medians of per-round ratios,
-and the load average is printed before and after.
+and the load average is printed before and after. The load comes from benchmarks/loadgen.py (each
+request encoded once, keep-alive connections): the client shares the cores and should take as
+little from them as it can.
 
     python benchmarks/serve.py [--arch lraspp_mobilenet_v3_large] [--size 256] [--device cpu]
                                [--workers 2] [--threads 1] [--rounds 5] [--compile-budget 900]
@@ -39,11 +41,12 @@ import time
 from pathlib import Path
 
 import httpx
+import loadgen  # benchmarks/, beside this script
 import numpy as np
 import torch
 from PIL import Image
 
-from seglock.app.backends import fold_batch_norms, set_threads
+from seglock.app.backends import fold_batch_norms, script_module, set_threads
 from seglock.app.home import Home
 from seglock.app.settings import thread_environment, usable_cores
 from seglock.keystore import Keystore
@@ -114,11 +117,13 @@ def raw_worker(work: Path, batch: int, compile_budget: float) -> None:
     with torch.inference_mode():
         reference = served(inputs).argmax(1)
         np.save(work / "eager-mask.npy", reference[0].numpy().astype(np.uint8))
+        scripted = script_module(fused_module, cl_inputs)
         timers = {"eager": lambda: served(inputs).argmax(1),
                   "channels_last": lambda: cl_module(cl_inputs).argmax(1),
-                  "fused": lambda: fused_module(cl_inputs).argmax(1)}
+                  "fused": lambda: fused_module(cl_inputs).argmax(1),
+                  "script": lambda: scripted(cl_inputs).argmax(1)}
         info["backends"]["eager"] = {"exact": True}
-        for name in ("channels_last", "fused"):
+        for name in ("channels_last", "fused", "script"):
             info["backends"][name] = {"exact": torch.equal(timers[name](), reference)}
         if compile_budget > 0:
             started = time.perf_counter()  # the module the server compiles: fused where fused is exact
@@ -217,31 +222,22 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-async def load(base: str, token: str, data, concurrency: int, total: int, *,
-               v2: bool = False) -> tuple[float, list[float]]:
-    latencies: list[float] = []
-    queue: asyncio.Queue = asyncio.Queue()
-    for _ in range(total):
-        queue.put_nowait(None)
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"},
-                                 timeout=300, limits=limits) as http:
-        async def worker():
-            while not queue.empty():
-                queue.get_nowait()
-                started = time.perf_counter()
-                if v2:
-                    body, headers = v2_body(data)
-                    response = await http.post("/v2/models/bench/infer", content=body, headers=headers)
-                else:
-                    response = await http.post("/v1/models/bench/segment", files={"image": ("x.png", data)})
-                response.raise_for_status()
-                latencies.append(time.perf_counter() - started)
+def requests_for(base: str, token: str, data: bytes, image: np.ndarray) -> dict[str, loadgen.Request]:
+    """The /v1 (multipart PNG) and /v2 (binary tensor) requests of the benchmark image, encoded once."""
+    auth = {"Authorization": f"Bearer {token}"}
+    body, content_type = loadgen.multipart({"image": ("x.png", data)})
+    v2, headers = v2_body(image)
+    return {"v1": loadgen.request("POST", f"{base}/v1/models/bench/segment", body=body,
+                                  headers={**auth, "Content-Type": content_type}),
+            "v2": loadgen.request("POST", f"{base}/v2/models/bench/infer", body=v2, headers={**auth, **headers})}
 
-        started = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
-    return total / elapsed, latencies
+
+def load(req: loadgen.Request, concurrency: int, total: int) -> tuple[float, list[float]]:
+    """(images/s, latencies in s) of `total` requests on `concurrency` connections; any failure ends the run."""
+    result = asyncio.run(loadgen.drive(req, concurrency, total))
+    if result.failed:
+        raise SystemExit(f"{result.failed} of {total} requests failed (statuses {result.statuses})")
+    return result.answered / result.elapsed_s, result.latencies_s
 
 
 def cpu_seconds(process: subprocess.Popen) -> float:
@@ -299,7 +295,7 @@ def main() -> int:
     get_tap(protected, tap)  # fails early on a bad tap
 
     batch = torch.randn(args.max_batch, 3, args.size, args.size, device=device)
-    ratio_a = forward_ratio(plain, protected, tap, key, batch[:1], args.repeats)
+    ratio_a = forward_ratio(plain, protected, tap, key, batch[:1], max(args.repeats, 7))  # batch 1: cheap, noisy
     del plain
 
     work = Path(tempfile.mkdtemp(prefix="seglock-bench-"))
@@ -348,18 +344,19 @@ def main() -> int:
             raise SystemExit("the server did not become ready in 10 minutes")
         print("server ready; waiting for its backends to settle", flush=True)
         backend = wait_for_backend(base, token, args.compile_budget + 60, args.workers)
-        asyncio.run(load(base, token, data, 16, 32))  # warm-up of every worker
+        requests = requests_for(base, token, data, image)
+        load(requests["v1"], 16, 32)  # warm-up of every worker
         server_masks = asyncio.run(masks_over_http(base, token, data, image))
-        _, lat1 = asyncio.run(load(base, token, data, 1, 16))
+        _, lat1 = load(requests["v1"], 1, 16)
         # interleaved rounds: drift in a shared machine's load falls on raw and HTTP alike
         for index in range(args.rounds):
             measured: dict[str, float] = {}
             for name in raw.backends:
                 measured[name], measured[f"{name}_cpu_ms"] = raw.measure(name, args.repeats)
             cpu_before = cpu_seconds(server)
-            measured["http_v1"], latencies = asyncio.run(load(base, token, data, 16, args.requests))
+            measured["http_v1"], latencies = load(requests["v1"], 16, args.requests)
             measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / args.requests
-            measured["http_v2"], _ = asyncio.run(load(base, token, image, 16, args.requests, v2=True))
+            measured["http_v2"], _ = load(requests["v2"], 16, args.requests)
             measured["c16_p50_ms"], measured["c16_p99_ms"] = percentile(latencies, 50), percentile(latencies, 99)
             rounds.append(measured)
             print(f"  round {index + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()), flush=True)

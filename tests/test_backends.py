@@ -46,13 +46,14 @@ def eager_masks(model: nn.Module, batch: torch.Tensor) -> np.ndarray:
         return model(batch).argmax(1).to(torch.uint8).numpy()
 
 
-@pytest.mark.parametrize("backend", ["eager", "channels_last", "fused", "auto"])
+@pytest.mark.parametrize("backend", ["eager", "channels_last", "fused", "script", "auto"])
 def test_each_backend_gives_eager_masks(demo, backend):
     runner = ModelRunner(copy.deepcopy(demo), torch.device("cpu"), backend=backend,
                          probe=probe_batch((INPUT, INPUT), 4), compile_budget_s=0)
-    assert runner.backend in ("eager", "channels_last", "fused")
-    if backend in ("channels_last", "fused"):
+    assert runner.backend in ("eager", "channels_last", "fused", "script")
+    if backend != "auto":
         assert runner.backend == backend
+    assert isinstance(runner.module, torch.jit.ScriptModule) == (runner.backend == "script")
     for seed, batch in ((1, 1), (2, 3), (3, 8)):
         x = inputs(seed, batch)
         assert np.array_equal(runner.predict(x), eager_masks(demo, x))
@@ -102,6 +103,58 @@ def test_a_rotation_of_a_fused_model_keeps_it_fused(demo):
     assert not any(isinstance(m, nn.BatchNorm2d) for m in runner.module.modules())
     x = inputs(6, 3)
     assert np.array_equal(runner.predict(x), eager_masks(demo, x))
+
+
+def test_a_rotation_of_a_scripted_model_traces_the_new_weights(demo):
+    protected = copy.deepcopy(demo)
+    key = protect(protected, "dec1")
+    runner = ModelRunner(fold_key(copy.deepcopy(protected), "dec1", key), torch.device("cpu"), backend="script",
+                         probe=probe_batch((INPUT, INPUT), 4))
+    before = runner.module
+    new_key = rekey(protected, "dec1", key)
+    runner.swap(fold_key(copy.deepcopy(protected), "dec1", new_key))
+    assert runner.backend == "script" and runner.module is not before
+    x = inputs(7, 3)
+    assert np.array_equal(runner.predict(x), eager_masks(demo, x))
+
+
+def test_a_scripted_runner_swapped_to_other_weights_answers_with_them(demo):
+    runner = ModelRunner(copy.deepcopy(demo), torch.device("cpu"), backend="script",
+                         probe=probe_batch((INPUT, INPUT), 4))
+    other = copy.deepcopy(demo)
+    with torch.no_grad():  # other weights: the frozen graph of the old ones would answer differently
+        for parameter in other.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(9)) * 0.05)
+    x = inputs(10, 2)
+    assert not np.array_equal(eager_masks(other, x), eager_masks(demo, x))
+    runner.swap(copy.deepcopy(other))
+    assert runner.backend == "script"
+    assert np.array_equal(runner.predict(x), eager_masks(other, x))
+
+
+class BatchSizeBranch(nn.Module):
+    """A forward whose path depends on the batch size: a trace keeps the probe's path only."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return y if x.shape[0] > 1 else -y
+
+
+def test_a_model_its_trace_would_change_is_served_untraced():
+    model = BatchSizeBranch().eval()
+    runner = ModelRunner(copy.deepcopy(model), torch.device("cpu"), backend="script", probe=probe_batch((16, 16), 4))
+    assert runner.backend == "fused" and not isinstance(runner.module, torch.jit.ScriptModule)
+    x = inputs(8, 1)[:, :, :16, :16].contiguous()
+    assert np.array_equal(runner.predict(x), eager_masks(model, x))
+
+
+def test_the_script_backend_needs_a_probe(demo):
+    with pytest.raises(ValueError, match="probe batch"):
+        ModelRunner(copy.deepcopy(demo), torch.device("cpu"), backend="script")
 
 
 def openmp_threads_of_a_new_thread(prepare) -> int:

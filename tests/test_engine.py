@@ -145,3 +145,51 @@ def test_device_and_precision_choices_on_cpu():
 def test_invalid_batcher_settings_are_refused():
     with pytest.raises(ValueError):
         DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=0)
+
+
+def test_a_batch_does_not_wait_for_requests_that_may_come():
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=8, max_wait_ms=5000, queue_size=8)
+
+    async def one() -> float:
+        started = asyncio.get_running_loop().time()
+        await batcher.submit(one_hot_input(1))
+        return asyncio.get_running_loop().time() - started
+
+    elapsed = asyncio.run(one())
+    batcher.close()
+    assert elapsed < 2.5  # not the 5 s max wait: nothing was on its way
+    assert (batcher.stats.batches, batcher.stats.items) == (1, 1)
+
+
+def test_a_batch_waits_for_a_request_still_arriving():
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=8, max_wait_ms=5000, queue_size=8)
+
+    async def two():
+        with batcher.arriving() as arrival:  # a second request is being decoded
+            first = asyncio.ensure_future(batcher.submit(one_hot_input(0)))
+            await asyncio.sleep(0.3)  # its decode takes a while; the batch holds for it
+            second = await batcher.submit(one_hot_input(2), arrival)
+        return await first, second
+
+    first, second = asyncio.run(two())
+    batcher.close()
+    assert (first == 0).all() and (second == 2).all()
+    assert (batcher.stats.batches, batcher.stats.items) == (1, 2)  # one forward pass for both
+
+
+def test_a_request_that_fails_on_its_way_stops_holding_the_batch():
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=8, max_wait_ms=5000, queue_size=8)
+
+    async def failing_arrival() -> float:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = asyncio.ensure_future(batcher.submit(one_hot_input(1)))
+        with pytest.raises(ValueError), batcher.arriving():
+            await asyncio.sleep(0.2)
+            raise ValueError("a broken upload")  # closes its arrival: the batch runs without it
+        await first
+        return loop.time() - started
+
+    elapsed = asyncio.run(failing_arrival())
+    batcher.close()
+    assert elapsed < 2.5 and (batcher.stats.batches, batcher.stats.items) == (1, 1)

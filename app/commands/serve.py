@@ -113,15 +113,40 @@ def run(args: argparse.Namespace) -> int:
             raise CLIError(f"--engine ray needs {exc.name!r}: pip install 'seglock[ray]'") from None
         ray_serve.run_forever(settings, replicas=args.replicas, num_gpus=args.gpus_per_replica)
         return 0
+
     # a worker busy loading and compiling on a loaded machine must not miss uvicorn's 5 s ping and be restarted
     options = dict(host=settings.host, port=settings.port, log_level=settings.log_level, access_log=False,
                    timeout_graceful_shutdown=30, timeout_worker_healthcheck=120)
     host = f"[{settings.host}]" if ":" in settings.host else settings.host
     logging.getLogger("seglock.app").info("web console: http://%s:%d/ui", host, settings.port)
     if settings.workers > 1:
-        uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
+        run_workers(settings, options)
     else:
         from seglock.app.main import create_app
 
         uvicorn.run(create_app(settings), **options)
     return 0
+
+
+def run_workers(settings, options: dict[str, Any]) -> None:
+    """`--workers N`: uvicorn's supervisor (health pings, restarts, signals) over N processes, each
+    listening on a socket of its own on the port (`seglock.app.listen`), so connections are spread
+    over the workers rather than taken by the first one awake."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    from seglock.app import listen
+    from seglock.app.cli import CLIError
+
+    if not listen.supported():  # no SO_REUSEPORT (Windows): the workers share uvicorn's one socket
+        uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
+        return
+    try:
+        sock = listen.reuse_port_socket(settings.host, settings.port)
+    except OSError as exc:
+        raise CLIError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
+    config = uvicorn.Config("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
+    try:
+        Multiprocess(config, sockets=[sock]).run()
+    finally:
+        sock.close()

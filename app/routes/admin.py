@@ -229,9 +229,11 @@ async def thief_view(name: str, request: Request, registry: RegistryDep, setting
     hosted = await asyncio.to_thread(registry.get, name)  # 404 for unknown names (to a `*` token)
     if hosted.mode is Mode.NONE:
         raise bad_request(f"model {name} is not protected: a thief gets the same mask as its owner")
-    async with gate.slot():  # the body is read and decoded inside an upload slot, as on /v1
+    async with gate.slot() as slot:  # the body is read and decoded inside an upload slot, as on /v1
         data = await read_image_field(request)
+        slot.holds(len(data))
         upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels)
+        slot.holds(upload.array.nbytes)
         del data
         if upload.array.dtype != np.uint8:
             raise bad_request("the thief view takes a plain 8-bit image (PNG, JPEG or WebP)")
@@ -264,7 +266,8 @@ async def thief_view(name: str, request: Request, registry: RegistryDep, setting
         stolen = thief.mask_summary(without_key, size, names)
         return keyed, stolen, round(float((keyed[0] == stolen[0]).mean()), 6)
 
-    async with gate.slot():  # two full-size masks, as a decode costs
+    async with gate.slot() as slot:  # two full-size masks, as a decode costs
+        slot.holds(2 * size[0] * size[1])
         (_, keyed_view), (_, stolen_view), agreement = await asyncio.to_thread(summaries)
     # an admin action: recorded before its answer leaves (503 if it cannot be)
     await _record(auditor, principal, "thief-view", name, "ok")

@@ -37,6 +37,7 @@ _SEGMENT_BODY = {
 
 
 NO_STORE = {"Cache-Control": "no-store"}
+JSON_BYTES_PER_PIXEL = 8  # a JSON mask is built as nested lists: a pointer per pixel, then the text
 
 
 async def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedModel:
@@ -94,28 +95,32 @@ async def segment(
             inference.check_key_version(hosted, x_seglock_key_version)
     wants_json = _wants_json(accept)
     # The body is read and decoded only inside a slot: memory stays bounded however many upload at once.
-    async with gate.slot():
-        data = await read_image_field(request)
-        draft = None if encrypted else tuple(hosted.manifest.input_size)
-        upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels, draft_size=draft)
-        del data
-        if wants_json and upload.size[0] * upload.size[1] > settings.max_json_mask_pixels:
-            raise too_large(f"a {upload.size[0]}x{upload.size[1]} mask is too large for JSON "
-                            f"(limit {settings.max_json_mask_pixels} pixels): ask for image/png")
-        tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
-        del upload
-    try:
-        mask = await hosted.batcher.submit(tensor)
-    except Overloaded as exc:
-        raise overloaded(str(exc)) from None
-    except EngineStopped as exc:
-        raise overloaded(str(exc), retry_after_s=5) from None
+    with hosted.batcher.arriving() as arrival:  # a batch being collected waits for this one
+        async with gate.slot() as slot:
+            data = await read_image_field(request)
+            slot.holds(len(data))
+            draft = None if encrypted else tuple(hosted.manifest.input_size)
+            upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels, draft_size=draft)
+            slot.holds(upload.array.nbytes)
+            del data
+            if wants_json and upload.size[0] * upload.size[1] > settings.max_json_mask_pixels:
+                raise too_large(f"a {upload.size[0]}x{upload.size[1]} mask is too large for JSON "
+                                f"(limit {settings.max_json_mask_pixels} pixels): ask for image/png")
+            tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
+            del upload
+        try:
+            mask = await hosted.batcher.submit(tensor, arrival)
+        except Overloaded as exc:
+            raise overloaded(str(exc)) from None
+        except EngineStopped as exc:
+            raise overloaded(str(exc), retry_after_s=5) from None
     headers = {
         "X-Seglock-Model": name,
         "X-Seglock-Model-Version": str(hosted.revision),
         "X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version),
     }
-    async with gate.slot():  # a full-size mask costs what a decode does
+    async with gate.slot() as slot:  # a full-size mask costs what a decode does
+        slot.holds(size[0] * size[1] * (JSON_BYTES_PER_PIXEL if wants_json else 1))
         if wants_json:
             body = await asyncio.to_thread(inference.mask_json, mask, size, hosted)
             return Response(body, media_type="application/json", headers=headers)

@@ -192,28 +192,35 @@ async def run_infer(name: str, version: str | None, request: Request, registry: 
     hosted = await served(registry, name, version, principal)
     # As on /v1: the body is read, parsed and turned into model inputs only inside an upload slot,
     # so however many clients send at once, a worker holds at most `decode_concurrency` bodies.
-    async with gate.slot():
-        body = await request.body()
-        parsed = await asyncio.to_thread(
-            oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
-            max_pixels=settings.max_pixels, max_images=settings.queue_size,
-            max_json_bytes=settings.max_json_tensor_bytes)
-        del body
-        json_pixels = parsed.json_output_pixels()
-        if json_pixels > settings.max_json_mask_pixels:
-            raise too_large(f"{json_pixels} output pixels are too many for JSON (limit "
-                            f"{settings.max_json_mask_pixels}): ask for binary_data outputs")
-        encrypted = encrypted_input(parsed.parameters, hosted)
-        tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
-        parsed.image = parsed.image[:0]  # the upload is not needed any more; the answer's size is in `size`
-    try:
-        results = await asyncio.gather(*(hosted.batcher.submit_scored(t, score=parsed.wants_score)
-                                         for t in tensors))
-    except Overloaded as exc:
-        raise overloaded(str(exc)) from None
-    except EngineStopped as exc:
-        raise overloaded(str(exc), retry_after_s=5) from None
-    async with gate.slot():  # full-size masks (and scores) cost what a decode does
+    with hosted.batcher.arriving() as arrival:  # a batch being collected waits for this request's images
+        async with gate.slot() as slot:
+            body = await request.body()
+            slot.holds(len(body))
+            parsed = await asyncio.to_thread(
+                oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
+                max_pixels=settings.max_pixels, max_images=settings.queue_size,
+                max_json_bytes=settings.max_json_tensor_bytes)
+            del body
+            json_pixels = parsed.json_output_pixels()
+            if json_pixels > settings.max_json_mask_pixels:
+                raise too_large(f"{json_pixels} output pixels are too many for JSON (limit "
+                                f"{settings.max_json_mask_pixels}): ask for binary_data outputs")
+            encrypted = encrypted_input(parsed.parameters, hosted)
+            slot.holds(parsed.image.nbytes)
+            tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
+            answer_nbytes = parsed.answer_nbytes()
+            parsed.image = parsed.image[:0]  # the upload is not needed any more; the answer's size is in `size`
+        try:
+            last = len(tensors) - 1  # the jobs are queued in order: arriving until the last one is
+            results = await asyncio.gather(*(hosted.batcher.submit_scored(t, score=parsed.wants_score,
+                                                                          arrival=arrival if i == last else None)
+                                             for i, t in enumerate(tensors)))
+        except Overloaded as exc:
+            raise overloaded(str(exc)) from None
+        except EngineStopped as exc:
+            raise overloaded(str(exc), retry_after_s=5) from None
+    async with gate.slot() as slot:  # full-size masks (and scores) cost what a decode does
+        slot.holds(answer_nbytes)
         payload, header_length = await asyncio.to_thread(answer, parsed, results, size, hosted)
     headers = {"X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version)}
     if header_length is None:
