@@ -48,7 +48,8 @@ class Settings(BaseSettings):
     compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
     compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
-    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="milliseconds a batch waits to fill")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000,
+                              description="most milliseconds a batch waits for requests still being decoded")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")
     max_body_bytes: int = Field(20 * 1024 * 1024, ge=1024, description="largest image upload in bytes (413 above)")
     max_json_body_bytes: int = Field(64 * 1024, ge=1024, description="largest body on every other route")

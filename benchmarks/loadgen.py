@@ -12,6 +12,7 @@ and the ratios describe the servers, not the client.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +41,7 @@ class Result:
     latencies_s: list[float] = field(default_factory=list)
     failed: int = 0
     statuses: dict[int, int] = field(default_factory=dict)
+    opening: int = 0  # requests sent while the connections were opened, before the clock started
 
     @property
     def answered(self) -> int:
@@ -132,30 +134,41 @@ async def send_once(req: Request, timeout_s: float = 300) -> Answer:
 async def drive(req: Request, concurrency: int, total: int, timeout_s: float = 600) -> Result:
     """`total` requests on `concurrency` connections, each sending its next request when the last
     one is answered. Answers other than 200 and transport errors are counted as failed, not raised:
-    one slow server must not end a comparison."""
+    one slow server must not end a comparison.
+
+    The connections are opened one after another before the clock starts, each answered once (not
+    counted), as clients arriving over time would: opened all at once, they would wait together in
+    the listening socket's queue and a server whose workers share one socket would hand them all
+    to whichever worker woke first."""
     left = [total]
     result = Result(0.0)
+    connections = [Connection(req.host, req.port) for _ in range(concurrency)]
+    for connection in connections:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError,
+                                 ValueError):
+            result.opening += 1
+            await connection.send(req.data, timeout_s)
 
-    async def worker() -> None:
-        connection = Connection(req.host, req.port)
-        try:
-            while left[0] > 0:
-                left[0] -= 1
-                started = time.perf_counter()
-                try:
-                    answer = await connection.send(req.data, timeout_s)
-                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
-                    result.failed += 1
-                    continue
-                result.statuses[answer.status] = result.statuses.get(answer.status, 0) + 1
-                if answer.status != 200:
-                    result.failed += 1
-                    continue
-                result.latencies_s.append(time.perf_counter() - started)
-        finally:
-            connection.close()
+    async def worker(connection: Connection) -> None:
+        while left[0] > 0:
+            left[0] -= 1
+            started = time.perf_counter()
+            try:
+                answer = await connection.send(req.data, timeout_s)
+            except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ValueError):
+                result.failed += 1
+                continue
+            result.statuses[answer.status] = result.statuses.get(answer.status, 0) + 1
+            if answer.status != 200:
+                result.failed += 1
+                continue
+            result.latencies_s.append(time.perf_counter() - started)
 
     started = time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    try:
+        await asyncio.gather(*(worker(connection) for connection in connections))
+    finally:
+        for connection in connections:
+            connection.close()
     result.elapsed_s = time.perf_counter() - started
     return result

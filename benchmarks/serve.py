@@ -232,12 +232,13 @@ def requests_for(base: str, token: str, data: bytes, image: np.ndarray) -> dict[
             "v2": loadgen.request("POST", f"{base}/v2/models/bench/infer", body=v2, headers={**auth, **headers})}
 
 
-def load(req: loadgen.Request, concurrency: int, total: int) -> tuple[float, list[float]]:
-    """(images/s, latencies in s) of `total` requests on `concurrency` connections; any failure ends the run."""
+def load(req: loadgen.Request, concurrency: int, total: int) -> tuple[float, list[float], int]:
+    """(images/s, latencies in s, requests sent in all: the timed ones and those that opened the
+    connections) of `total` requests on `concurrency` connections; any failure ends the run."""
     result = asyncio.run(loadgen.drive(req, concurrency, total))
     if result.failed:
         raise SystemExit(f"{result.failed} of {total} requests failed (statuses {result.statuses})")
-    return result.answered / result.elapsed_s, result.latencies_s
+    return result.answered / result.elapsed_s, result.latencies_s, result.answered + result.opening
 
 
 def cpu_seconds(process: subprocess.Popen) -> float:
@@ -271,7 +272,7 @@ def main() -> int:
                         help="torch/OpenMP threads of every process: server workers, raw forwards, this one "
                              "(default 1)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of raw forwards and HTTP load")
-    parser.add_argument("--requests", type=int, default=64, help="requests per concurrency-16 window")
+    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency-16 window")
     parser.add_argument("--repeats", type=int, default=3, help="timed raw forwards per backend per round")
     parser.add_argument("--compile-budget", type=float, default=900,
                         help="seconds torch.compile may take, here and in the server; 0 = no compile")
@@ -347,16 +348,16 @@ def main() -> int:
         requests = requests_for(base, token, data, image)
         load(requests["v1"], 16, 32)  # warm-up of every worker
         server_masks = asyncio.run(masks_over_http(base, token, data, image))
-        _, lat1 = load(requests["v1"], 1, 16)
+        _, lat1, _ = load(requests["v1"], 1, 16)
         # interleaved rounds: drift in a shared machine's load falls on raw and HTTP alike
         for index in range(args.rounds):
             measured: dict[str, float] = {}
             for name in raw.backends:
                 measured[name], measured[f"{name}_cpu_ms"] = raw.measure(name, args.repeats)
             cpu_before = cpu_seconds(server)
-            measured["http_v1"], latencies = load(requests["v1"], 16, args.requests)
-            measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / args.requests
-            measured["http_v2"], _ = load(requests["v2"], 16, args.requests)
+            measured["http_v1"], latencies, sent = load(requests["v1"], 16, args.requests)
+            measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / sent
+            measured["http_v2"], _, _ = load(requests["v2"], 16, args.requests)
             measured["c16_p50_ms"], measured["c16_p99_ms"] = percentile(latencies, 50), percentile(latencies, 99)
             rounds.append(measured)
             print(f"  round {index + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()), flush=True)

@@ -253,7 +253,7 @@ def metadata(hosted: HostedModel) -> dict[str, Any]:
             "key_version": hosted.key_version,
             "input_size": [height, width],  # encrypted input must be exactly this size
             "class_names": list(hosted.manifest.class_names),
-            "backend": runner.backend,  # eager | channels_last | fused | compile (see --backend)
+            "backend": runner.backend,  # eager | channels_last | fused | script | compile (see --backend)
             "compile": None if runner.compile_job is None else runner.compile_job.state,
         },
     }
