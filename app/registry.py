@@ -94,19 +94,29 @@ class Registry:
             self._follow_rotation(hosted)
         return hosted
 
+    def current(self, name: str) -> HostedModel | None:
+        """The model if `get` would return it without loading anything (known, and no rotation made
+        elsewhere to follow, as far as the keystore last read); None otherwise: call `get` off the
+        event loop then. Reads no file and no database: safe on the event loop."""
+        hosted = self._models.get(name)
+        if hosted is None or (hosted.mode is Mode.CP and self.keystore.active_key_version(name, refresh=False)
+                              not in (None, hosted.key_version)):
+            return None
+        return hosted
+
     def _follow_rotation(self, hosted: HostedModel) -> None:
         """Serve the revision of the keystore's active key when another worker or the CLI rotated it.
 
         The keystore was refreshed by this request's token check, so this is a dict lookup; the
         old folded model keeps giving correct masks until the new one is swapped in.
         """
-        active = self.keystore.active_model_key(hosted.name)
-        if active is None or active.version == hosted.key_version:
+        active = self.keystore.active_key_version(hosted.name)
+        if active is None or active == hosted.key_version:
             return
         with self._sync_lock:
-            if active.version == hosted.key_version:
+            if active == hosted.key_version:
                 return
-            found = self.home.revision_for_key(hosted.name, active.version)
+            found = self.home.revision_for_key(hosted.name, active)
             if found is None:
                 return
             revision, path = found
@@ -117,7 +127,7 @@ class Registry:
                 return
             self._swap(hosted, revision, manifest, module)
             log.info("model %s: now serving r%d (key version %d, rotated elsewhere)",
-                     hosted.name, revision, active.version)
+                     hosted.name, revision, active)
 
     def load_all(self) -> None:
         self.home.models_dir.mkdir(parents=True, exist_ok=True)

@@ -32,6 +32,7 @@ Model keys (kind "cp" or "block"; per-image models store nothing)::
 
     v = ks.add_model_key(model, "cp", CPKey.to_dict(), activate=True, actor=None) -> KeyVersion
     ks.active_model_key(model) -> KeyVersion | None      # with .material
+    ks.active_key_version(model) -> int | None           # its number only, no copy
     ks.get_model_key(model, version) -> KeyVersion       # with .material (None once destroyed)
     ks.model_key_versions(model) -> list[KeyVersion]     # without material;  ks.models()
     ks.set_active(model, version, actor=None)            # the previous active becomes "retiring"

@@ -688,6 +688,16 @@ class Keystore:
                 return _material_copy(version)
         return None
 
+    def active_key_version(self, model: str, *, refresh: bool = True) -> int | None:
+        """The number of `model`'s active key version, without its material (a lookup, no copy).
+        `refresh=False` reads what this keystore last loaded, never the disk or the database (for a
+        caller on an event loop whose token check has just refreshed it)."""
+        state = self._view() if refresh else self._loaded
+        for version in state.models.get(model, ()):
+            if version.state == "active":
+                return version.version
+        return None
+
     def get_model_key(self, model: str, version: int) -> KeyVersion:
         """One key version with its material (None once destroyed); ModelKeyNotFound if missing."""
         return _material_copy(self._version(model, version))

@@ -82,8 +82,11 @@ def test_a_worker_follows_a_rotation_made_by_another(home):
     before = mask(second, image)
     result = asyncio.run(first.rotate_key("cp"))
     assert (result["previous_key_version"], result["key_version"]) == (1, 2)
-    second.keystore.refresh()
+    assert second.current("cp").key_version == 1  # the request path's lookup: what the keystore last read
+    second.keystore.refresh()  # a token check does this first
+    assert second.current("cp") is None  # a rotation to follow: the route calls get() off the loop
     assert second.get("cp").key_version == 2 and second.get("cp").revision == 2
+    assert second.current("cp") is second.get("cp")
     np.testing.assert_array_equal(mask(second, image), before)
     result = asyncio.run(second.rotate_key("cp"))  # and can rotate again from there
     assert (result["previous_key_version"], result["key_version"]) == (2, 3)

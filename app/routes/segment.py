@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from typing import Annotated
 
+import torch
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
@@ -14,6 +15,7 @@ from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
 from seglock.app.registry import HostedModel, Registry
+from seglock.app.settings import Settings
 from seglock.client.modes import Mode
 from seglock.keystore.tokens import Grant
 
@@ -45,8 +47,9 @@ async def hosted_for(registry: Registry, name: str, principal: Grant) -> HostedM
     granted exists: unknown and ungranted names get the same 403 (a `*` token sees 404s)."""
     if not principal.allows_model(name):
         raise forbidden(f"this token is not granted model {name}")
-    # off the event loop: following another worker's rotation loads a model
-    return await asyncio.to_thread(registry.get, name)  # ModelNotFound (404)
+    hosted = registry.current(name)  # a lookup in what the token check just refreshed
+    # otherwise off the event loop: following another worker's rotation loads a model
+    return hosted if hosted is not None else await asyncio.to_thread(registry.get, name)  # ModelNotFound (404)
 
 
 @router.get("/models", summary="The models this token may use, with their public protection parameters",
@@ -99,15 +102,10 @@ async def segment(
         async with gate.slot() as slot:
             data = await read_image_field(request)
             slot.holds(len(data))
-            draft = None if encrypted else tuple(hosted.manifest.input_size)
-            upload = await asyncio.to_thread(decode_upload, data, max_pixels=settings.max_pixels, draft_size=draft)
-            slot.holds(upload.array.nbytes)
+            tensor, size, decoded_nbytes = await asyncio.to_thread(
+                model_input, data, hosted, settings, encrypted=encrypted, wants_json=wants_json)
+            slot.holds(decoded_nbytes)
             del data
-            if wants_json and upload.size[0] * upload.size[1] > settings.max_json_mask_pixels:
-                raise too_large(f"a {upload.size[0]}x{upload.size[1]} mask is too large for JSON "
-                                f"(limit {settings.max_json_mask_pixels} pixels): ask for image/png")
-            tensor, size = await asyncio.to_thread(inference.prepare, upload, hosted, encrypted=encrypted)
-            del upload
         try:
             mask = await hosted.batcher.submit(tensor, arrival)
         except Overloaded as exc:
@@ -126,6 +124,19 @@ async def segment(
             return Response(body, media_type="application/json", headers=headers)
         body = await asyncio.to_thread(inference.mask_png, mask, size)
     return Response(body, media_type="image/png", headers=headers)
+
+
+def model_input(data: bytes, hosted: HostedModel, settings: Settings, *, encrypted: bool,
+                wants_json: bool) -> tuple[torch.Tensor, tuple[int, int], int]:
+    """An upload's bytes -> (model input, the size its mask is answered at, the decoded array's
+    bytes): decoded and prepared in one hop off the event loop."""
+    draft = None if encrypted else tuple(hosted.manifest.input_size)
+    upload = decode_upload(data, max_pixels=settings.max_pixels, draft_size=draft)
+    if wants_json and upload.size[0] * upload.size[1] > settings.max_json_mask_pixels:
+        raise too_large(f"a {upload.size[0]}x{upload.size[1]} mask is too large for JSON "
+                        f"(limit {settings.max_json_mask_pixels} pixels): ask for image/png")
+    tensor, size = inference.prepare(upload, hosted, encrypted=encrypted)
+    return tensor, size, upload.array.nbytes
 
 
 async def read_image_field(request: Request) -> bytes:
