@@ -14,11 +14,11 @@ Backends (`--backend`, `SEGLOCK_BACKEND`):
     compile        channels_last, then `torch.compile` (inductor) built on a background thread while
                    the channels_last module serves; swapped in between two batches once its masks on
                    a probe batch equal the eager ones
-    auto           the fastest of eager, channels_last, fused and script on a probe batch among those
-                   whose masks equal eager's (timed in interleaved rounds; by the thread's CPU time on
-                   a one-thread CPU), script preferred within 5 % of the fastest (what the GIL costs the
-                   others in a server is not seen on a quiet probe); then the compiled module too, if
-                   it is faster still and exact
+    auto           the fastest of eager, channels_last and fused on a probe batch among those whose
+                   masks equal eager's (timed in interleaved rounds; by the thread's CPU time on a
+                   one-thread CPU); then that module traced and frozen, taken if exact and within 5 %
+                   of it (what the GIL costs the untraced module in a busy server is not seen on a
+                   quiet probe); then the compiled module too, if it is faster still and exact
 "Exact" means the argmax masks equal eager's on the probe batch, pixel for pixel (and, for script, on
 one image of it: a trace must not have kept the probe's batch size). bf16/fp16 on CPU
 are not candidates: they change masks (see docs/serving.md).
@@ -50,7 +50,7 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 log = logging.getLogger("seglock.engine")
 
 BACKENDS = ("auto", "eager", "channels_last", "fused", "script", "compile")
-SCRIPT_PREFERENCE = 1.05  # auto takes script unless the fastest candidate beats it by more than this
+SCRIPT_PREFERENCE = 1.05  # auto takes the traced module unless the untraced one beats it by more than this
 PROBE_SEED = 20261130
 
 

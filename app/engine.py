@@ -171,37 +171,45 @@ class ModelRunner:
             return module(batch).argmax(dim=1)
 
     def _pick_layout(self, eager: nn.Module, reference: torch.Tensor) -> None:
-        """auto: the fastest of eager, channels_last, fused (channels_last with the BatchNorms folded)
-        and script (fused, traced and frozen) on the probe, among those whose masks equal eager's;
-        timed in interleaved rounds. Script is taken within `SCRIPT_PREFERENCE` of the fastest: a
-        quiet probe does not see what the GIL costs the others in a busy server."""
+        """auto: the fastest of eager, channels_last and fused (channels_last with the BatchNorms
+        folded) on the probe, among those whose masks equal eager's, timed in interleaved rounds;
+        then that module traced and frozen (script), taken if exact and within `SCRIPT_PREFERENCE`
+        of it: a quiet probe does not see what the GIL costs a module in a busy server."""
         if not self.channels_last:
             return
         self.fold_norms = True
         fused = self.prepare(copy.deepcopy(eager))
+        self.fold_norms = False
         modules = {"channels_last": self.layout_module, "fused": fused}
         exact = {"eager": True, **{name: torch.equal(self._run(module, self._probe), reference)
                                    for name, module in modules.items()}}
-        scripted = self._script(fused, (reference, self._eager_masks(eager, self._probe[:1].clone())))
-        self.fold_norms = False
-        if scripted is not None:
-            modules["script"], exact["script"] = scripted, True
         runs = {"eager": lambda: self._eager_masks(eager, self._probe),
                 **{name: (lambda m=module: self._run(m, self._probe)) for name, module in modules.items()}}
-        times = backends.interleaved_seconds(runs, backends.forward_clock(self.device))
+        clock = backends.forward_clock(self.device)
+        times = backends.interleaved_seconds(runs, clock)
         best = min((name for name in runs if exact[name]), key=times.__getitem__)
-        if scripted is not None and times["script"] <= backends.SCRIPT_PREFERENCE * times[best]:
-            best = "script"
         if best == "eager":
             self.channels_last = False
             self.layout_module = self.prepare(copy.deepcopy(eager))
         else:
-            self.fold_norms = best in ("fused", "script")
-            self.layout_module = fused if self.fold_norms else modules[best]
-        self._use_script(scripted if best == "script" else None)
-        log.info("model %s: %s (per probe batch: %s)", self.name, best,
-                 ", ".join(f"{name} {times[name] * 1e3:.1f} ms" + ("" if exact[name] else " (changed a mask)")
-                           for name in runs))
+            self.fold_norms = best == "fused"
+            self.layout_module = modules[best]
+        scripted = self._script(self.layout_module, (reference, self._eager_masks(eager, self._probe[:1].clone())))
+        chosen = best
+        if scripted is not None:
+            layout = self.layout_module
+            for _ in range(2):  # not timed: TorchScript's first runs on a shape profile and optimise,
+                self._run(scripted, self._probe)  # and a fresh copy's first runs fault its memory in
+                self._run(layout, self._probe)
+            duel = backends.interleaved_seconds({"script": lambda: self._run(scripted, self._probe),
+                                                 best: lambda: self._run(layout, self._probe)}, clock)
+            times[f"script of {best}"] = duel["script"]
+            if duel["script"] <= backends.SCRIPT_PREFERENCE * duel[best]:
+                chosen = f"script of {best}"
+        self._use_script(scripted if chosen != best else None)
+        log.info("model %s: %s (per probe batch: %s)", self.name, chosen,
+                 ", ".join(f"{name} {seconds * 1e3:.1f} ms" + ("" if exact.get(name, True) else " (changed a mask)")
+                           for name, seconds in times.items()))
 
     def _install_compiled(self, compiled: nn.Module, seconds: float) -> None:
         with self._lock:
@@ -211,7 +219,7 @@ class ModelRunner:
             except RuntimeError:  # the module was replaced by another architecture meanwhile
                 log.info("model %s: the compiled module no longer fits the served one; dropped", self.name)
                 return
-            self.module, self.backend = compiled, "compile"
+            self.module, self.backend, self.scripted = compiled, "compile", False
         log.info("model %s: serving the compiled module (compiled in %.1f s)", self.name, seconds)
 
     def swap(self, module: nn.Module) -> None:
