@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from seglock.app import backends
+from seglock.app import affinity, backends
 
 log = logging.getLogger("seglock.engine")
 
@@ -309,7 +309,7 @@ class DynamicBatcher:
 
     def __init__(self, runner: ModelRunner, *, name: str, max_batch: int = 8,
                  max_wait_ms: float = 5.0, queue_size: int = 64,
-                 on_batch: Callable[[str, int, float], None] | None = None):
+                 on_batch: Callable[[str, int, float], None] | None = None, core: int | None = None):
         if max_batch < 1 or queue_size < 1 or max_wait_ms < 0:
             raise ValueError("max_batch and queue_size must be >= 1 and max_wait_ms >= 0")
         self.runner = runner
@@ -318,6 +318,7 @@ class DynamicBatcher:
         self.max_wait = max_wait_ms / 1000.0
         self.stats = BatchStats()
         self._on_batch = on_batch
+        self._core = core  # the worker thread runs on this core only (`seglock.app.affinity`)
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._arriving = 0  # open Arrivals; changed on the event loop, read by the worker thread
         self._accepting = True
@@ -393,6 +394,8 @@ class DynamicBatcher:
 
     def _run(self) -> None:
         backends.adopt_threads()
+        if self._core is not None:
+            affinity.pin_this_thread(self._core)
         stopping = False
         while not stopping:
             jobs, stopping = self._collect()

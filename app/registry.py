@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from seglock.app import affinity
 from seglock.app.backends import probe_batch
 from seglock.app.engine import DynamicBatcher, ModelRunner
 from seglock.app.errors import ModelNotFound
@@ -81,6 +82,8 @@ class Registry:
         self._models: dict[str, HostedModel] = {}
         self._rotation_locks: dict[str, asyncio.Lock] = {}
         self._sync_lock = threading.Lock()
+        # after set_threads: `auto` pins only a one-thread forward
+        self.forward_core = affinity.forward_core(settings.pin_forward, device.type, torch.get_num_threads())
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -145,7 +148,7 @@ class Registry:
                              probe=probe_batch(tuple(manifest.input_size), self.settings.max_batch), name=name)
         batcher = DynamicBatcher(runner, name=name, max_batch=self.settings.max_batch,
                                  max_wait_ms=self.settings.max_wait_ms, queue_size=self.settings.queue_size,
-                                 on_batch=self.metrics.observe_batch)
+                                 on_batch=self.metrics.observe_batch, core=self.forward_core)
         hosted = HostedModel(name, manifest, int(path.name[1:]), batcher, block_key)
         self._models[name] = hosted
         log.info("model %s r%d loaded (%s)", name, hosted.revision, manifest.mode)

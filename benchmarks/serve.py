@@ -99,10 +99,13 @@ def forward_ratio(plain, protected, tap, key, batch, repeats) -> dict:
 
 # -- the raw forwards, in processes started like the server's workers ----------------------------
 
-def raw_worker(work: Path, batch: int, compile_budget: float) -> None:
+def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) -> None:
     """`serve.py --raw-worker`: build every way to run the served model, then time one on each
     command line ("NAME REPEATS") and answer one JSON line. Started with the server's thread
-    variables, so its forward runs with exactly the threads a server worker's does."""
+    variables, so its forward runs with exactly the threads a server worker's does, and on a core
+    of its own as a server worker's forward thread is (`--pin-forward`)."""
+    if core is not None:
+        os.sched_setaffinity(0, {core})
     from seglock.models import CPKey, fold_key, load_artifact
 
     protected, manifest = load_artifact(work / "artifact")
@@ -156,8 +159,11 @@ class RawForwards:
                    "--compile-budget", str(args.compile_budget)]
         self.batch = args.max_batch
         self.processes = []
-        for _ in range(args.workers):  # one at a time: the first compile fills the cache the others read
-            process = subprocess.Popen(command, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+        pin = args.threads == 1 and 1 < len(cores) and args.workers <= len(cores)
+        for index in range(args.workers):  # one at a time: the first compile fills the cache the others read
+            process = subprocess.Popen(command + (["--core", str(cores[index])] if pin else []), env=env,
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
             self.processes.append(process)
             self.info = json.loads(process.stdout.readline())
         self.backends = self.info["backends"]
@@ -280,9 +286,10 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here too")
     parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
-        raw_worker(Path(args.work), args.max_batch, args.compile_budget)
+        raw_worker(Path(args.work), args.max_batch, args.compile_budget, args.core)
         return 0
 
     device = resolve_device(args.device)

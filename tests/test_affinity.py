@@ -1,0 +1,65 @@
+"""Each worker's forward thread on a core of its own: cores claimed by lock files, one per process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from seglock.app import affinity
+
+pytestmark = pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no thread affinity here")
+
+HOLDER = """
+import sys
+from pathlib import Path
+from seglock.app import affinity
+print(affinity.claim_core(Path(sys.argv[1])), flush=True)
+sys.stdin.readline()  # holds the core until told to go
+"""
+
+
+def test_processes_claim_different_cores_and_one_too_many_gets_none(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    if len(cores) > 8:
+        pytest.skip("one holder process per core: too many here")
+    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True) for _ in range(len(cores) + 1)]
+    try:
+        claimed = []
+        for holder in holders:  # one by one: each answers once it holds its core (or found none)
+            claimed.append(holder.stdout.readline().strip())
+    finally:
+        for holder in holders:
+            holder.stdin.close()
+            holder.wait(30)
+    assert sorted(claimed) == sorted([str(core) for core in cores] + ["None"])
+    # a core whose holder exited is free again
+    again = subprocess.run([sys.executable, "-c", HOLDER, str(tmp_path)], input="\n", capture_output=True, text=True)
+    assert again.stdout.strip() == str(cores[0])
+
+
+def test_auto_pins_only_a_one_thread_cpu_forward():
+    assert affinity.forward_core("off", "cpu", 1) is None
+    assert affinity.forward_core("auto", "cuda", 1) is None
+    assert affinity.forward_core("auto", "cpu", 4) is None  # an OpenMP team is left to the scheduler
+    assert affinity.forward_core("on", "mps", 1) is None
+
+
+def test_a_pinned_thread_runs_on_its_core_only_and_the_others_do_not_follow():
+    core = sorted(os.sched_getaffinity(0))[-1]
+    before = os.sched_getaffinity(0)
+    seen = {}
+
+    def pinned():
+        affinity.pin_this_thread(core)
+        seen["thread"] = os.sched_getaffinity(threading.get_native_id())
+
+    thread = threading.Thread(target=pinned)
+    thread.start()
+    thread.join()
+    assert seen["thread"] == {core}
+    assert os.sched_getaffinity(0) == before  # the calling thread (the event loop's) is not pinned
