@@ -202,7 +202,7 @@ class ModelRunner:
                 self._run(scripted, self._probe)  # and a fresh copy's first runs fault its memory in
                 self._run(layout, self._probe)
             duel = backends.interleaved_seconds({"script": lambda: self._run(scripted, self._probe),
-                                                 best: lambda: self._run(layout, self._probe)}, clock)
+                                                 best: lambda: self._run(layout, self._probe)}, clock, rounds=5)
             times[f"script of {best}"] = duel["script"]
             if duel["script"] <= backends.SCRIPT_PREFERENCE * duel[best]:
                 chosen = f"script of {best}"
