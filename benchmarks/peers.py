@@ -19,7 +19,9 @@ LitServe workers_per_device) and every process `--threads` torch/OpenMP threads 
 set before torch loads), stated in the output. Robust on a shared machine: every server is started
 once and kept up, and the windows are interleaved in `--rounds` rounds (each round measures every
 model and concurrency on every server back to back, the servers' order rotating), so drift in the
-machine's load falls on all servers alike. Printed: medians over rounds of throughput, p50/p99 and
+machine's load falls on all servers alike, and while one server is measured the others are paused
+(SIGSTOP of their process groups: idle LitServe workers poll their queues, 78 % of a core here, and
+would otherwise take it from the server being measured). Printed: medians over rounds of throughput, p50/p99 and
 the server's CPU time per image (its whole process tree; a load-independent cost), seglock's ratios
 as medians of per-round ratios, and the load average before and after.
 Targets at concurrency 16: seglock >= 1.3x LitServe's and the bare endpoint's throughput, p99 no worse.
@@ -33,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import copy
 import io
 import json
@@ -339,10 +342,33 @@ def start_all(work: Path, setup: dict, env: dict, args) -> dict:
     return servers
 
 
+def pause(server: dict, paused: bool) -> None:
+    """Stop (SIGSTOP) or resume (SIGCONT) a server's whole process group."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(server["process"].pid, signal.SIGSTOP if paused else signal.SIGCONT)
+
+
+def measured_alone(servers: dict, kind: str) -> None:
+    """Every server but `kind` paused: an idle server takes no CPU from the one being measured.
+    (Idle LitServe workers poll their queues: 78 % of a core here, taken from whichever server was
+    measured beside it.)"""
+    for other, server in servers.items():
+        pause(server, other != kind)
+    time.sleep(0.5)  # the resumed server's threads are running again
+
+
 def run_rounds(servers: dict, args) -> dict:
     """`--rounds` interleaved rounds: in each, every (model, concurrency) window is measured on every
     server back to to back (the servers' order rotating from round to round), so drift in a shared
-    machine's load falls on all servers alike."""
+    machine's load falls on all servers alike; the others are paused during a server's window."""
+    try:
+        return _run_rounds(servers, args)
+    finally:
+        for server in servers.values():
+            pause(server, False)
+
+
+def _run_rounds(servers: dict, args) -> dict:
     kinds = list(servers)
     samples: dict = {kind: {model: {str(c): [] for c in args.concurrency} for model in MODELS} for kind in kinds}
     for index in range(args.rounds):
@@ -351,6 +377,7 @@ def run_rounds(servers: dict, args) -> dict:
             total = max(args.min_requests, args.requests_per_worker * concurrency)
             for model in MODELS:
                 for kind in order:
+                    measured_alone(servers, kind)
                     result = window(servers[kind], model, concurrency, total)
                     samples[kind][model][str(concurrency)].append(result)
                     print(f"  round {index + 1} {kind:<9} {model:<6} c={concurrency:<3} "
