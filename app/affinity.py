@@ -10,9 +10,10 @@ threads go where the scheduler puts them.
 Cores are claimed with lock files (`<tmp>/seglock-cores-<uid>/core-<n>.lock`, held while the
 process lives), so the workers of one server, and the servers of one user on a host, take
 different cores; a process that finds every core taken does not pin. `auto` pins only where the
-cores are the process's to use: on CPU, one torch thread, and no CPU quota on its cgroup (a
-container limited by quota, not by cpuset, sees every core of the host, and pinning there would
-pile the containers on the same cores).
+server fills the cores it may use: on CPU, one torch thread per worker, at least as many workers as
+cores in its affinity, and no CPU quota on its cgroup. A server using a few cores of a larger host
+(a container without a cpuset sees them all, and has a temp folder of its own) is left to the
+scheduler: pinned, the containers on one host would all claim the first cores.
 """
 
 from __future__ import annotations
@@ -69,14 +70,15 @@ def claim_core(folder: Path | None = None) -> int | None:
         return None
 
 
-def forward_core(mode: str, device_type: str, threads: int) -> int | None:
+def forward_core(mode: str, device_type: str, threads: int, workers: int) -> int | None:
     """The core this process's forward threads are pinned to, or None (`mode`: auto | on | off)."""
     if mode == "off" or device_type != "cpu" or not hasattr(os, "sched_setaffinity"):
         return None
-    if mode == "auto" and (threads != 1 or cpu_quota_set()):
-        return None
-    if len(os.sched_getaffinity(0)) < 2:
+    cores = len(os.sched_getaffinity(0))
+    if cores < 2:
         return None  # one core: nothing to choose
+    if mode == "auto" and (threads != 1 or workers < cores or cpu_quota_set()):
+        return None
     core = claim_core()
     if core is not None:
         log.info("forward passes of this worker (pid %d) run on core %d", os.getpid(), core)

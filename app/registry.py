@@ -83,7 +83,8 @@ class Registry:
         self._rotation_locks: dict[str, asyncio.Lock] = {}
         self._sync_lock = threading.Lock()
         # after set_threads: `auto` pins only a one-thread forward
-        self.forward_core = affinity.forward_core(settings.pin_forward, device.type, torch.get_num_threads())
+        self.forward_core = affinity.forward_core(settings.pin_forward, device.type, torch.get_num_threads(),
+                                                  settings.workers)
 
     def names(self) -> list[str]:
         return sorted(self._models)

@@ -47,7 +47,7 @@ class Settings(BaseSettings):
         "auto", description="how the forward pass runs; auto = the fastest exact one, measured at load")
     pin_forward: Literal["auto", "on", "off"] = Field(
         "auto", description="each worker's forward thread on a core of its own; auto = on CPU with one thread "
-                            "and no CPU quota")
+                            "per worker, a worker per core and no CPU quota")
     compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
     compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")

@@ -42,11 +42,13 @@ def test_processes_claim_different_cores_and_one_too_many_gets_none(tmp_path):
     assert again.stdout.strip() == str(cores[0])
 
 
-def test_auto_pins_only_a_one_thread_cpu_forward():
-    assert affinity.forward_core("off", "cpu", 1) is None
-    assert affinity.forward_core("auto", "cuda", 1) is None
-    assert affinity.forward_core("auto", "cpu", 4) is None  # an OpenMP team is left to the scheduler
-    assert affinity.forward_core("on", "mps", 1) is None
+def test_auto_pins_only_a_server_that_fills_its_cores_with_one_thread_forwards():
+    cores = len(os.sched_getaffinity(0))
+    assert affinity.forward_core("off", "cpu", 1, cores) is None
+    assert affinity.forward_core("auto", "cuda", 1, cores) is None
+    assert affinity.forward_core("auto", "cpu", 4, cores) is None  # an OpenMP team is left to the scheduler
+    assert affinity.forward_core("auto", "cpu", 1, cores - 1) is None  # a few cores of a larger machine
+    assert affinity.forward_core("on", "mps", 1, cores) is None
 
 
 def test_a_pinned_thread_runs_on_its_core_only_and_the_others_do_not_follow():

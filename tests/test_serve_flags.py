@@ -23,6 +23,7 @@ SAMPLES = {
     "amp": ("bf16", ["--amp", "bf16"]),
     "channels_last": (False, ["--no-channels-last"]),
     "backend": ("compile", ["--backend", "compile"]),
+    "pin_forward": ("off", ["--pin-forward", "off"]),
     "compile_budget_s": (60.0, ["--compile-budget", "60"]),
     "compile_cache": ("/tmp/inductor", ["--compile-cache", "/tmp/inductor"]),
     "max_batch": (16, ["--max-batch", "16"]),
