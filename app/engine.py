@@ -93,7 +93,6 @@ class ModelRunner:
         self._pending: dict[str, torch.Tensor] | None = None
         self.channels_last = (channels_last and device.type == "cuda") if backend == "eager" else backend != "eager"
         self.fold_norms = backend in ("fused", "script")
-        self.scripted = False
         self._probe = None if probe is None else probe.to(device)
         measured = backend in ("auto", "compile", "script") and self._probe is not None
         pristine = copy.deepcopy(module).eval().to(device) if measured else None  # eager, contiguous
@@ -101,16 +100,21 @@ class ModelRunner:
         self.module: nn.Module = self.layout_module  # what runs: it, its frozen trace, or its compiled copy
         self.backend = self._layout()
         if measured:
-            reference = self._eager_masks(pristine, self._probe)
+            references = self._references(pristine)
             if backend == "auto":
-                self._pick_layout(pristine, reference)
+                self._pick_layout(pristine, references)
             elif backend == "script":
-                self._use_script(self._script(self.layout_module, self._references(pristine)))
+                self._use_script(self._script(self.layout_module, references))
             if compile_budget_s > 0 and backend != "script":
                 self.compile_job = backends.CompileJob(
-                    backends.compile_copy(self.layout_module), self._probe, reference, self._run,
-                    budget_s=compile_budget_s, must_be_faster=backend == "auto",
+                    backends.compile_copy(self.layout_module), self._probe, references[0], self._run,
+                    budget_s=compile_budget_s, rival=(lambda: self.module) if backend == "auto" else None,
                     on_ready=self._install_compiled, name=name).start()
+
+    @property
+    def scripted(self) -> bool:
+        """Serving the frozen trace of `layout_module` (a swap traces the new module too)."""
+        return isinstance(self.module, torch.jit.ScriptModule)
 
     def _layout(self) -> str:
         if self.scripted:
@@ -148,7 +152,6 @@ class ModelRunner:
         return scripted
 
     def _use_script(self, scripted: nn.Module | None) -> None:
-        self.scripted = scripted is not None
         self.module = scripted if scripted is not None else self.layout_module
         self.backend = self._layout()
 
@@ -170,7 +173,7 @@ class ModelRunner:
                     return module(batch).argmax(dim=1)
             return module(batch).argmax(dim=1)
 
-    def _pick_layout(self, eager: nn.Module, reference: torch.Tensor) -> None:
+    def _pick_layout(self, eager: nn.Module, references: tuple[torch.Tensor, torch.Tensor]) -> None:
         """auto: the fastest of eager, channels_last and fused (channels_last with the BatchNorms
         folded) on the probe, among those whose masks equal eager's, timed in interleaved rounds;
         then that module traced and frozen (script), taken if exact and within `SCRIPT_PREFERENCE`
@@ -181,7 +184,7 @@ class ModelRunner:
         fused = self.prepare(copy.deepcopy(eager))
         self.fold_norms = False
         modules = {"channels_last": self.layout_module, "fused": fused}
-        exact = {"eager": True, **{name: torch.equal(self._run(module, self._probe), reference)
+        exact = {"eager": True, **{name: torch.equal(self._run(module, self._probe), references[0])
                                    for name, module in modules.items()}}
         runs = {"eager": lambda: self._eager_masks(eager, self._probe),
                 **{name: (lambda m=module: self._run(m, self._probe)) for name, module in modules.items()}}
@@ -194,7 +197,7 @@ class ModelRunner:
         else:
             self.fold_norms = best == "fused"
             self.layout_module = modules[best]
-        scripted = self._script(self.layout_module, (reference, self._eager_masks(eager, self._probe[:1].clone())))
+        scripted = self._script(self.layout_module, references)
         chosen = best
         if scripted is not None:
             layout = self.layout_module
@@ -203,12 +206,13 @@ class ModelRunner:
                 self._run(layout, self._probe)
             duel = backends.interleaved_seconds({"script": lambda: self._run(scripted, self._probe),
                                                  best: lambda: self._run(layout, self._probe)}, clock, rounds=5)
-            times[f"script of {best}"] = duel["script"]
             if duel["script"] <= backends.SCRIPT_PREFERENCE * duel[best]:
                 chosen = f"script of {best}"
+            log.info("model %s: script of %s %.1f ms vs %.1f ms per probe batch, timed again after the first "
+                     "choice", self.name, best, duel["script"] * 1e3, duel[best] * 1e3)
         self._use_script(scripted if chosen != best else None)
         log.info("model %s: %s (per probe batch: %s)", self.name, chosen,
-                 ", ".join(f"{name} {seconds * 1e3:.1f} ms" + ("" if exact.get(name, True) else " (changed a mask)")
+                 ", ".join(f"{name} {seconds * 1e3:.1f} ms" + ("" if exact[name] else " (changed a mask)")
                            for name, seconds in times.items()))
 
     def _install_compiled(self, compiled: nn.Module, seconds: float) -> None:
@@ -219,7 +223,7 @@ class ModelRunner:
             except RuntimeError:  # the module was replaced by another architecture meanwhile
                 log.info("model %s: the compiled module no longer fits the served one; dropped", self.name)
                 return
-            self.module, self.backend, self.scripted = compiled, "compile", False
+            self.module, self.backend = compiled, "compile"
         log.info("model %s: serving the compiled module (compiled in %.1f s)", self.name, seconds)
 
     def swap(self, module: nn.Module) -> None:
@@ -242,6 +246,7 @@ class ModelRunner:
             self._pending = None
             self.layout_module = prepared
             self._use_script(running)
+
     def _apply_pending(self) -> None:
         """Under `_lock`: copy rotated weights into the serving module."""
         if self._pending is None:

@@ -94,8 +94,7 @@ class Registry:
             hosted = self._models[name]
         except KeyError:
             raise ModelNotFound(f"unknown model {name!r}") from None
-        if hosted.mode is Mode.CP:
-            self._follow_rotation(hosted)
+        self._follow_rotation(hosted)
         return hosted
 
     def current(self, name: str) -> HostedModel | None:
@@ -103,10 +102,16 @@ class Registry:
         elsewhere to follow, as far as the keystore last read); None otherwise: call `get` off the
         event loop then. Reads no file and no database: safe on the event loop."""
         hosted = self._models.get(name)
-        if hosted is None or (hosted.mode is Mode.CP and self.keystore.active_key_version(name, refresh=False)
-                              not in (None, hosted.key_version)):
+        if hosted is None or self._rotated_elsewhere(hosted, refresh=False) is not None:
             return None
         return hosted
+
+    def _rotated_elsewhere(self, hosted: HostedModel, *, refresh: bool = True) -> int | None:
+        """The keystore's active key version of a cp model if it is not the one served, else None."""
+        if hosted.mode is not Mode.CP:
+            return None
+        active = self.keystore.active_key_version(hosted.name, refresh=refresh)
+        return None if active in (None, hosted.key_version) else active
 
     def _follow_rotation(self, hosted: HostedModel) -> None:
         """Serve the revision of the keystore's active key when another worker or the CLI rotated it.
@@ -114,11 +119,11 @@ class Registry:
         The keystore was refreshed by this request's token check, so this is a dict lookup; the
         old folded model keeps giving correct masks until the new one is swapped in.
         """
-        active = self.keystore.active_key_version(hosted.name)
-        if active is None or active == hosted.key_version:
+        active = self._rotated_elsewhere(hosted)
+        if active is None:
             return
         with self._sync_lock:
-            if active == hosted.key_version:
+            if active == hosted.key_version:  # another request followed it meanwhile
                 return
             found = self.home.revision_for_key(hosted.name, active)
             if found is None:

@@ -191,7 +191,7 @@ def test_a_compile_over_budget_is_abandoned_and_serving_goes_on(tmp_path):
     probe = torch.randn(2, 3, 8, 8)
     installed = []
     job = CompileJob(compile_copy(module), probe, module(probe).argmax(1),
-                     lambda m, x: m(x).argmax(1), budget_s=0.01, must_be_faster=False,
+                     lambda m, x: m(x).argmax(1), budget_s=0.01, rival=None,
                      on_ready=lambda compiled, seconds: installed.append(compiled), name="tiny")
     assert job.start().wait(30) == "abandoned"
     job._thread.join(300)  # the compile itself cannot be interrupted; its result must be dropped
