@@ -27,19 +27,21 @@ as medians of per-round ratios, and the load average before and after.
 Targets at concurrency 16: seglock >= 1.3x LitServe's and the bare endpoint's throughput, p99 no worse.
 
     python benchmarks/peers.py [--arch lraspp_mobilenet_v3_large] [--size 256] [--workers 2] [--threads 1]
-                               [--rounds 3] [--concurrency 1,16,64] [--json OUT]
+                               [--rounds 3] [--concurrency 1,16,64] [--json OUT] [--keep]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import atexit
 import base64
 import contextlib
 import copy
 import io
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -471,6 +473,8 @@ def main() -> int:
                         help="comma-separated subset of seglock,litserve,bare")
     parser.add_argument("--compile-budget", type=float, default=900, help="seglock's --compile-budget")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work folder (servers' logs, keystore, CP key) instead of removing it at exit")
     parser.add_argument("--serve", choices=["litserve"], help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
@@ -483,11 +487,14 @@ def main() -> int:
         return 0
 
     work = Path(tempfile.mkdtemp(prefix="seglock-peers-"))
+    if not args.keep:
+        atexit.register(shutil.rmtree, work, ignore_errors=True)  # its keystore, token and CP key go with it
     env = {**os.environ, "SEGLOCK_MASTER_KEY": base64.b64encode(os.urandom(32)).decode(),
            **thread_environment(args.threads)}
     setup = prepare(work, args, env)
     print(f"peers benchmark: {args.arch} {args.size}px, concurrency {args.concurrency}, servers {args.servers}, "
-          f"{args.workers} worker(s) x {args.threads} thread(s) each, work folder {work}", flush=True)
+          f"{args.workers} worker(s) x {args.threads} thread(s) each, work folder {work}"
+          + ("" if args.keep else " (removed at exit; --keep keeps it)"), flush=True)
     servers: dict = {}
     try:
         servers = start_all(work, setup, env, args)
