@@ -46,8 +46,8 @@ class Settings(BaseSettings):
     backend: Literal["auto", "eager", "channels_last", "fused", "script", "compile"] = Field(
         "auto", description="how the forward pass runs; auto = the fastest exact one, measured at load")
     pin_forward: Literal["auto", "on", "off"] = Field(
-        "auto", description="each worker's forward thread on a core of its own; auto = on CPU with one thread "
-                            "per worker, a worker per core and no CPU quota")
+        "auto", description="each worker's forward thread on a core of its own (the whole worker, with a worker "
+                            "per core); auto = on CPU with one thread per worker, a worker per core and no CPU quota")
     compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
     compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")

@@ -81,8 +81,9 @@ def forward_ratio(plain, protected, tap, key, batch, repeats) -> dict:
     with a gather at the tap. Measured in interleaved rounds, so drift in the machine's load
     falls on all three alike; each is its fastest round. The three do the same arithmetic, so
     what tells them apart is the machine's noise, which only ever adds time: on a shared 2-core
-    VM medians of 7 rounds put the same ratio anywhere from 0.88 to 1.06, fastest rounds within
-    a few per cent of 1."""
+    VM, in one process, medians of 7 rounds put the same ratio anywhere from 0.88 to 1.06 and
+    fastest rounds from 1.00 to 1.02; from one process to the next the fastest rounds still
+    move it by ±7 % (0.94-1.07), so one run's (a) is a coarse figure there."""
     modules = {"plain": plain, "cp_folded": fold_key(protected, tap, key).eval(),
                "cp_gather": apply_key(protected, tap, key).eval()}
     samples: dict[str, list[float]] = {name: [] for name in modules}

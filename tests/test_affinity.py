@@ -65,3 +65,47 @@ def test_a_pinned_thread_runs_on_its_core_only_and_the_others_do_not_follow():
     thread.join()
     assert seen["thread"] == {core}
     assert os.sched_getaffinity(0) == before  # the calling thread (the event loop's) is not pinned
+
+
+WORKER = """
+import json, os, sys, threading
+from pathlib import Path
+from seglock.app import affinity
+cores = len(os.sched_getaffinity(0))
+release = threading.Event()
+waiting = threading.Thread(target=release.wait)  # a thread started before the claim
+waiting.start()
+core = affinity.claim_core(Path(sys.argv[1]))  # in the test's folder: a running server's claims do not count
+before = sorted(os.sched_getaffinity(0))
+assert affinity.forward_core("on", "cpu", 1, cores * int(sys.argv[2])) == core
+seen = {}
+later = threading.Thread(target=lambda: seen.update(later=sorted(os.sched_getaffinity(threading.get_native_id()))))
+later.start()
+later.join()
+print(json.dumps({"core": core, "before": before, "main": sorted(os.sched_getaffinity(0)),
+                  "earlier": sorted(os.sched_getaffinity(waiting.native_id)), "later": seen["later"]}))
+release.set()
+"""
+
+
+def run_worker(folder, workers_per_core: int) -> dict:
+    import json
+
+    done = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(workers_per_core)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_a_worker_with_a_core_of_its_own_runs_every_thread_there(tmp_path):
+    seen = run_worker(tmp_path, 1)  # as many workers as cores
+    assert seen["before"] == sorted(os.sched_getaffinity(0))
+    # the event loop's thread, one that was running already and one started afterwards
+    assert seen["main"] == seen["earlier"] == seen["later"] == [seen["core"]]
+
+
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="pinning needs two cores")
+def test_fewer_workers_than_cores_pin_only_the_forward_thread(tmp_path):
+    seen = run_worker(tmp_path, 0)  # `on` with 0 workers per core: fewer workers than cores
+    assert seen["main"] == seen["earlier"] == seen["later"] == seen["before"]
