@@ -97,23 +97,20 @@ def forward_core(mode: str, device_type: str, threads: int, workers: int) -> int
 
 def pin_this_thread(core: int) -> None:
     """Run the calling thread on `core` only (Linux: a thread's id is a valid pid here)."""
-    try:
-        os.sched_setaffinity(threading.get_native_id(), {core})
-    except OSError as exc:
-        log.warning("could not pin the forward thread to core %d: %s", core, exc)
+    _pin([threading.get_native_id()], core)
 
 
 def pin_process(core: int) -> None:
     """Run every thread of this process on `core` only; threads started later inherit it (Linux)."""
-    try:
-        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
-    except OSError:
-        threads = [threading.get_native_id()]
+    _pin([int(tid) for tid in os.listdir("/proc/self/task")], core)
+
+
+def _pin(threads: list[int], core: int) -> None:
     for tid in threads:
         try:
             os.sched_setaffinity(tid, {core})
         except ProcessLookupError:
             pass  # the thread ended meanwhile
         except OSError as exc:
-            log.warning("could not pin this worker to core %d: %s", core, exc)
+            log.warning("could not pin to core %d: %s", core, exc)
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,8 +90,6 @@ release.set()
 
 
 def run_worker(folder, workers_per_core: int) -> dict:
-    import json
-
     done = subprocess.run([sys.executable, "-c", WORKER, str(folder), str(workers_per_core)],
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
