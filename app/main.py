@@ -1,6 +1,6 @@
 """The FastAPI application: `create_app(settings)` wires keystore, registry, engine and routes.
 
-`seglock serve` runs it under uvicorn; `--workers N` imports `seglock.app.main:create_app` as a factory
+`seglock serve` runs it under uvicorn; `--workers N` imports `seglock.app.main:worker_app` as a factory
 in each worker, with the settings passed through `SEGLOCK_*` variables.
 """
 
@@ -21,7 +21,7 @@ from seglock.app.bootstrap import first_start
 from seglock.app.errors import error_response, install_error_handlers
 from seglock.app.imageio import UploadGate
 from seglock.app.middleware import RequestMiddleware
-from seglock.app.observability import Metrics
+from seglock.app.observability import Metrics, configure_logging
 from seglock.app.ratelimit import RateLimiter
 from seglock.app.registry import Registry
 from seglock.app.routes import account, admin, console, health, segment, v2
@@ -31,6 +31,15 @@ from seglock.keystore.errors import InvalidRecord, KeystoreError
 from seglock.models.device import resolve_device
 
 log = logging.getLogger("seglock.app")
+
+
+def worker_app() -> FastAPI:
+    """The app of one `seglock serve --workers N` process: its settings from the environment the
+    command set, and its own logging (a spawned process has none: its access log, audit warnings
+    and backend choices would otherwise be lost)."""
+    settings = Settings()
+    configure_logging(settings.log_level)
+    return create_app(settings)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -11,6 +11,13 @@ import logging
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 access_log = logging.getLogger("seglock.access")
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def configure_logging(level: str) -> None:
+    """The server's log lines at `level`, in one format: `seglock serve` sets it in its process, and
+    every `--workers N` process (spawned, so starting with Python's defaults) again in its own."""
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT)
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)

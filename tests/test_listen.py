@@ -80,6 +80,9 @@ def test_connections_opened_together_are_spread_over_the_workers(tmp_path):
             for conn in connections:
                 conn.close()
     assert sum(per_worker.values()) == 16 and len(per_worker) == 2
+    # each worker logs as the single-process server does: its access lines (16 here) in the server's format
+    access = [line for line in server["log"].read_text().splitlines() if " INFO seglock.access: " in line]
+    assert sum("GET /healthz 200" in line for line in access) == 16, access
     # by a hash of 16 addresses: one worker gets none with probability 2/65536; one socket shared
     # by both workers (uvicorn's own --workers) put all 16 on one worker here
     assert min(per_worker.values()) >= 1, per_worker

@@ -103,7 +103,9 @@ def run(args: argparse.Namespace) -> int:
     resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
     for name, value in flag_values(args).items():  # worker processes (--workers N) read the environment
         os.environ[f"{ENV_PREFIX}{name.upper()}"] = str(value)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from seglock.app.observability import configure_logging
+
+    configure_logging(settings.log_level)
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
             raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
@@ -139,13 +141,13 @@ def run_workers(settings, options: dict[str, Any]) -> None:
     from seglock.app.cli import CLIError
 
     if not listen.supported():  # no SO_REUSEPORT (Windows): the workers share uvicorn's one socket
-        uvicorn.run("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
+        uvicorn.run("seglock.app.main:worker_app", factory=True, workers=settings.workers, **options)
         return
     try:
         sock = listen.reuse_port_socket(settings.host, settings.port)
     except OSError as exc:
         raise CLIError(f"cannot listen on {settings.host}:{settings.port}: {exc.strerror or exc}") from None
-    config = uvicorn.Config("seglock.app.main:create_app", factory=True, workers=settings.workers, **options)
+    config = uvicorn.Config("seglock.app.main:worker_app", factory=True, workers=settings.workers, **options)
     try:
         Multiprocess(config, sockets=[sock]).run()
     finally:
