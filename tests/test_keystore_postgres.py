@@ -135,19 +135,22 @@ def test_keystores_in_two_schemas_of_one_database_stay_apart(pg_server, master_e
 def test_database_down_reads_go_on_for_the_bound_writes_fail_then_all_resumes(tmp_path, monkeypatch):
     server = PostgresServer(durable=True)  # a crash loses no committed write
     server.start()
-    env = {"SEGLOCK_MASTER_KEY": MASTER, "SEGLOCK_KEYSTORE_MAX_STALE_S": "2"}
+    # The bound is wide enough that a slow kill on a loaded CI host (2 s once) stays inside it.
+    env = {"SEGLOCK_MASTER_KEY": MASTER, "SEGLOCK_KEYSTORE_MAX_STALE_S": "5"}
     try:
         ks = Keystore.open(None, create=True, url=server.url(), env=env)
         record, token = ks.create_token("alice", ["segment"], ["m"])
         ks.refresh()
+        killing = time.monotonic()
         server.kill()
         down = time.monotonic()
+        assert down - killing < 4, f"the kill took {down - killing:.1f} s"
         assert ks.verify_token(token, model="m") is not None  # the last good state, from memory
         started = time.monotonic()
         with pytest.raises(KeystoreUnavailable, match="cannot be used right now"):
             ks.create_token("bob", ["segment"], ["m"])
         assert time.monotonic() - started < 8  # refused promptly, not after the 30 s lock timeout
-        while time.monotonic() - down < 2.5:
+        while time.monotonic() - down < 5.5:
             time.sleep(0.1)
         with pytest.raises(KeystoreUnavailable, match="no contact with the database"):
             ks.verify_token(token, model="m")
