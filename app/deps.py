@@ -7,12 +7,14 @@ they need by type instead:
 
 `SegmentGrant` and `AdminGrant` authenticate the request's bearer token for their scope (401 or 403
 otherwise; a segment grant also passes the per-token rate limit) and give its `Grant`. The accessors
-are coroutines so that FastAPI calls them inline; the grants stay plain functions (the keystore may
-re-read its file), which FastAPI runs in its thread pool.
+are coroutines so that FastAPI calls them inline. `SegmentGrant`, on every inference request, is one
+too: it checks the token inline and re-reads a changed keystore in a thread first; `AdminGrant` stays a
+plain function (a refusal is audited, a write), which FastAPI runs in its thread pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Annotated
 
@@ -114,8 +116,13 @@ ReadyDep = Annotated[bool, Depends(is_ready)]
 Bearer = Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)]  # declares the scheme in OpenAPI
 
 
-def segment_grant(request: Request, keystore: KeystoreDep, limiter: RateLimiterDep, _bearer: Bearer) -> Grant:
-    """The request's token, admitted for the segment scope and within its rate limit."""
+async def segment_grant(request: Request, keystore: KeystoreDep, limiter: RateLimiterDep, _bearer: Bearer) -> Grant:
+    """The request's token, admitted for the segment scope and within its rate limit.
+
+    Checked on the event loop (a hash and a look-up in memory) unless the keystore changed since it
+    was read: the reload (reading, decrypting, perhaps scrypt) runs in a thread first."""
+    if keystore.changed():
+        await asyncio.to_thread(keystore.refresh)
     return authenticate(request, keystore, "segment", limiter)
 
 

@@ -74,12 +74,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return error_response(503, "keystore_unavailable", "the keystore cannot be used right now",
                               {"Retry-After": "5"})
 
-    app.include_router(health.router)
+    # A request is matched against the routes in this order, one by one: the inference routes first
+    # (trying the 30-odd admin and console routes before them cost a tenth of a request's event-loop time).
     app.include_router(segment.router)
+    app.include_router(v2.router)
+    app.include_router(health.router)
     app.include_router(account.router)
     app.include_router(admin.router)
     app.include_router(console.router)
-    app.include_router(v2.router)
     app.add_middleware(RequestMiddleware, metrics=metrics, max_body_bytes=settings.max_body_bytes,
                        max_small_body_bytes=settings.max_json_body_bytes)
     return app

@@ -403,6 +403,13 @@ class Keystore:
         if old is not None and old is not snapshot:
             self._storage.release(old)
 
+    def changed(self) -> bool:
+        """Whether `refresh()` would reload: one stat, or a look at what LISTEN/NOTIFY said, and no
+        reading or decrypting (a server checks a token on its event loop when this is False).
+
+        Raises as `refresh()` does when a database has been out of reach for too long."""
+        return self._snapshot is None or self._storage.current_version() != self._snapshot.version
+
     def refresh(self) -> bool:
         """Reload if another process changed the keystore (one stat, or a look at what LISTEN/NOTIFY
         said, when it did not); True if reloaded.

@@ -213,6 +213,17 @@ def test_refresh_reloads_only_after_a_change(ks, env, backend):
     assert server.refresh() is False
 
 
+def test_changed_says_whether_refresh_would_reload_without_reloading(ks, env, backend):
+    server = reopen(ks, env)
+    assert server.changed() is False
+    ks.create_token("alice", ["segment"], ["m1"])
+    first_true(server.changed, backend)
+    assert server.changed() is True  # asking again reads nothing: the reload is still to come
+    assert server.refresh() is True
+    assert server.changed() is False
+    assert [r.name for r in server.list_tokens()] == ["alice"]
+
+
 def test_revoke_is_idempotent_and_writes_once(ks):
     record, _ = ks.create_token("alice", ["segment"], ["m1"])
     first = ks.revoke_token(record.id)
