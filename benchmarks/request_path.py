@@ -23,7 +23,6 @@ import argparse
 import asyncio
 import atexit
 import base64
-import io
 import json
 import os
 import shutil
@@ -37,30 +36,18 @@ CHUNK = 65536
 
 
 def build_home(work: Path, arch: str, size: int) -> tuple[str, bytes, object]:
-    """A home serving a CP-protected `arch` as `bench`: (token, PNG upload, HWC image)."""
-    import numpy as np
+    """A home serving a CP-protected `arch` as `bench`, as serve.py builds it: (token, PNG, HWC image)."""
     import torch
-    from PIL import Image
-    from serve import TAPS  # benchmarks/, beside this script
+    from serve import TAPS, bench_home, bench_image  # benchmarks/, beside this script
 
-    from seglock.app.home import Home
-    from seglock.keystore import Keystore
-    from seglock.models import build_model, protect, save_artifact
-    from seglock.models.data import generate_scene
+    from seglock.models import build_model, protect
 
     torch.manual_seed(0)
     model = build_model(arch, 6).eval()
     key = protect(model, TAPS[arch])
-    save_artifact(model, work / "artifact", name="bench", class_names=[f"c{i}" for i in range(6)],
-                  input_size=[size, size], protection={"mode": "cp", "tap": TAPS[arch]},
-                  key={"id": "kbench", "version": 1})
-    keystore = Keystore.open(work / "home", create=True, env=dict(os.environ))
-    Home(work / "home", keystore).import_artifact(work / "artifact", key=key)
-    _, token = keystore.create_token("bench", ["segment"], ["bench"])
-    image = np.ascontiguousarray(generate_scene(0, 0, size)[0])
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    return token, buffer.getvalue(), image
+    token = bench_home(work, model, key, TAPS[arch], size, dict(os.environ))
+    image, png = bench_image(size)
+    return token, png, image
 
 
 def answered_at_once(batcher) -> None:

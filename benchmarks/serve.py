@@ -192,6 +192,24 @@ class RawForwards:
             process.wait(30)
 
 
+def bench_home(work: Path, protected: torch.nn.Module, key, tap: str, size: int, env: dict) -> str:
+    """`work`/home serving the CP-protected model as `bench` (saved to `work`/artifact); returns a
+    segment token granted it."""
+    save_artifact(protected, work / "artifact", name="bench", class_names=[f"c{i}" for i in range(6)],
+                  input_size=[size, size], protection={"mode": "cp", "tap": tap}, key={"id": "kbench", "version": 1})
+    keystore = Keystore.open(work / "home", create=True, env=env)
+    Home(work / "home", keystore).import_artifact(work / "artifact", key=key)
+    return keystore.create_token("bench", ["segment"], ["bench"])[1]
+
+
+def bench_image(size: int) -> tuple[np.ndarray, bytes]:
+    """The benchmark image (a photo-like scene, not PNG-hostile noise) and its PNG."""
+    image = generate_scene(0, 0, size)[0]
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, format="PNG")
+    return image, buffer.getvalue()
+
+
 def wait_for_backend(base: str, token: str, limit_s: float, workers: int) -> str:
     """The server's backends for the benchmark model once every worker's background compile (if any)
     settled: asked until `4 * workers` answers in a row (any worker may answer) are settled."""
@@ -321,22 +339,14 @@ def main() -> int:
     master = base64.b64encode(os.urandom(32)).decode()
     env = {**os.environ, "SEGLOCK_MASTER_KEY": master, **thread_environment(args.threads),
            "TORCHINDUCTOR_CACHE_DIR": str(work / "home" / "cache" / "compile")}  # the server reuses the kernels
-    save_artifact(protected.cpu(), work / "artifact", name="bench", class_names=[f"c{i}" for i in range(6)],
-                  input_size=[args.size, args.size], protection={"mode": "cp", "tap": tap},
-                  key={"id": "kbench", "version": 1})
+    token = bench_home(work, protected.cpu(), key, tap, args.size, env)
+    home = work / "home"
     (work / "cp.key.json").write_text(json.dumps(key.to_dict()))
     (work / "cp.key.json").chmod(0o600)
-    home = work / "home"
-    keystore = Keystore.open(home, create=True, env=env)
-    Home(home, keystore).import_artifact(work / "artifact", key=key)
-    _, token = keystore.create_token("bench", ["segment"], ["bench"])
     del protected
 
-    image = generate_scene(0, 0, args.size)[0]  # a photo-like scene, not PNG-hostile noise
+    image, data = bench_image(args.size)
     np.save(work / "image.npy", image)
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")
-    data = buffer.getvalue()
     load_before = os.getloadavg()
     print(f"building the raw forwards in {args.workers} process(es)"
           + (f" (torch.compile: up to {args.compile_budget:.0f} s)" if args.compile_budget > 0 else ""), flush=True)
