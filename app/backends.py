@@ -54,6 +54,9 @@ BACKENDS = ("auto", "eager", "channels_last", "fused", "script", "compile")
 # 5 %, a probe timed while other servers started on the same cores once kept fused, which then waits
 # for the GIL between ops in the busy server (docs/serving.md)
 SCRIPT_PREFERENCE = 1.15
+# on CPU a batch is capped at the largest size whose forward costs at most this much per image more
+# than the cheapest size's: a larger batch whose activations leave the core's cache costs more per image
+BATCH_TOLERANCE = 1.03
 PROBE_SEED = 20261130
 
 

@@ -152,7 +152,10 @@ class Registry:
         runner = ModelRunner(module, self.device, amp=self.settings.amp, channels_last=self.settings.channels_last,
                              backend=self.settings.backend, compile_budget_s=self.settings.compile_budget_s,
                              probe=probe_batch(tuple(manifest.input_size), self.settings.max_batch), name=name)
-        batcher = DynamicBatcher(runner, name=name, max_batch=self.settings.max_batch,
+        max_batch = self.settings.max_batch
+        if self.settings.tune_batch:
+            max_batch, _ = runner.cheapest_batch(max_batch)
+        batcher = DynamicBatcher(runner, name=name, max_batch=max_batch,
                                  max_wait_ms=self.settings.max_wait_ms, queue_size=self.settings.queue_size,
                                  on_batch=self.metrics.observe_batch, core=self.forward_core)
         hosted = HostedModel(name, manifest, int(path.name[1:]), batcher, block_key)

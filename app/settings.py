@@ -51,6 +51,8 @@ class Settings(BaseSettings):
     compile_budget_s: float = Field(300.0, ge=0, description="seconds a background torch.compile may take; 0 = never")
     compile_cache: str = Field("", description="inductor's kernel cache folder; empty = HOME/cache/compile")
     max_batch: int = Field(8, ge=1, le=1024, description="largest batch per forward pass")
+    tune_batch: bool = Field(True, description="on CPU, batch each model at most at the size its forward costs "
+                                               "least per image, measured at load (up to max_batch)")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000,
                               description="most milliseconds a batch waits for requests still being decoded")
     queue_size: int = Field(64, ge=1, le=100_000, description="requests queued per model before 503")

@@ -5,19 +5,22 @@
     /v2) vs the raw batched forward of the same model on the same device:
       vs the eager fp32 forward                                          target >= 1.5 CPU
       vs the fastest exact raw forward found (channels_last, fused,      target >= 0.9
-      script, compile); /v1 carries the target, /v2's ratio and the
+      script, compile; each at --max-batch and at the batch the
+      server tuned to); /v1 carries the target, /v2's ratio and the
       CPU per image of each are printed beside it
     and the server's masks identical to the eager forward's
 (c) p50 / p99 latency at concurrency 1 and 16
 
 Raw and HTTP are measured the same way: the raw forwards run in `--workers` processes started
-like the server's workers (the same `--threads`, set before torch loads; the same batch; warm),
-all at once, and their throughput is the sum. The server and the raw processes stay up together
-and are measured in `--rounds` interleaved rounds (raw forwards, then HTTP load, then again), so a
-shared machine's drifting load falls on both sides; the ratios are medians of per-round ratios,
-and the load average is printed before and after. The load comes from benchmarks/loadgen.py (each
-request encoded once, keep-alive connections): the client shares the cores and should take as
-little from them as it can.
+like the server's workers (the same `--threads`, set before torch loads; warm), all at once, and
+their throughput is the sum. Each is timed at --max-batch and at every batch size the server's
+workers tuned their forward to (`seglock serve --tune-batch`: on CPU a smaller batch can cost less
+per image), and the eager and fastest forwards are the fastest at any of those sizes. The server
+and the raw processes stay up together and are measured in `--rounds` interleaved rounds (raw
+forwards, then HTTP load, then again), so a shared machine's drifting load falls on both sides; the
+ratios are medians of per-round ratios, and the load average is printed before and after. The
+load comes from benchmarks/loadgen.py (each request encoded once, keep-alive connections): the
+client shares the cores and should take as little from them as it can.
 
     python benchmarks/serve.py [--arch lraspp_mobilenet_v3_large] [--size 256] [--device cpu]
                                [--workers 2] [--threads 1] [--rounds 5] [--compile-budget 900]
@@ -31,6 +34,7 @@ import asyncio
 import atexit
 import base64
 import copy
+import functools
 import io
 import json
 import os
@@ -110,9 +114,9 @@ def forward_ratio(plain, protected, tap, key, batch, repeats) -> dict:
 
 def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) -> None:
     """`serve.py --raw-worker`: build every way to run the served model, then time one on each
-    command line ("NAME REPEATS") and answer one JSON line. Started with the server's thread
-    variables, so its forward runs with exactly the threads a server worker's does, and on a core
-    of its own as a server worker's forward thread is (`--pin-forward`)."""
+    command line ("NAME REPEATS BATCH", BATCH at most `batch`) and answer one JSON line. Started with
+    the server's thread variables, so its forward runs with exactly the threads a server worker's
+    does, and on a core of its own as a server worker's forward thread is (`--pin-forward`)."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     from seglock.models import CPKey, fold_key, load_artifact
@@ -131,10 +135,10 @@ def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) 
         reference = served(inputs).argmax(1)
         np.save(work / "eager-mask.npy", reference[0].numpy().astype(np.uint8))
         scripted = script_module(fused_module, cl_inputs)
-        timers = {"eager": lambda: served(inputs).argmax(1),
-                  "channels_last": lambda: cl_module(cl_inputs).argmax(1),
-                  "fused": lambda: fused_module(cl_inputs).argmax(1),
-                  "script": lambda: scripted(cl_inputs).argmax(1)}
+        timers = {"eager": lambda n=batch: served(inputs[:n]).argmax(1),
+                  "channels_last": lambda n=batch: cl_module(cl_inputs[:n]).argmax(1),
+                  "fused": lambda n=batch: fused_module(cl_inputs[:n]).argmax(1),
+                  "script": lambda n=batch: scripted(cl_inputs[:n]).argmax(1)}
         info["backends"]["eager"] = {"exact": True}
         for name in ("channels_last", "fused", "script"):
             info["backends"][name] = {"exact": torch.equal(timers[name](), reference)}
@@ -144,18 +148,24 @@ def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) 
             dynamic = cl_inputs.clone()
             torch._dynamo.mark_dynamic(dynamic, 0)  # as the server compiles it
             exact = torch.equal(compiled(dynamic).argmax(1), reference)
-            timers["compile"] = lambda: compiled(cl_inputs).argmax(1)
+            timers["compile"] = lambda n=batch: compiled(cl_inputs[:n]).argmax(1)
             info["backends"]["compile"] = {"exact": exact, "compile_s": time.perf_counter() - started}
         for fn in timers.values():  # warm: oneDNN primitives made, caches filled
             fn()
             fn()
     print(json.dumps(info), flush=True)
+    warm = {(name, batch) for name in timers}
     with torch.inference_mode():
         for line in sys.stdin:
-            name, repeats = line.split()
+            name, repeats, size = line.split()
+            run = functools.partial(timers[name], int(size))
+            if (name, int(size)) not in warm:  # a frozen trace optimises on its first runs of a shape
+                run()
+                run()
+                warm.add((name, int(size)))
             cpu_before = time.process_time()
-            seconds = timed(timers[name], int(repeats), warmup=1)
-            cpu_per_image = (time.process_time() - cpu_before) / ((int(repeats) + 1) * batch)
+            seconds = timed(run, int(repeats), warmup=1)
+            cpu_per_image = (time.process_time() - cpu_before) / ((int(repeats) + 1) * int(size))
             print(json.dumps({"seconds": seconds, "cpu_s_per_image": cpu_per_image}), flush=True)
 
 
@@ -166,7 +176,6 @@ class RawForwards:
     def __init__(self, work: Path, env: dict, args):
         command = [sys.executable, __file__, "--raw-worker", "--work", str(work), "--max-batch", str(args.max_batch),
                    "--compile-budget", str(args.compile_budget)]
-        self.batch = args.max_batch
         self.processes = []
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = args.threads == 1 and 1 < len(cores) and args.workers <= len(cores)
@@ -177,13 +186,13 @@ class RawForwards:
             self.info = json.loads(process.stdout.readline())
         self.backends = self.info["backends"]
 
-    def measure(self, name: str, repeats: int) -> tuple[float, float]:
-        """(images/s, CPU ms per image) of `name` with every worker running its batched forward at once."""
+    def measure(self, name: str, repeats: int, batch: int) -> tuple[float, float]:
+        """(images/s, CPU ms per image) of `name` at `batch` with every worker running its forward at once."""
         for process in self.processes:
-            process.stdin.write(f"{name} {repeats}\n")
+            process.stdin.write(f"{name} {repeats} {batch}\n")
             process.stdin.flush()
         answers = [json.loads(process.stdout.readline()) for process in self.processes]
-        return (sum(self.batch / answer["seconds"] for answer in answers),
+        return (sum(batch / answer["seconds"] for answer in answers),
                 1000 * statistics.mean(answer["cpu_s_per_image"] for answer in answers))
 
     def close(self) -> None:
@@ -210,11 +219,13 @@ def bench_image(size: int) -> tuple[np.ndarray, bytes]:
     return image, buffer.getvalue()
 
 
-def wait_for_backend(base: str, token: str, limit_s: float, workers: int) -> str:
-    """The server's backends for the benchmark model once every worker's background compile (if any)
-    settled: asked until `4 * workers` answers in a row (any worker may answer) are settled."""
+def wait_for_backend(base: str, token: str, limit_s: float, workers: int) -> tuple[str, list[int]]:
+    """(the server's backends for the benchmark model, the batch sizes its workers tuned their forward
+    to) once every worker's background compile (if any) settled: asked until `4 * workers` answers in
+    a row (any worker may answer) are settled."""
     deadline = time.monotonic() + limit_s
     seen: set[str] = set()
+    batches: set[int] = set()
     settled_in_a_row = 0
     while settled_in_a_row < 4 * workers:
         params = httpx.get(f"{base}/v2/models/bench", headers={"Authorization": f"Bearer {token}"},
@@ -227,7 +238,8 @@ def wait_for_backend(base: str, token: str, limit_s: float, workers: int) -> str
         settled_in_a_row += 1
         settled = params["compile"] in (None, "ready")
         seen.add(params["backend"] + ("" if settled else f" (compile {params['compile']})"))
-    return " / ".join(sorted(seen))
+        batches.add(params["max_batch"])
+    return " / ".join(sorted(seen)), sorted(batches)
 
 
 async def masks_over_http(base: str, token: str, data: bytes, image: np.ndarray) -> list[np.ndarray]:
@@ -372,7 +384,11 @@ def main() -> int:
         else:
             raise SystemExit("the server did not become ready in 10 minutes")
         print("server ready; waiting for its backends to settle", flush=True)
-        backend = wait_for_backend(base, token, args.compile_budget + 60, args.workers)
+        backend, server_batches = wait_for_backend(base, token, args.compile_budget + 60, args.workers)
+        # the raw forwards at --max-batch and at each batch the server's workers tuned theirs to
+        # (`--tune-batch`), so the fastest raw forward is found wherever the server found it
+        candidates = {(name if size == args.max_batch else f"{name}@{size}"): (name, size)
+                      for name in raw.backends for size in sorted({args.max_batch, *server_batches})}
         requests = requests_for(base, token, data, image)
         load(requests["v1"], 16, 32)  # warm-up of every worker
         server_masks = asyncio.run(masks_over_http(base, token, data, image))
@@ -380,8 +396,8 @@ def main() -> int:
         # interleaved rounds: drift in a shared machine's load falls on raw and HTTP alike
         for index in range(args.rounds):
             measured: dict[str, float] = {}
-            for name in raw.backends:
-                measured[name], measured[f"{name}_cpu_ms"] = raw.measure(name, args.repeats)
+            for label, (name, size) in candidates.items():
+                measured[label], measured[f"{label}_cpu_ms"] = raw.measure(name, args.repeats, size)
             cpu_before = cpu_seconds(server)
             measured["http_v1"], latencies, sent = load(requests["v1"], 16, args.requests)
             measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / sent
@@ -400,11 +416,12 @@ def main() -> int:
     def median(name: str) -> float:
         return statistics.median(r[name] for r in rounds)
 
-    exact = [name for name, info in raw.backends.items() if info["exact"]]
+    exact = [label for label, (name, _) in candidates.items() if raw.backends[name]["exact"]]
     fastest = max(exact, key=median)
-    ratios = {"vs_eager": [r["http_v1"] / r["eager"] for r in rounds],
+    eager = max((label for label, (name, _) in candidates.items() if name == "eager"), key=median)
+    ratios = {"vs_eager": [r["http_v1"] / r[eager] for r in rounds],
               "vs_fastest": [r["http_v1"] / r[fastest] for r in rounds],
-              "v2_vs_eager": [r["http_v2"] / r["eager"] for r in rounds],
+              "v2_vs_eager": [r["http_v2"] / r[eager] for r in rounds],
               "v2_vs_fastest": [r["http_v2"] / r[fastest] for r in rounds],
               "cpu_vs_fastest": [r[f"{fastest}_cpu_ms"] / r["http_v1_cpu_ms"] for r in rounds]}
     results = {
@@ -412,13 +429,14 @@ def main() -> int:
         "workers": args.workers, "threads": args.threads, "load_before": load_before, "load_after": load_after,
         "a_forward": ratio_a, "raw_backends": raw.backends, "server_backend": backend, "rounds": rounds,
         "b_throughput": {"http_images_per_s": median("http_v1"), "http_v2_images_per_s": median("http_v2"),
-                         "raw_images_per_s": {name: median(name) for name in raw.backends}, "fastest": fastest,
+                         "raw_images_per_s": {label: median(label) for label in candidates}, "fastest": fastest,
+                         "eager": eager, "server_batches": server_batches,
                          "ratio": statistics.median(ratios["vs_eager"]),
                          "ratio_vs_fastest": statistics.median(ratios["vs_fastest"]),
                          "ratio_v2": statistics.median(ratios["v2_vs_eager"]),
                          "ratio_v2_vs_fastest": statistics.median(ratios["v2_vs_fastest"]),
                          "cpu_ms_per_image": {name: median(f"{name}_cpu_ms")
-                                              for name in [*raw.backends, "http_v1", "http_v2"]},
+                                              for name in [*candidates, "http_v1", "http_v2"]},
                          "cpu_efficiency_vs_fastest": statistics.median(ratios["cpu_vs_fastest"]),
                          "masks_identical_to_eager": all(np.array_equal(m, eager_mask) for m in server_masks)},
         "c_latency_ms": {"c1_p50": percentile(lat1, 50), "c1_p99": percentile(lat1, 99),
@@ -434,16 +452,18 @@ def main() -> int:
     print(f"    ratio served/plain = {a['ratio_served_vs_plain']:.3f} (target <= 1.02: "
           f"{'ok' if a['ratio_served_vs_plain'] <= 1.02 else 'MISSED'})")
     b = results["b_throughput"]
-    for name, info in raw.backends.items():
-        print(f"    raw forward, batch {args.max_batch} x {args.workers} process(es): {name:<13} "
-              f"{b['raw_images_per_s'][name]:6.1f} img/s, {b['cpu_ms_per_image'][name]:.1f} CPU ms/img "
+    for label, (name, size) in candidates.items():
+        info = raw.backends[name]
+        print(f"    raw forward, batch {size} x {args.workers} process(es): {name:<13} "
+              f"{b['raw_images_per_s'][label]:6.1f} img/s, {b['cpu_ms_per_image'][label]:.1f} CPU ms/img "
               f"(medians of {args.rounds} rounds)"
               + ("" if info["exact"] else "  masks differ from eager")
               + (f", compiled in {info['compile_s']:.0f} s" if "compile_s" in info else ""))
     target_eager = 1.5 if device.type == "cpu" else 1.0
-    print(f"(b) HTTP at concurrency 16 (server backend: {backend}): /v1 {b['http_images_per_s']:.1f} img/s, "
+    print(f"(b) HTTP at concurrency 16 (server backend: {backend}; batches of at most "
+          f"{' / '.join(map(str, server_batches))}): /v1 {b['http_images_per_s']:.1f} img/s, "
           f"/v2 {b['http_v2_images_per_s']:.1f} img/s (medians of {args.rounds} rounds)")
-    print(f"    /v1 vs raw eager forward: median of per-round ratios = {b['ratio']:.3f} "
+    print(f"    /v1 vs fastest raw eager forward ({eager}): median of per-round ratios = {b['ratio']:.3f} "
           f"(target >= {target_eager}: {'ok' if b['ratio'] >= target_eager else 'MISSED'}); /v2: {b['ratio_v2']:.3f}")
     print(f"    /v1 vs fastest exact raw forward ({fastest}): median of per-round ratios = "
           f"{b['ratio_vs_fastest']:.3f} (target >= 0.9: {'ok' if b['ratio_vs_fastest'] >= 0.9 else 'MISSED'}); "

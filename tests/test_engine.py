@@ -2,6 +2,7 @@
 
 import asyncio
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -193,3 +194,39 @@ def test_a_request_that_fails_on_its_way_stops_holding_the_batch():
     elapsed = asyncio.run(failing_arrival())
     batcher.close()
     assert elapsed < 2.5 and (batcher.stats.batches, batcher.stats.items) == (1, 1)
+
+
+class SpinPerImage(nn.Module):
+    """Logits = the input; a forward of a batch of n spins `cost_ms(n)` CPU milliseconds per image, so
+    the cost per image of every batch size is known (timed by the thread's CPU clock, as the runner does)."""
+
+    def __init__(self, cost_ms):
+        super().__init__()
+        self.cost_ms = cost_ms
+
+    def forward(self, x):
+        until = time.thread_time() + self.cost_ms(len(x)) * len(x) / 1000
+        while time.thread_time() < until:
+            pass
+        return x
+
+
+def test_cheapest_batch_is_the_largest_within_tolerance_of_the_cheapest_per_image():
+    torch.set_num_threads(1)  # the CPU clock times the forward's own thread
+    probe = torch.rand(8, 3, 4, 4)
+    # batch 4 costs least per image, batch 8 a third more (its activations leave the cache, say)
+    dearer_large = ModelRunner(SpinPerImage({1: 3.0, 2: 2.0, 4: 1.0, 8: 1.33}.get), torch.device("cpu"), probe=probe)
+    chosen, per_image = dearer_large.cheapest_batch(8)
+    assert chosen == 4
+    assert sorted(per_image) == [1, 2, 4, 8]
+    assert per_image[4] < per_image[8] and per_image[4] < per_image[2] < per_image[1]
+    # every size the same per image: the largest (fewer forward passes, the same work)
+    flat = ModelRunner(SpinPerImage(lambda batch: 1.0), torch.device("cpu"), probe=probe)
+    assert flat.cheapest_batch(8)[0] == 8
+    # a max batch that is not a power of two is a candidate itself; nothing above it is timed
+    assert sorted(flat.cheapest_batch(6)[1]) == [1, 2, 4, 6]
+    assert flat.cheapest_batch(1) == (1, {})
+
+
+def test_cheapest_batch_is_max_batch_without_a_probe():
+    assert ModelRunner(ArgmaxOfInput(), torch.device("cpu")).cheapest_batch(8) == (8, {})

@@ -93,3 +93,15 @@ def test_a_worker_follows_a_rotation_made_by_another(home):
     np.testing.assert_array_equal(mask(first, image), before)
     first.close()
     second.close()
+
+
+def test_max_batch_is_the_batchers_bound_and_exactly_its_batch_without_tuning(home):
+    for tune in (True, False):
+        settings = Settings(home=home, import_demo=False, max_batch=3, max_wait_ms=1, warmup=False, tune_batch=tune)
+        reg = Registry(settings, open_keystore(home), Metrics(), torch.device("cpu"))
+        reg.load_all()
+        try:
+            chosen = reg.get("cp").batcher.max_batch
+            assert chosen == 3 if not tune else 1 <= chosen <= 3
+        finally:
+            reg.close()

@@ -27,6 +27,7 @@ SAMPLES = {
     "compile_budget_s": (60.0, ["--compile-budget", "60"]),
     "compile_cache": ("/tmp/inductor", ["--compile-cache", "/tmp/inductor"]),
     "max_batch": (16, ["--max-batch", "16"]),
+    "tune_batch": (False, ["--no-tune-batch"]),
     "max_wait_ms": (2.5, ["--max-wait-ms", "2.5"]),
     "queue_size": (7, ["--queue-size", "7"]),
     "max_body_bytes": (4096, ["--max-body-bytes", "4096"]),

@@ -162,6 +162,13 @@ def test_health_and_server_metadata_need_no_token(server):
     assert client.get("/v2").json()["extensions"] == ["binary_tensor_data"]
 
 
+def test_model_metadata_names_the_batch_the_cpu_forward_was_tuned_to(server):
+    meta = server["client"].get("/v2/models/plain", headers=auth(server)).json()
+    batcher = server["client"].app.state.registry.current("plain").batcher
+    assert meta["parameters"]["max_batch"] == batcher.max_batch
+    assert 1 <= batcher.max_batch <= 4  # --max-batch 4 bounds the tuned batch
+
+
 def test_infer_without_a_token_is_401_in_protocol_form(server):
     body, headers = binary_request(scene(0)[None])
     response = server["client"].post("/v2/models/plain/infer", content=body, headers=headers)

@@ -254,6 +254,7 @@ def metadata(hosted: HostedModel) -> dict[str, Any]:
             "input_size": [height, width],  # encrypted input must be exactly this size
             "class_names": list(hosted.manifest.class_names),
             "backend": runner.backend,  # eager | channels_last | fused | script | compile (see --backend)
+            "max_batch": hosted.batcher.max_batch,  # largest batch per forward pass (see --tune-batch)
             "compile": None if runner.compile_job is None else runner.compile_job.state,
         },
     }
