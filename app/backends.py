@@ -87,6 +87,11 @@ def probe_batch(input_size: tuple[int, int], batch: int) -> torch.Tensor:
     return torch.randn((batch, 3, height, width), generator=generator)
 
 
+def batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes a CPU forward is timed at to choose its batch: 1, 2, 4, ... and `max_batch`."""
+    return sorted({min(2 ** k, max_batch) for k in range(max_batch.bit_length() + 1)})
+
+
 def to_channels_last(module: nn.Module) -> nn.Module:
     return module.to(memory_format=torch.channels_last)
 

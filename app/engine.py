@@ -264,7 +264,7 @@ class ModelRunner:
         activations leaving the cache. Elsewhere (an accelerator) and without a probe: `max_batch`."""
         if self.device.type != "cpu" or self._probe is None or max_batch < 2:
             return max_batch, {}
-        sizes = sorted({min(2 ** k, max_batch, len(self._probe)) for k in range(max_batch.bit_length() + 1)})
+        sizes = backends.batch_sizes(min(max_batch, len(self._probe)))
         runs = {size: functools.partial(self._run, self.module, self._probe[:size].clone()) for size in sizes}
         for run in runs.values():  # a frozen trace optimises on its first runs of a shape
             run()
