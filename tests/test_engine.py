@@ -211,8 +211,16 @@ class SpinPerImage(nn.Module):
         return x
 
 
-def test_cheapest_batch_is_the_largest_within_tolerance_of_the_cheapest_per_image():
-    torch.set_num_threads(1)  # the CPU clock times the forward's own thread
+@pytest.fixture
+def one_thread():
+    """One torch thread, so the runner times by the thread's CPU clock; restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_cheapest_batch_is_the_largest_within_tolerance_of_the_cheapest_per_image(one_thread):
     probe = torch.rand(8, 3, 4, 4)
     # batch 4 costs least per image, batch 8 a third more (its activations leave the cache, say)
     dearer_large = ModelRunner(SpinPerImage({1: 3.0, 2: 2.0, 4: 1.0, 8: 1.33}.get), torch.device("cpu"), probe=probe)
