@@ -142,3 +142,18 @@ def test_to_model_input_divides_by_the_input_scale_in_nchw():
     out = to_model_input(encrypted, "ffx")
     assert out.shape == (1, 3, 1, 1)
     assert torch.equal(out.flatten(), torch.tensor([1.0, 0.0, 500 / 999]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", [*METHODS, "per-image"])
+def test_to_model_input_is_numpys_quotient_of_every_level_on_every_device(device, method):
+    """CUDA divides by a Python number as a multiplication by its reciprocal, which is 1 ulp off for
+    some levels: the model input is divided by a tensor, so a GPU trains on the server's values."""
+    scale = input_scale(method)
+    levels = np.arange(scale + 1, dtype=np.int16 if scale > 255 else np.uint8)
+    batch = torch.from_numpy(np.stack([levels] * 3, axis=-1)[None, None]).to(device)  # 1x1xLx3
+    out = to_model_input(batch, method)
+    expected = levels.astype(np.float32) / np.float32(scale)
+    assert out.device.type == device
+    for channel in out[0].cpu().numpy():
+        np.testing.assert_array_equal(channel[0], expected)
