@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import atexit
 import base64
+import contextlib
 import copy
 import functools
 import io
@@ -57,6 +58,7 @@ import torch
 from PIL import Image
 
 from seglock.app.backends import batch_sizes, fold_batch_norms, forward_clock, script_module, set_threads
+from seglock.app.engine import autocast_dtype
 from seglock.app.home import Home
 from seglock.app.settings import thread_environment, usable_cores
 from seglock.keystore import Keystore
@@ -115,28 +117,34 @@ def forward_ratio(plain, protected, tap, key, batch, repeats) -> dict:
 
 # -- the raw forwards, in processes started like the server's workers ----------------------------
 
-def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) -> None:
+def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None, device: torch.device,
+               amp: str) -> None:
     """`serve.py --raw-worker`: build every way to run the served model, then time one on each
     command line ("NAME REPEATS BATCH", BATCH at most `batch`) and answer one JSON line. Started with
     the server's thread variables, so its forward runs with exactly the threads a server worker's
-    does, and on a core of its own as a server worker's forward thread is (`--pin-forward`)."""
+    does, and on a core of its own as a server worker's forward thread is (`--pin-forward`). On an
+    accelerator every forward runs there in the server's precision (`--amp`: bf16 autocast by
+    default on CUDA), and the eager reference is eager in that precision, as the server's is."""
     if core is not None:
         os.sched_setaffinity(0, {core})
     from seglock.models import CPKey, fold_key, load_artifact
 
     protected, manifest = load_artifact(work / "artifact")
     key = CPKey.from_dict(json.loads((work / "cp.key.json").read_text()))
-    served = fold_key(protected, manifest.protection["tap"], key).eval()
+    served = fold_key(protected, manifest.protection["tap"], key).eval().to(device)
     image = np.load(work / "image.npy")
     with torch.inference_mode():
-        inputs = scaled_input(torch.from_numpy(np.stack([image] * batch)), "cp", IMAGENET_NORMALIZATION)
+        inputs = scaled_input(torch.from_numpy(np.stack([image] * batch)), "cp", IMAGENET_NORMALIZATION).to(device)
     cl_module = copy.deepcopy(served).to(memory_format=torch.channels_last)
     fused_module = fold_batch_norms(copy.deepcopy(served)).to(memory_format=torch.channels_last)
     cl_inputs = inputs.contiguous(memory_format=torch.channels_last)
     info: dict = {"threads": torch.get_num_threads(), "backends": {}}
-    with torch.inference_mode():
+    dtype = autocast_dtype(amp, device)
+    precision = (torch.autocast(device.type, dtype=dtype) if dtype is not None  # the server's, for every forward
+                 else contextlib.nullcontext())
+    with torch.inference_mode(), precision:
         reference = served(inputs).argmax(1)
-        np.save(work / "eager-mask.npy", reference[0].numpy().astype(np.uint8))
+        np.save(work / "eager-mask.npy", reference[0].cpu().numpy().astype(np.uint8))
         scripted = script_module(fused_module, cl_inputs)
         timers = {"eager": lambda n=batch: served(inputs[:n]).argmax(1),
                   "channels_last": lambda n=batch: cl_module(cl_inputs[:n]).argmax(1),
@@ -158,7 +166,7 @@ def raw_worker(work: Path, batch: int, compile_budget: float, core: int | None) 
             fn()
     print(json.dumps(info), flush=True)
     warm = {(name, batch) for name in timers}
-    with torch.inference_mode():
+    with torch.inference_mode(), precision:
         for line in sys.stdin:
             name, repeats, size = line.split()
             run = functools.partial(timers[name], int(size))
@@ -178,7 +186,7 @@ class RawForwards:
 
     def __init__(self, work: Path, env: dict, args):
         command = [sys.executable, __file__, "--raw-worker", "--work", str(work), "--max-batch", str(args.max_batch),
-                   "--compile-budget", str(args.compile_budget)]
+                   "--compile-budget", str(args.compile_budget), "--device", str(args.device), "--amp", args.amp]
         self.processes = []
         cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         pin = args.threads == 1 and 1 < len(cores) and args.workers <= len(cores)
@@ -315,8 +323,11 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--max-batch", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=usable_cores(),
-                        help="server processes, and raw-forward processes run at once (default: one per core)")
+    parser.add_argument("--amp", choices=["auto", "fp16", "bf16", "off"], default="auto",
+                        help="the server's mixed precision on CUDA, and the raw forwards' (ignored on CPU)")
+    parser.add_argument("--workers", type=int,
+                        help="server processes, and raw-forward processes run at once (default: one per core "
+                             "on CPU, one on an accelerator)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch/OpenMP threads of every process: server workers, raw forwards, this one "
                              "(default 1)")
@@ -331,12 +342,13 @@ def main() -> int:
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.raw_worker:
-        raw_worker(Path(args.work), args.max_batch, args.compile_budget, args.core)
+        raw_worker(Path(args.work), args.max_batch, args.compile_budget, args.core, resolve_device(args.device),
+                   args.amp)
         return 0
 
     device = resolve_device(args.device)
-    if device.type != "cpu":
-        args.workers = 1  # one process owns the accelerator
+    if args.workers is None:
+        args.workers = usable_cores() if device.type == "cpu" else 1  # one process owns the accelerator
     set_threads(args.threads)
     torch.manual_seed(0)
     plain = build_model(args.arch, 6).eval().to(device)
@@ -372,7 +384,7 @@ def main() -> int:
         [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port), "--no-demo",
          "--device", str(device), "--max-batch", str(args.max_batch), "--max-wait-ms", "10",
          "--workers", str(args.workers), "--threads", str(args.threads),
-         "--compile-budget", str(args.compile_budget),
+         "--compile-budget", str(args.compile_budget), "--amp", args.amp,
          "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     rounds: list[dict] = []

@@ -135,7 +135,8 @@ def free_port() -> int:
 @contextlib.contextmanager
 def live_server(home: Path, *args: str, ready_s: float = 180):
     """A real `seglock serve` process on loopback with `home`, yielded once /readyz answers 200:
-    {"base", "home", "process", "log"}. Stopped (terminate, then kill) on exit."""
+    {"base", "home", "process", "log"}. Stopped (terminate, then kill) on exit. On the device
+    `SEGLOCK_TEST_DEVICE` names (default cpu; `args` may name another)."""
     port = free_port()
     env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": "1"}
     home.parent.mkdir(parents=True, exist_ok=True)
@@ -143,7 +144,7 @@ def live_server(home: Path, *args: str, ready_s: float = 180):
     with open(log_path, "wb") as log:
         process = subprocess.Popen(
             [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port),
-             "--device", "cpu",
+             "--device", os.environ.get("SEGLOCK_TEST_DEVICE", "cpu"),
              *args], stdout=log, stderr=subprocess.STDOUT, env=env)
         base = f"http://127.0.0.1:{port}"
         try:

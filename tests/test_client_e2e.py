@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 
 import httpx
 import numpy as np
@@ -26,6 +27,10 @@ from tests.server_fixtures import live_server, png_bytes
 
 # models/zoo/README.md, "Accuracy": `seglock evaluate` with the right key on the val split
 MEASURED_MIOU = {"demo-cp": 41.22, "demo-shf": 42.44, "demo-per-image": 38.66}
+# Measured on the CPU in fp32, which a CPU server reproduces to the digit. A GPU server
+# (SEGLOCK_TEST_DEVICE=cuda, benchmarks/gpu.sh) runs bf16 autocast, which flips some near-tie pixels:
+# on an H200 demo-shf measured 42.51 and demo-cp and demo-per-image within 0.05.
+MIOU_TOLERANCE = 0.05 if os.environ.get("SEGLOCK_TEST_DEVICE", "cpu") == "cpu" else 0.5
 DATA_SEED, DATA_SCENES, DATA_SIZE, VAL_FRACTION = 1, 400, 128, 0.1
 
 
@@ -86,7 +91,7 @@ def test_sdk_masks_equal_the_server_side_path_and_reach_the_measured_miou(client
     for mine, theirs in zip(by_sdk, by_server, strict=False):
         np.testing.assert_array_equal(mine, theirs)
     assert len(scenes) == 40
-    assert miou(by_sdk, scenes, infos[model].num_classes) == pytest.approx(MEASURED_MIOU[model], abs=0.05)
+    assert miou(by_sdk, scenes, infos[model].num_classes) == pytest.approx(MEASURED_MIOU[model], abs=MIOU_TOLERANCE)
 
 
 @pytest.mark.parametrize("model", ["demo-cp", "demo-shf"])
@@ -114,4 +119,4 @@ def test_a_corrupted_cached_key_gives_a_clearly_worse_miou(served, infos, scenes
         sdk._keys["demo-shf"] = (version, BlockKey.generate("shf", key.block_size))  # same version, wrong key
         wrong = miou(sdk.segment_many(images, "demo-shf"), scenes, classes)
     # the README's 100 wrong keys scored 6.8..19.3 against 42.44 with the right one
-    assert right == pytest.approx(MEASURED_MIOU["demo-shf"], abs=0.05) and wrong < 25.0
+    assert right == pytest.approx(MEASURED_MIOU["demo-shf"], abs=MIOU_TOLERANCE) and wrong < 25.0
