@@ -238,3 +238,38 @@ def test_cheapest_batch_is_the_largest_within_tolerance_of_the_cheapest_per_imag
 
 def test_cheapest_batch_is_max_batch_without_a_probe():
     assert ModelRunner(ArgmaxOfInput(), torch.device("cpu")).cheapest_batch(8) == (8, {})
+
+
+class RecordsBatchSizes(nn.Module):
+    """Logits = the input; remembers the batch size of every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.sizes: list[int] = []
+
+    def forward(self, x):
+        self.sizes.append(x.shape[0])
+        return x
+
+
+def test_padded_batches_run_at_the_probes_size_and_answer_only_their_own_images():
+    probe = torch.rand(6, 3, 4, 4)
+    batch = torch.stack([one_hot_input(i % 3) for i in range(4)])
+    module = RecordsBatchSizes()
+    padded = ModelRunner(module, torch.device("cpu"), probe=probe, pad_batches=True)
+    assert padded.pad_to == 6
+    module.sizes.clear()
+    masks, scores = padded.predict_scored(batch, score=True)
+    assert module.sizes == [6]
+    assert masks.shape == (4, 4, 4) and scores.shape == (4, 4, 4)
+    assert [int(mask[0, 0]) for mask in masks] == [0, 1, 2, 0]
+    assert np.array_equal(masks, ModelRunner(ArgmaxOfInput(), torch.device("cpu")).predict(batch))
+    module.sizes.clear()
+    padded.predict(torch.rand(6, 3, 4, 4))  # a full batch as it is
+    padded.predict(torch.rand(7, 3, 4, 4))  # a larger one (another bound than the probe's) too
+    assert module.sizes == [6, 7]
+
+
+def test_only_an_accelerator_pads_by_default():
+    assert ModelRunner(ArgmaxOfInput(), torch.device("cpu"), probe=torch.rand(8, 3, 4, 4)).pad_to == 0
+    assert ModelRunner(ArgmaxOfInput(), torch.device("cpu"), pad_batches=True).pad_to == 0  # no probe: no size
