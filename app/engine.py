@@ -97,7 +97,7 @@ class ModelRunner:
         self._probe = None if probe is None else probe.to(device)
         # On an accelerator (`pad_batches` None) every batch is padded to the probe's size, the one
         # shape the module was checked, timed and warmed at: a smaller batch costs a GPU about as much
-        # (a scripted 256 px lraspp on an H200: 2.6 ms at batch 1, 3.0 at 8), while each new shape
+        # (a scripted 256 px lraspp on an H200: 2.5 ms at batch 1, 3.0 at 8), while each new shape
         # made TorchScript's profiling executor specialise the graph again in a live server.
         pad = device.type != "cpu" if pad_batches is None else pad_batches
         self.pad_to = len(self._probe) if pad and self._probe is not None else 0
