@@ -211,15 +211,6 @@ class SpinPerImage(nn.Module):
         return x
 
 
-@pytest.fixture
-def one_thread():
-    """One torch thread, so the runner times by the thread's CPU clock; restored afterwards."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_cheapest_batch_is_the_largest_within_tolerance_of_the_cheapest_per_image(one_thread):
     probe = torch.rand(8, 3, 4, 4)
     # batch 4 costs least per image, batch 8 a third more (its activations leave the cache, say)
