@@ -107,8 +107,6 @@ def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     app.state.registry = registry
     app.state.auditor = Auditor(keystore, window_s=settings.audit_window_s)
     app.state.audit = app.state.auditor.best_effort  # deps.AuditDep: (grant, action, target, outcome)
-    if settings.warmup:
-        registry.warm_up()
     app.state.ready = True
     log.info("ready: %d models on %s", len(registry.names()), registry.device)
 

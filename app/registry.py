@@ -159,15 +159,23 @@ class Registry:
                                  max_wait_ms=self.settings.max_wait_ms, queue_size=self.settings.queue_size,
                                  on_batch=self.metrics.observe_batch, core=self.forward_core)
         hosted = HostedModel(name, manifest, int(path.name[1:]), batcher, block_key)
+        if self.settings.warmup:
+            try:
+                self.warm_up(hosted)
+            except BaseException:
+                batcher.close()
+                raise
         self._models[name] = hosted
         log.info("model %s r%d loaded (%s)", name, hosted.revision, manifest.mode)
         return hosted
 
-    def warm_up(self) -> None:
-        for hosted in self._models.values():
-            height, width = hosted.manifest.input_size
-            dummy = torch.zeros((1, height, width, 3), dtype=torch.uint8)
-            hosted.batcher.run_sync([hosted.prepare(dummy)[0]])
+    @staticmethod
+    def warm_up(hosted: HostedModel) -> None:
+        """One blank image through the model's way in and on its batcher's thread, before it serves:
+        on a GPU each thread's first forward takes over a second (`DynamicBatcher.run_sync`)."""
+        height, width = hosted.manifest.input_size
+        dummy = torch.zeros((1, height, width, 3), dtype=torch.uint8)
+        hosted.batcher.run_sync([hosted.prepare(dummy)[0]])
 
     def close(self) -> None:
         for hosted in self._models.values():

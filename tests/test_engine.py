@@ -93,6 +93,33 @@ def test_close_finishes_queued_work_and_refuses_new_work():
     assert all((m == 2).all() for m in masks)
 
 
+class RecordsThreads(nn.Module):
+    """Logits = the input; remembers the name of each thread that ran it."""
+
+    def __init__(self):
+        super().__init__()
+        self.threads: list[str] = []
+
+    def forward(self, x):
+        self.threads.append(threading.current_thread().name)
+        return x
+
+
+def test_run_sync_runs_on_the_worker_thread_that_serves_requests():
+    # a warm-up must warm the thread that serves: on a GPU each thread's first forward is slow
+    module = RecordsThreads()
+    batcher = DynamicBatcher(runner(module), name="m", max_batch=4, max_wait_ms=1, queue_size=8)
+    masks = batcher.run_sync([one_hot_input(1), one_hot_input(2)])
+    served = asyncio.run(batcher.submit(one_hot_input(0)))
+    batcher.close()
+    assert masks.shape == (2, 4, 4) and (masks[0] == 1).all() and (masks[1] == 2).all()
+    assert (served == 0).all()
+    assert set(module.threads) == {"seglock-batcher-m"}
+    assert batcher.stats.items == 3
+    with pytest.raises(EngineStopped):
+        batcher.run_sync([one_hot_input(0)])
+
+
 def test_a_failing_forward_fails_its_requests_not_the_worker():
     class Flaky(nn.Module):
         calls = 0

@@ -105,3 +105,15 @@ def test_max_batch_is_the_batchers_bound_and_exactly_its_batch_without_tuning(ho
             assert chosen == 3 if not tune else 1 <= chosen <= 3
         finally:
             reg.close()
+
+
+def test_a_model_is_warmed_up_on_its_batchers_thread_before_it_serves(home):
+    for warmup in (True, False):
+        settings = Settings(home=home, import_demo=False, max_batch=2, max_wait_ms=1, warmup=warmup)
+        reg = Registry(settings, open_keystore(home), Metrics(), torch.device("cpu"))
+        reg.load_all()
+        try:
+            stats = reg.get("cp").batcher.stats
+            assert (stats.batches, stats.items) == ((1, 1) if warmup else (0, 0))
+        finally:
+            reg.close()
