@@ -103,6 +103,8 @@ class Connection:
         self._streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
 
     async def send(self, data: bytes, timeout_s: float) -> Answer:
+        if self._streams is not None and self._streams[0].at_eof():
+            self.close()  # closed by the server while idle (its keep-alive timeout): open a new one
         if self._streams is None:
             self._streams = await asyncio.open_connection(self.host, self.port)
         reader, writer = self._streams

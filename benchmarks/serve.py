@@ -337,6 +337,7 @@ def main() -> int:
     parser.add_argument("--compile-budget", type=float, default=900,
                         help="seconds torch.compile may take, here and in the server; 0 = no compile")
     parser.add_argument("--json", help="write the results here too")
+    parser.add_argument("--server-log", help="write the server's output here (default: discarded)")
     parser.add_argument("--raw-worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--core", type=int, help=argparse.SUPPRESS)
@@ -380,12 +381,13 @@ def main() -> int:
     raw = RawForwards(work, env, args)
     eager_mask = np.load(work / "eager-mask.npy")
     port = free_port()
+    server_log = open(args.server_log, "ab") if args.server_log else subprocess.DEVNULL  # noqa: SIM115 (closed below)
     server = subprocess.Popen(
         [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(home), "--port", str(port), "--no-demo",
          "--device", str(device), "--max-batch", str(args.max_batch), "--max-wait-ms", "10",
          "--workers", str(args.workers), "--threads", str(args.threads),
          "--compile-budget", str(args.compile_budget), "--amp", args.amp,
-         "--log-level", "warning"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+         "--log-level", "info" if args.server_log else "warning"], env=env, stdout=server_log, stderr=subprocess.STDOUT)
     base = f"http://127.0.0.1:{port}"
     rounds: list[dict] = []
     try:
@@ -426,6 +428,8 @@ def main() -> int:
         server.terminate()
         server.wait(30)
         raw.close()
+        if args.server_log:
+            server_log.close()
     load_after = os.getloadavg()
 
     def median(name: str) -> float:
