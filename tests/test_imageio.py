@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from seglock.app.errors import APIError
-from seglock.app.imageio import decode_upload, encode_mask_png, resize_mask
+from seglock.app.imageio import decode_upload, encode_mask_png, mask_image, resize_mask
 
 LIMIT = 10_000_000
 
@@ -133,6 +133,18 @@ def test_mask_png_keeps_class_indices_and_uses_voc_colours():
     assert image.mode == "P"
     np.testing.assert_array_equal(np.asarray(image), mask)
     assert image.getpalette()[:9] == [0, 0, 0, 128, 0, 0, 0, 128, 0]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (256, 256), (600, 401)])
+def test_mask_png_is_the_image_mask_image_makes_with_valid_chunks(shape):
+    mask = np.random.default_rng(shape[1]).integers(0, 256, shape, dtype=np.uint8)
+    data = encode_mask_png(mask)
+    Image.open(io.BytesIO(data)).verify()  # signature, chunk order and every chunk's CRC
+    written, reference = Image.open(io.BytesIO(data)), mask_image(mask)
+    assert (written.format, written.mode, written.size) == ("PNG", "P", shape[::-1])
+    assert written.getpalette() == reference.getpalette()
+    np.testing.assert_array_equal(np.asarray(written), mask)
+    np.testing.assert_array_equal(np.asarray(written.convert("RGB")), np.asarray(reference.convert("RGB")))
 
 
 def test_mask_resize_is_nearest():
