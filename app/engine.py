@@ -361,6 +361,8 @@ class DynamicBatcher:
         self._queue: queue.Queue = queue.Queue(maxsize=queue_size)
         self._arriving = 0  # open Arrivals; changed on the event loop, read by the worker thread
         self._accepting = True
+        # taken to queue a job and to stop accepting: no job lands behind the stop marker, unanswered
+        self._intake = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"seglock-batcher-{name}", daemon=True)
         self._thread.start()
 
@@ -385,14 +387,9 @@ class DynamicBatcher:
     async def submit_scored(self, tensor: torch.Tensor, *, score: bool,
                             arrival: Arrival | None = None) -> tuple[np.ndarray, np.ndarray | None]:
         """Queue one CHW tensor; returns (H×W uint8 mask, H×W float32 class probability or None)."""
-        if not self._accepting:
-            raise EngineStopped(f"model {self.name} is shutting down")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        try:
-            self._queue.put_nowait(_Job(tensor, future, loop, score))
-        except queue.Full:
-            raise Overloaded(f"model {self.name} has {self._queue.maxsize} requests queued") from None
+        self._enqueue(_Job(tensor, future, loop, score))
         if arrival is not None:
             arrival.close()  # after the put: the worker never sees it neither arriving nor queued
         return await future
@@ -402,21 +399,29 @@ class DynamicBatcher:
         run on the worker thread like any request, so a warm-up warms the thread that serves. On a
         GPU a thread's first forward is slow: 1.3-1.6 s for each new thread on an H200, whatever the
         backend, 4-12 ms after it."""
-        if not self._accepting:
-            raise EngineStopped(f"model {self.name} is shutting down")
         futures = []
         for tensor in tensors:
             future: concurrent.futures.Future = concurrent.futures.Future()
-            self._queue.put(_Job(tensor, future, None))
+            self._enqueue(_Job(tensor, future, None))
             futures.append(future)
         return np.stack([future.result()[0] for future in futures])
 
+    def _enqueue(self, job: _Job) -> None:
+        with self._intake:
+            if not self._accepting:
+                raise EngineStopped(f"model {self.name} is shutting down")
+            try:
+                self._queue.put_nowait(job)
+            except queue.Full:
+                raise Overloaded(f"model {self.name} has {self._queue.maxsize} requests queued") from None
+
     def close(self, timeout: float = 30.0) -> None:
         """Stop taking work, finish what is queued, and stop the worker."""
-        if not self._accepting:
-            return
-        self._accepting = False
-        self._queue.put(_STOP)
+        with self._intake:
+            if not self._accepting:
+                return
+            self._accepting = False
+        self._queue.put(_STOP)  # behind every job accepted; blocks while the queue is full
         self._thread.join(timeout)
 
     def _collect(self) -> tuple[list[_Job], bool]:
@@ -465,7 +470,7 @@ class DynamicBatcher:
             for index, job in enumerate(jobs):
                 score = scores[index] if job.score else None
                 _resolve(job, result=(masks[index], score))
-        # drain anything that raced past the stop marker
+        # nothing is queued behind the stop marker (`_intake`); should anything be, it is answered
         while True:
             try:
                 job = self._queue.get_nowait()

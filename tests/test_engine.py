@@ -120,6 +120,33 @@ def test_run_sync_runs_on_the_worker_thread_that_serves_requests():
         batcher.run_sync([one_hot_input(0)])
 
 
+def test_a_close_that_races_a_submit_never_leaves_it_unanswered():
+    # the interleaving that lost a request: close() ran whole between submit's check and its put,
+    # so the job landed behind the stop marker, after the worker had gone
+    batcher = DynamicBatcher(runner(ArgmaxOfInput()), name="m", max_batch=2, max_wait_ms=0, queue_size=8)
+    put = batcher._queue.put_nowait
+    closer = threading.Thread(target=batcher.close)
+
+    def close_then_put(job):
+        if closer.ident is None:  # the first put only
+            closer.start()
+            closer.join(0.5)  # as long as close() may take, unless it waits for this submit
+        put(job)
+
+    batcher._queue.put_nowait = close_then_put
+
+    async def main():
+        try:
+            return await asyncio.wait_for(batcher.submit(one_hot_input(1)), 10)
+        except EngineStopped:
+            return None
+
+    mask = asyncio.run(main())
+    closer.join(10)
+    assert not closer.is_alive()
+    assert mask is not None and (mask == 1).all()  # accepted before the close, so answered
+
+
 def test_a_failing_forward_fails_its_requests_not_the_worker():
     class Flaky(nn.Module):
         calls = 0
