@@ -466,7 +466,7 @@ class DynamicBatcher:
                     _resolve(job, exception=exc)
                 continue
             elapsed = time.perf_counter() - started
-            self._record(len(jobs), elapsed)
+            self._record(len(jobs), elapsed, served=any(job.loop is not None for job in jobs))
             for index, job in enumerate(jobs):
                 score = scores[index] if job.score else None
                 _resolve(job, result=(masks[index], score))
@@ -479,12 +479,14 @@ class DynamicBatcher:
             if job is not _STOP:
                 _resolve(job, exception=EngineStopped(f"model {self.name} is shutting down"))
 
-    def _record(self, size: int, elapsed: float) -> None:
+    def _record(self, size: int, elapsed: float, *, served: bool) -> None:
+        """Every batch counts in `stats`; only those with a request in them (not a warm-up's) reach
+        `on_batch`, the served metrics."""
         self.stats.batches += 1
         self.stats.items += size
         self.stats.last_batch_size = size
         self.stats.inference_seconds += elapsed
-        if self._on_batch is not None:
+        if served and self._on_batch is not None:
             with contextlib.suppress(Exception):
                 self._on_batch(self.name, size, elapsed)
 

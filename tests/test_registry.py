@@ -110,10 +110,16 @@ def test_max_batch_is_the_batchers_bound_and_exactly_its_batch_without_tuning(ho
 def test_a_model_is_warmed_up_on_its_batchers_thread_before_it_serves(home):
     for warmup in (True, False):
         settings = Settings(home=home, import_demo=False, max_batch=2, max_wait_ms=1, warmup=warmup)
-        reg = Registry(settings, open_keystore(home), Metrics(), torch.device("cpu"))
+        metrics = Metrics()
+        reg = Registry(settings, open_keystore(home), metrics, torch.device("cpu"))
         reg.load_all()
         try:
-            stats = reg.get("cp").batcher.stats
+            hosted = reg.get("cp")
+            stats = hosted.batcher.stats
             assert (stats.batches, stats.items) == ((1, 1) if warmup else (0, 0))
+            assert b"seglock_batch_size_count" not in metrics.render()  # served batches only
+            height, width = hosted.manifest.input_size
+            asyncio.run(hosted.batcher.submit(hosted.prepare(torch.zeros((1, height, width, 3), dtype=torch.uint8))[0]))
+            assert b'seglock_batch_size_count{model="cp"} 1.0' in metrics.render()
         finally:
             reg.close()
