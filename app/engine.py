@@ -470,14 +470,7 @@ class DynamicBatcher:
             for index, job in enumerate(jobs):
                 score = scores[index] if job.score else None
                 _resolve(job, result=(masks[index], score))
-        # nothing is queued behind the stop marker (`_intake`); should anything be, it is answered
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if job is not _STOP:
-                _resolve(job, exception=EngineStopped(f"model {self.name} is shutting down"))
+        # nothing is queued behind the stop marker: `_intake` refuses jobs once it is on its way
 
     def _record(self, size: int, elapsed: float, *, served: bool) -> None:
         """Every batch counts in `stats`; only those with a request in them (not a warm-up's) reach
