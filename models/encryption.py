@@ -119,9 +119,11 @@ def to_model_input(encrypted: Tensor, method: str) -> Tensor:
     """NHWC encrypted batch -> NCHW float32 in [0, 1] (paper 001 section 2.4: divide by the max value).
     The divisor is a tensor on the batch's device: CUDA divides by a Python number as a multiplication
     by its reciprocal, 1 ulp off the CPU's (and numpy's) quotient for some levels, and training on a
-    GPU must see exactly the values the server computes."""
+    GPU must see exactly the values the server computes. The result is always a fresh tensor, made
+    in one pass (converted straight into NCHW memory) and then scaled in place."""
     scale = torch.full((), input_scale(method), dtype=torch.float32, device=encrypted.device)
-    return encrypted.permute(0, 3, 1, 2).to(torch.float32).div_(scale).contiguous()
+    nchw = encrypted.permute(0, 3, 1, 2)
+    return nchw.to(torch.float32, memory_format=torch.contiguous_format, copy=True).div_(scale)
 
 
 class BlockEncryption(nn.Module):

@@ -157,3 +157,30 @@ def test_to_model_input_is_numpys_quotient_of_every_level_on_every_device(device
     assert out.device.type == device
     for channel in out[0].cpu().numpy():
         np.testing.assert_array_equal(channel[0], expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", ["none", "cp", *METHODS, "per-image"])
+def test_scaled_input_is_the_out_of_place_formula_exactly_and_leaves_its_input_alone(device, mode):
+    """scaled_input converts and normalises in place on a tensor of its own: every value equals
+    ((x / scale) - mean) / std computed out of place in float32, and the batch it was given is untouched."""
+    from seglock.models.inputs import scaled_input
+
+    norm = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    scale = input_scale(mode if mode in METHODS else "none")
+    rng = np.random.default_rng(7)
+    values = rng.integers(0, scale + 1, (2, 5, 7, 3)).astype(np.int16 if scale > 255 else np.uint8)
+    batch = torch.from_numpy(values).to(device)
+    out = scaled_input(batch, mode, norm)
+    assert out.shape == (2, 3, 5, 7) and out.is_contiguous() and out.dtype == torch.float32
+    mean, std = (np.asarray(norm[k], np.float32)[:, None, None] for k in ("mean", "std"))
+    expected = (values.transpose(0, 3, 1, 2).astype(np.float32) / np.float32(scale) - mean) / std
+    np.testing.assert_array_equal(out.cpu().numpy(), expected)
+    assert torch.equal(batch.cpu(), torch.from_numpy(values))
+
+
+def test_to_model_input_never_returns_or_changes_its_argument():
+    floats = torch.full((1, 2, 2, 3), 255.0)
+    out = to_model_input(floats, "shf")
+    assert out.data_ptr() != floats.data_ptr() and torch.equal(floats, torch.full((1, 2, 2, 3), 255.0))
+    assert torch.equal(out, torch.ones(1, 3, 2, 2))
