@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
@@ -133,7 +134,8 @@ async def send_once(req: Request, timeout_s: float = 300) -> Answer:
         connection.close()
 
 
-async def drive(req: Request, concurrency: int, total: int, timeout_s: float = 600) -> Result:
+async def drive(req: Request, concurrency: int, total: int, timeout_s: float = 600,
+                on_start: Callable[[], None] | None = None) -> Result:
     """`total` requests on `concurrency` connections, each sending its next request when the last
     one is answered. Answers other than 200 and transport errors are counted as failed, not raised:
     one slow server must not end a comparison.
@@ -141,7 +143,8 @@ async def drive(req: Request, concurrency: int, total: int, timeout_s: float = 6
     The connections are opened one after another before the clock starts, each answered once (not
     counted), as clients arriving over time would: opened all at once, they would wait together in
     the listening socket's queue and a server whose workers share one socket would hand them all
-    to whichever worker woke first."""
+    to whichever worker woke first. `on_start` is called as the clock starts (to take readings the
+    measured part begins with)."""
     left = [total]
     result = Result(0.0)
     connections = [Connection(req.host, req.port) for _ in range(concurrency)]
@@ -166,6 +169,8 @@ async def drive(req: Request, concurrency: int, total: int, timeout_s: float = 6
                 continue
             result.latencies_s.append(time.perf_counter() - started)
 
+    if on_start is not None:
+        on_start()
     started = time.perf_counter()
     try:
         await asyncio.gather(*(worker(connection) for connection in connections))

@@ -49,6 +49,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -289,13 +290,36 @@ def requests_for(base: str, token: str, data: bytes, image: np.ndarray) -> dict[
             "v2": loadgen.request("POST", f"{base}/v2/models/bench/infer", body=v2, headers={**auth, **headers})}
 
 
-def load(req: loadgen.Request, concurrency: int, total: int) -> tuple[float, list[float], int]:
-    """(images/s, latencies in s, requests sent in all: the timed ones and those that opened the
-    connections) of `total` requests on `concurrency` connections; any failure ends the run."""
-    result = asyncio.run(loadgen.drive(req, concurrency, total))
+def http_window(measured: dict, label: str, req: loadgen.Request, server: subprocess.Popen, total: int) -> list[float]:
+    """One window of `total` requests at concurrency 16: its throughput into `measured[label]`, with
+    the server's CPU per request (`_cpu_ms`), the load generator's, which runs in this process on
+    the same cores (`_client_cpu_ms`), and the share of the cores the two kept busy (`_busy`), all
+    over the timed requests (not those that opened the connections); the latencies back."""
+    before: list[float] = []
+    result = load(req, 16, total, on_start=lambda: before.extend(
+        (cpu_seconds(server), time.process_time(), time.perf_counter())))
+    after = (cpu_seconds(server), time.process_time(), time.perf_counter())
+    server_s, client_s, wall = (end - start for end, start in zip(after, before, strict=True))
+    measured[label] = result.answered / result.elapsed_s
+    measured[f"{label}_cpu_ms"] = server_s * 1000 / result.answered
+    measured[f"{label}_client_cpu_ms"] = client_s * 1000 / result.answered
+    measured[f"{label}_busy"] = (server_s + client_s) / (wall * busy_cores())
+    return result.latencies_s
+
+
+def busy_cores() -> int:
+    """The cores this benchmark, its server and its raw forwards may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def load(req: loadgen.Request, concurrency: int, total: int,
+         on_start: Callable[[], None] | None = None) -> loadgen.Result:
+    """`total` requests on `concurrency` connections (`on_start` as in `loadgen.drive`); any failure
+    ends the run."""
+    result = asyncio.run(loadgen.drive(req, concurrency, total, on_start=on_start))
     if result.failed:
         raise SystemExit(f"{result.failed} of {total} requests failed (statuses {result.statuses})")
-    return result.answered / result.elapsed_s, result.latencies_s, result.answered + result.opening
+    return result
 
 
 def cpu_seconds(process: subprocess.Popen) -> float:
@@ -332,7 +356,9 @@ def main() -> int:
                         help="torch/OpenMP threads of every process: server workers, raw forwards, this one "
                              "(default 1)")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of raw forwards and HTTP load")
-    parser.add_argument("--requests", type=int, default=128, help="requests per concurrency-16 window")
+    parser.add_argument("--requests", type=int, default=512,
+                        help="timed requests per concurrency-16 window (the raw forwards are timed at a steady "
+                             "state; a short window adds its closing drain, when fewer than 16 are in flight)")
     parser.add_argument("--repeats", type=int, default=3, help="timed raw forwards per backend per round")
     parser.add_argument("--compile-budget", type=float, default=900,
                         help="seconds torch.compile may take, here and in the server; 0 = no compile")
@@ -416,18 +442,14 @@ def main() -> int:
             raise SystemExit(f"the first request was answered {first.status}")
         load(requests["v1"], 16, 32)  # warm-up of every worker
         server_masks = asyncio.run(masks_over_http(base, token, data, image))
-        _, lat1, _ = load(requests["v1"], 1, 16)
+        lat1 = load(requests["v1"], 1, 16).latencies_s
         # interleaved rounds: drift in a shared machine's load falls on raw and HTTP alike
         for index in range(args.rounds):
             measured: dict[str, float] = {}
             for label, (name, size) in candidates.items():
                 measured[label], measured[f"{label}_cpu_ms"] = raw.measure(name, args.repeats, size)
-            cpu_before = cpu_seconds(server)
-            measured["http_v1"], latencies, sent = load(requests["v1"], 16, args.requests)
-            measured["http_v1_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / sent
-            cpu_before = cpu_seconds(server)
-            measured["http_v2"], _, sent = load(requests["v2"], 16, args.requests)
-            measured["http_v2_cpu_ms"] = (cpu_seconds(server) - cpu_before) * 1000 / sent
+            latencies = http_window(measured, "http_v1", requests["v1"], server, args.requests)
+            http_window(measured, "http_v2", requests["v2"], server, args.requests)
             measured["c16_p50_ms"], measured["c16_p99_ms"] = percentile(latencies, 50), percentile(latencies, 99)
             rounds.append(measured)
             print(f"  round {index + 1}: " + ", ".join(f"{k} {v:.1f}" for k, v in measured.items()), flush=True)
@@ -466,6 +488,9 @@ def main() -> int:
                          "cpu_ms_per_image": {name: median(f"{name}_cpu_ms")
                                               for name in [*candidates, "http_v1", "http_v2"]},
                          "cpu_efficiency_vs_fastest": statistics.median(ratios["cpu_vs_fastest"]),
+                         "client_cpu_ms_per_request": {name: median(f"{name}_client_cpu_ms")
+                                                       for name in ("http_v1", "http_v2")},
+                         "cores_busy": {name: median(f"{name}_busy") for name in ("http_v1", "http_v2")},
                          "masks_identical_to_eager": all(np.array_equal(m, eager_mask) for m in server_masks)},
         "c_latency_ms": {"first": first_ms, "c1_p50": percentile(lat1, 50), "c1_p99": percentile(lat1, 99),
                          "c16_p50": median("c16_p50_ms"), "c16_p99": median("c16_p99_ms")},
@@ -502,6 +527,11 @@ def main() -> int:
           f"/v1 {cpu['http_v1']:.1f} ms (all its work: HTTP, PNG, auth, forward); raw/server = "
           f"{b['cpu_efficiency_vs_fastest']:.3f} (the throughput ratio on an otherwise idle machine, with the "
           f"client elsewhere); server over /v2 {cpu['http_v2']:.1f} ms")
+    client, busy = b["client_cpu_ms_per_request"], b["cores_busy"]
+    print(f"    the load generator, on the same cores: {client['http_v1']:.2f} CPU ms per request over /v1, "
+          f"{client['http_v2']:.2f} over /v2; the cores busy (server and client) {100 * busy['http_v1']:.0f} % of "
+          f"the /v1 windows, {100 * busy['http_v2']:.0f} % of /v2's; the raw {fastest} forward "
+          f"{100 * b['raw_images_per_s'][fastest] * cpu[fastest] / 1000 / busy_cores():.0f} %")
     print(f"    server masks (/v1 and /v2) identical to the eager forward: {b['masks_identical_to_eager']}")
     c = results["c_latency_ms"]
     print(f"(c) latency ms: concurrency 1 p50 {c['c1_p50']:.1f} p99 {c['c1_p99']:.1f}; "

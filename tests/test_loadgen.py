@@ -16,11 +16,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import loadgen  # noqa: E402
 
 KEEP_ALIVE_S = 1
+ANSWERED: list[str] = []  # the path of every request the server answered, in order
 
 
 async def echo_length(scope, receive, send):
     """200 with the request body's length as the answer's body."""
     assert scope["type"] == "http"
+    ANSWERED.append(scope["path"])
     size = 0
     while True:
         message = await receive()
@@ -74,3 +76,13 @@ def test_drive_counts_every_request_it_was_asked_for(server):
     result = asyncio.run(loadgen.drive(req, 4, 20))
     assert (result.failed, result.answered, result.opening) == (0, 20, 4)
     assert result.statuses == {200: 20}
+
+
+def test_on_start_is_called_once_after_the_connections_are_opened_and_before_any_timed_request(server):
+    req = loadgen.request("POST", f"{server}/timed", body=b"z" * 100)
+    seen_at_start: list[int] = []
+    before = ANSWERED.count("/timed")
+    result = asyncio.run(loadgen.drive(req, 3, 12, on_start=lambda: seen_at_start.append(ANSWERED.count("/timed"))))
+    assert (result.failed, result.answered, result.opening) == (0, 12, 3)
+    assert seen_at_start == [before + 3]  # the three opening requests, none of the twelve timed
+    assert ANSWERED.count("/timed") == before + 15
