@@ -16,6 +16,11 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+try:  # libspng, through imagecodecs (the server extra): see _decode_plain_png
+    from imagecodecs import spng_decode as _png_decode
+except ImportError:  # pragma: no cover - a server installed without it decodes every PNG with Pillow
+    _png_decode = None
+
 from seglock.app import memory
 from seglock.app.errors import APIError, bad_request, overloaded, too_large, unprocessable, unsupported_media
 
@@ -31,6 +36,7 @@ _PIXEL_COST = {"I;16": 2, "I;16B": 2, "I;16L": 2, "I;16N": 2, "I": 2, "F": 2, "R
 _NPY_HEADER_MAX = 4096
 NPY_MAGIC = b"\x93NUMPY"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_NOT_PLAIN = (b"tRNS", b"eXIf", b"acTL")  # PNG chunks after which Pillow's pixels are not the IDAT's as stored
 
 
 @dataclass(frozen=True)
@@ -140,6 +146,9 @@ def _decode_npy(data: bytes, *, max_pixels: int) -> np.ndarray:
 
 
 def _decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] | None = None) -> Upload:
+    plain = _decode_plain_png(data, max_pixels=max_pixels)
+    if plain is not None:
+        return Upload(plain, "png", "RGB")
     original_size = None
     try:
         with warnings.catch_warnings():
@@ -174,6 +183,48 @@ def _decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] |
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise bad_request(f"the image cannot be decoded: {_short(exc)}") from None
     return Upload(array, fmt.lower(), source_mode, original_size)
+
+
+def plain_png_shape(data: bytes) -> tuple[int, int] | None:
+    """(H, W) when `data` is a whole PNG of 8-bit RGB pixels, not interlaced, with no transparency
+    (tRNS), no EXIF (eXIf: Pillow's copy is turned upright) and no animation (acTL: Pillow shows the
+    first frame, which need not be the IDAT image): a PNG whose pixels every conforming decoder gives
+    alike, and Pillow as `_decode_image` uses it (no conversion, no transposition). None for anything
+    else, and for chunks that overrun the data or no IEND: Pillow decides what those are."""
+    if len(data) < 33 or not data.startswith(_PNG_MAGIC) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, color, compression, filtering, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if not width or not height or (depth, color, compression, filtering, interlace) != (8, 2, 0, 0, 0):
+        return None
+    position = 8
+    while position + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        position += 12 + length
+        if kind in _NOT_PLAIN or position > len(data):
+            return None
+        if kind == b"IEND":
+            return height, width
+    return None
+
+
+def _decode_plain_png(data: bytes, *, max_pixels: int) -> np.ndarray | None:
+    """The HWC pixels of a plain RGB PNG (`plain_png_shape`) decoded by libspng, or None: not such a
+    PNG, over the pixel limit, no imagecodecs, or a decode that failed (Pillow then reads it again and
+    names the error as for any image). The same array Pillow gives, in two thirds of its time for a
+    256 px image (1.2 against 1.9 ms here); it releases the GIL while it works, as Pillow does, and
+    never writes to stderr (libpng's warnings would: a client could fill the server's log)."""
+    if _png_decode is None:
+        return None
+    shape = plain_png_shape(data)
+    if shape is None or shape[0] * shape[1] > max_pixels:
+        return None
+    try:
+        array = _png_decode(data)
+    except Exception:  # damaged: Pillow reads it again and names the error as for any image
+        return None
+    if array.shape != (*shape, 3) or array.dtype != np.uint8:
+        return None
+    return array
 
 
 def _exif_rotates(image: Image.Image) -> bool:
