@@ -240,6 +240,16 @@ def test_pngs_whose_pixels_pillow_changes_or_reads_otherwise_are_not_plain():
         assert plain_png_shape(data) is None, name
 
 
+def test_a_png_of_more_chunks_than_the_walk_takes_is_left_to_pillow():
+    array = scene(6, 8)
+    rows = plain_rows(array)
+    notes = [chunk(b"tEXt", b"k\x00v")] * (imageio._PLAIN_PNG_MAX_CHUNKS - 2)  # with IHDR, IDAT, IEND: one too many
+    data = png_of(rows, 6, 8, *notes)
+    assert plain_png_shape(data) is None
+    assert plain_png_shape(png_of(rows, 6, 8, *notes[:-1])) == (6, 8)
+    np.testing.assert_array_equal(decode_upload(data, max_pixels=LIMIT).array, array)
+
+
 def test_an_exif_rotated_png_is_still_turned_upright_by_pillow():
     image = Image.fromarray(rgb(10, 30))
     exif = Image.Exif()
