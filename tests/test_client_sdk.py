@@ -19,6 +19,7 @@ from seglock.client import (
     RetryPolicy,
     SegLockClient,
 )
+from seglock.client import sdk as sdk_module
 from seglock.client.imaging import resize_rgb
 from seglock.client.transforms import encrypt_blocks
 from tests.client_fixtures import hosted, png, run  # noqa: F401 - hosted is a fixture
@@ -149,19 +150,39 @@ def test_per_image_model_receives_a_block_wise_scramble_with_a_new_key_each_time
     assert not [r for r in hosted["recorder"].received if r.path.endswith("/client-key")]
 
 
-def test_plain_models_receive_the_file_unchanged_or_a_lossless_png(client, hosted, tmp_path):
+def test_plain_models_receive_the_file_unchanged_or_the_arrays_pixels(client, hosted, tmp_path):
     image = noise(10, 30, 20)
     jpeg = io.BytesIO()
     Image.fromarray(image).save(jpeg, format="JPEG", quality=80)
     path = tmp_path / "photo.jpg"
     path.write_bytes(jpeg.getvalue())
+    png = tmp_path / "same.png"
+    Image.fromarray(image).save(png, format="PNG")
     hosted["recorder"].clear()
     client.segment(path, "cp")
-    client.segment(image, "cp")
-    from_file, from_array = hosted["recorder"].segment_requests("cp")
-    assert from_file.upload() == jpeg.getvalue()
-    assert from_array.upload().startswith(b"\x89PNG")
+    from_array_mask = client.segment(image, "cp")
+    from_png_mask = client.segment(png, "cp")
+    from_file, from_array, from_png = hosted["recorder"].segment_requests("cp")
+    assert from_file.upload() == jpeg.getvalue() and from_png.upload() == png.read_bytes()
+    # a decoded image goes as its pixels (.npy: no PNG to compress here and decompress there)
+    assert from_array.upload().startswith(b"\x93NUMPY")
     np.testing.assert_array_equal(from_array.upload_array(), image)
+    np.testing.assert_array_equal(from_array_mask, from_png_mask)
+
+
+def test_a_decoded_image_above_the_npy_limit_goes_as_a_png(client, hosted, monkeypatch):
+    image = noise(12, 30, 20)
+    monkeypatch.setattr(sdk_module, "NPY_MAX_BYTES", image.nbytes - 1)
+    hosted["recorder"].clear()
+    mask = client.segment(image, "cp")
+    (upload,) = hosted["recorder"].segment_requests("cp")
+    assert upload.upload().startswith(b"\x89PNG")
+    np.testing.assert_array_equal(upload.upload_array(), image)
+    monkeypatch.setattr(sdk_module, "NPY_MAX_BYTES", image.nbytes)
+    hosted["recorder"].clear()
+    np.testing.assert_array_equal(client.segment(image, "cp"), mask)
+    (upload,) = hosted["recorder"].segment_requests("cp")
+    assert upload.upload().startswith(b"\x93NUMPY")
 
 
 # -- the block key cache ----------------------------------------------------------------------
