@@ -1,14 +1,15 @@
 """Serving speed, measured in one process tree; prints ratios against the targets.
 
 (a) CP-protected (key folded in, as served) vs plain forward time      target <= 1.02
-(b) HTTP throughput at concurrency 16 on a real uvicorn server (default --backend auto, /v1 and
-    /v2) vs the raw batched forward of the same model on the same device:
+(b) HTTP throughput at concurrency 16 on a real uvicorn server (default --backend auto; /v1 with a
+    PNG file, /v1 with what the SDK uploads for a decoded image (.npy), /v2 with a binary tensor) vs
+    the raw batched forward of the same model on the same device:
       vs the eager fp32 forward at --max-batch                           target >= 1.5 CPU
       (and, printed beside it, at its fastest batch size)
       vs the fastest exact raw forward found (channels_last, fused,      target >= 0.9
       script, compile; each at batch 1, 2, 4, ... --max-batch); /v1
-      carries the target, /v2's ratio and the CPU per image of each
-      are printed beside it
+      with the PNG file carries the target, the other windows' ratios
+      and the CPU per image of each are printed beside it
     and the server's masks identical to the eager forward's
 (c) p50 / p99 latency at concurrency 1 and 16, and the first request once the server is ready
 
@@ -69,6 +70,7 @@ from seglock.models.data import generate_scene
 from seglock.models.device import resolve_device
 from seglock.models.inputs import scaled_input
 
+WINDOWS = ("http_v1", "http_v1_sdk", "http_v2")  # the concurrency-16 windows of each round
 TAPS = {"tiny": "dec2", "vit_seg": "head", "lraspp_mobilenet_v3_large": "features16",
         "deeplabv3_mobilenet_v3_large": "features16"}
 
@@ -255,16 +257,27 @@ def wait_for_backend(base: str, token: str, limit_s: float, workers: int) -> tup
 
 
 async def masks_over_http(base: str, token: str, data: bytes, image: np.ndarray) -> list[np.ndarray]:
-    """The mask of the benchmark image from /v1 (PNG) and /v2 (binary tensor)."""
+    """The mask of the benchmark image from /v1 (the PNG file, and the SDK's upload of the decoded
+    image) and /v2 (binary tensor)."""
+    sdk = sdk_upload(image)
     async with httpx.AsyncClient(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=300) as http:
         v1 = await http.post("/v1/models/bench/segment", files={"image": ("x.png", data)})
         v1.raise_for_status()
+        v1_sdk = await http.post("/v1/models/bench/segment", files={"image": (sdk.filename, sdk.content)})
+        v1_sdk.raise_for_status()
         body, headers = v2_body(image)
         v2 = await http.post("/v2/models/bench/infer", content=body, headers=headers)
         v2.raise_for_status()
     length = int(v2.headers["inference-header-content-length"])
-    return [np.asarray(Image.open(io.BytesIO(v1.content))),
+    return [np.asarray(Image.open(io.BytesIO(v1.content))), np.asarray(Image.open(io.BytesIO(v1_sdk.content))),
             np.frombuffer(v2.content[length:], np.uint8).reshape(image.shape[:2])]
+
+
+def sdk_upload(image: np.ndarray):
+    """What `SegLockClient.segment(image, "bench")` uploads for a decoded image of a cp model."""
+    from seglock.client.sdk import _plain_upload
+
+    return _plain_upload(image, lossless=True)
 
 
 def v2_body(image: np.ndarray) -> tuple[bytes, dict]:
@@ -281,12 +294,17 @@ def free_port() -> int:
 
 
 def requests_for(base: str, token: str, data: bytes, image: np.ndarray) -> dict[str, loadgen.Request]:
-    """The /v1 (multipart PNG) and /v2 (binary tensor) requests of the benchmark image, encoded once."""
+    """The /v1 (multipart: the PNG file; the SDK's upload of the decoded image) and /v2 (binary
+    tensor) requests of the benchmark image, encoded once."""
     auth = {"Authorization": f"Bearer {token}"}
     body, content_type = loadgen.multipart({"image": ("x.png", data)})
+    sdk = sdk_upload(image)
+    sdk_body, sdk_type = loadgen.multipart({"image": (sdk.filename, sdk.content)})
     v2, headers = v2_body(image)
     return {"v1": loadgen.request("POST", f"{base}/v1/models/bench/segment", body=body,
                                   headers={**auth, "Content-Type": content_type}),
+            "v1_sdk": loadgen.request("POST", f"{base}/v1/models/bench/segment", body=sdk_body,
+                                      headers={**auth, "Content-Type": sdk_type}),
             "v2": loadgen.request("POST", f"{base}/v2/models/bench/infer", body=v2, headers={**auth, **headers})}
 
 
@@ -449,6 +467,7 @@ def main() -> int:
             for label, (name, size) in candidates.items():
                 measured[label], measured[f"{label}_cpu_ms"] = raw.measure(name, args.repeats, size)
             latencies = http_window(measured, "http_v1", requests["v1"], server, args.requests)
+            http_window(measured, "http_v1_sdk", requests["v1_sdk"], server, args.requests)
             http_window(measured, "http_v2", requests["v2"], server, args.requests)
             measured["c16_p50_ms"], measured["c16_p99_ms"] = percentile(latencies, 50), percentile(latencies, 99)
             rounds.append(measured)
@@ -472,12 +491,14 @@ def main() -> int:
               "vs_fastest": [r["http_v1"] / r[fastest] for r in rounds],
               "v2_vs_eager": [r["http_v2"] / r["eager"] for r in rounds],
               "v2_vs_fastest": [r["http_v2"] / r[fastest] for r in rounds],
+              "v1_sdk_vs_fastest": [r["http_v1_sdk"] / r[fastest] for r in rounds],
               "cpu_vs_fastest": [r[f"{fastest}_cpu_ms"] / r["http_v1_cpu_ms"] for r in rounds]}
     results = {
         "arch": args.arch, "size": args.size, "device": str(device), "tap": tap, "max_batch": args.max_batch,
         "workers": args.workers, "threads": args.threads, "load_before": load_before, "load_after": load_after,
         "a_forward": ratio_a, "raw_backends": raw.backends, "server_backend": backend, "rounds": rounds,
         "b_throughput": {"http_images_per_s": median("http_v1"), "http_v2_images_per_s": median("http_v2"),
+                         "http_v1_sdk_images_per_s": median("http_v1_sdk"),
                          "raw_images_per_s": {label: median(label) for label in candidates}, "fastest": fastest,
                          "eager": eager, "server_batches": server_batches,
                          "ratio": statistics.median(ratios["vs_eager"]),
@@ -485,12 +506,13 @@ def main() -> int:
                          "ratio_vs_fastest": statistics.median(ratios["vs_fastest"]),
                          "ratio_v2": statistics.median(ratios["v2_vs_eager"]),
                          "ratio_v2_vs_fastest": statistics.median(ratios["v2_vs_fastest"]),
+                         "ratio_v1_sdk_vs_fastest": statistics.median(ratios["v1_sdk_vs_fastest"]),
                          "cpu_ms_per_image": {name: median(f"{name}_cpu_ms")
-                                              for name in [*candidates, "http_v1", "http_v2"]},
+                                              for name in [*candidates, *WINDOWS]},
                          "cpu_efficiency_vs_fastest": statistics.median(ratios["cpu_vs_fastest"]),
                          "client_cpu_ms_per_request": {name: median(f"{name}_client_cpu_ms")
-                                                       for name in ("http_v1", "http_v2")},
-                         "cores_busy": {name: median(f"{name}_busy") for name in ("http_v1", "http_v2")},
+                                                       for name in WINDOWS},
+                         "cores_busy": {name: median(f"{name}_busy") for name in WINDOWS},
                          "masks_identical_to_eager": all(np.array_equal(m, eager_mask) for m in server_masks)},
         "c_latency_ms": {"first": first_ms, "c1_p50": percentile(lat1, 50), "c1_p99": percentile(lat1, 99),
                          "c16_p50": median("c16_p50_ms"), "c16_p99": median("c16_p99_ms")},
@@ -514,25 +536,29 @@ def main() -> int:
               + (f", compiled in {info['compile_s']:.0f} s" if "compile_s" in info else ""))
     target_eager = 1.5 if device.type == "cpu" else 1.0
     print(f"(b) HTTP at concurrency 16 (server backend: {backend}; batches of at most "
-          f"{' / '.join(map(str, server_batches))}): /v1 {b['http_images_per_s']:.1f} img/s, "
+          f"{' / '.join(map(str, server_batches))}): /v1 {b['http_images_per_s']:.1f} img/s (a PNG file), "
+          f"{b['http_v1_sdk_images_per_s']:.1f} img/s (the SDK's upload of the decoded image: .npy), "
           f"/v2 {b['http_v2_images_per_s']:.1f} img/s (medians of {args.rounds} rounds)")
     print(f"    /v1 vs the raw eager forward at batch {args.max_batch}: median of per-round ratios = {b['ratio']:.3f} "
           f"(target >= {target_eager}: {'ok' if b['ratio'] >= target_eager else 'MISSED'}); /v2: {b['ratio_v2']:.3f}; "
           f"/v1 vs eager at its fastest batch ({eager}): {b['ratio_vs_best_eager']:.3f}")
     print(f"    /v1 vs fastest exact raw forward ({fastest}): median of per-round ratios = "
           f"{b['ratio_vs_fastest']:.3f} (target >= 0.9: {'ok' if b['ratio_vs_fastest'] >= 0.9 else 'MISSED'}); "
+          f"/v1 with the SDK's .npy upload: {b['ratio_v1_sdk_vs_fastest']:.3f}; "
           f"/v2 (binary tensors, no PNG): {b['ratio_v2_vs_fastest']:.3f}")
     cpu = b["cpu_ms_per_image"]
     print(f"    CPU time per image (load-independent): raw {fastest} forward {cpu[fastest]:.1f} ms, server over "
           f"/v1 {cpu['http_v1']:.1f} ms (all its work: HTTP, PNG, auth, forward); raw/server = "
           f"{b['cpu_efficiency_vs_fastest']:.3f} (the throughput ratio on an otherwise idle machine, with the "
-          f"client elsewhere); server over /v2 {cpu['http_v2']:.1f} ms")
+          f"client elsewhere); server over /v1 with .npy {cpu['http_v1_sdk']:.1f} ms, over /v2 {cpu['http_v2']:.1f} ms")
     client, busy = b["client_cpu_ms_per_request"], b["cores_busy"]
     print(f"    the load generator, on the same cores: {client['http_v1']:.2f} CPU ms per request over /v1, "
-          f"{client['http_v2']:.2f} over /v2; the cores busy (server and client) {100 * busy['http_v1']:.0f} % of "
-          f"the /v1 windows, {100 * busy['http_v2']:.0f} % of /v2's; the raw {fastest} forward "
+          f"{client['http_v1_sdk']:.2f} over /v1 with .npy, {client['http_v2']:.2f} over /v2; the cores busy "
+          f"(server and client) {100 * busy['http_v1']:.0f} % of the /v1 windows, "
+          f"{100 * busy['http_v1_sdk']:.0f} % of /v1 with .npy, {100 * busy['http_v2']:.0f} % of /v2's; the raw "
+          f"{fastest} forward "
           f"{100 * b['raw_images_per_s'][fastest] * cpu[fastest] / 1000 / busy_cores():.0f} %")
-    print(f"    server masks (/v1 and /v2) identical to the eager forward: {b['masks_identical_to_eager']}")
+    print(f"    server masks (/v1 PNG and .npy, /v2) identical to the eager forward: {b['masks_identical_to_eager']}")
     c = results["c_latency_ms"]
     print(f"(c) latency ms: concurrency 1 p50 {c['c1_p50']:.1f} p99 {c['c1_p99']:.1f}; "
           f"concurrency 16 p50 {c['c16_p50']:.1f} p99 {c['c16_p99']:.1f} (medians over rounds); the first request "
