@@ -188,6 +188,18 @@ def _decode_image(data: bytes, *, max_pixels: int, draft_size: tuple[int, int] |
     return Upload(array, fmt.lower(), source_mode, original_size)
 
 
+def decoded_nbytes(data: bytes) -> int | None:
+    """About the bytes `decode_upload` makes of `data`, from its header alone (the CPU work of
+    decoding it grows with them): a .npy's size; a PNG's width x height x 3, or x 8 (16-bit RGBA,
+    the most a PNG pixel holds) unless it is 8-bit RGB; None for anything else."""
+    if data.startswith(NPY_MAGIC):
+        return len(data)
+    if len(data) < 29 or not data.startswith(_PNG_MAGIC) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, color = struct.unpack(">IIBB", data[16:26])
+    return width * height * (3 if (depth, color) == (8, 2) else 8)
+
+
 def plain_png_shape(data: bytes) -> tuple[int, int] | None:
     """(H, W) when `data` is a whole PNG of 8-bit RGB pixels, not interlaced, with no transparency
     (tRNS), no EXIF (eXIf: Pillow's copy is turned upright) and no animation (acTL: Pillow shows the

@@ -1,6 +1,7 @@
 """From an upload to a model input tensor, and from a mask to a response body.
 
-Pure functions of arrays and the hosted model; the routes run them off the event loop.
+Pure functions of arrays and the hosted model; the routes run them off the event loop (or in place
+where a thread cannot help: `app/offload.py`).
 """
 
 from __future__ import annotations

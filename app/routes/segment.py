@@ -9,11 +9,12 @@ import torch
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from seglock.app import inference
+from seglock.app import imageio, inference
 from seglock.app.deps import AuditorDep, RegistryDep, SegmentGrant, SettingsDep, UploadGateDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
 from seglock.app.imageio import decode_upload
+from seglock.app.offload import run_off_loop
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.settings import Settings
 from seglock.client.modes import Mode
@@ -102,9 +103,10 @@ async def segment(
         async with gate.slot() as slot:
             data = await read_image_field(request)
             slot.holds(len(data))
-            tensor, size, decoded_nbytes = await asyncio.to_thread(
-                model_input, data, hosted, settings, encrypted=encrypted, wants_json=wants_json)
-            slot.holds(decoded_nbytes)
+            tensor, size, decoded = await run_off_loop(
+                imageio.decoded_nbytes(data), model_input, data, hosted, settings, encrypted=encrypted,
+                wants_json=wants_json)
+            slot.holds(decoded)
             del data
         try:
             mask = await hosted.batcher.submit(tensor, arrival)
@@ -119,10 +121,10 @@ async def segment(
     }
     async with gate.slot() as slot:  # a full-size mask costs what a decode does
         slot.holds(size[0] * size[1] * (JSON_BYTES_PER_PIXEL if wants_json else 1))
-        if wants_json:
+        if wants_json:  # JSON costs far more per byte than a PNG: always a thread
             body = await asyncio.to_thread(inference.mask_json, mask, size, hosted)
             return Response(body, media_type="application/json", headers=headers)
-        body = await asyncio.to_thread(inference.mask_png, mask, size)
+        body = await run_off_loop(size[0] * size[1], inference.mask_png, mask, size)
     return Response(body, media_type="image/png", headers=headers)
 
 

@@ -38,6 +38,7 @@ from seglock.app.errors import (
     unprocessable,
 )
 from seglock.app.imageio import UploadGate, resize_mask
+from seglock.app.offload import run_off_loop
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.routes.segment import hosted_for
 from seglock.app.settings import Settings
@@ -196,8 +197,9 @@ async def run_infer(name: str, version: str | None, request: Request, registry: 
         async with gate.slot() as slot:
             body = await request.body()
             slot.holds(len(body))
-            parsed = await asyncio.to_thread(
-                oip.parse_request, body, request.headers.get(oip.HEADER_LENGTH),
+            binary_length = request.headers.get(oip.HEADER_LENGTH)
+            parsed = await run_off_loop(  # JSON (no binary part) costs far more per byte: always a thread
+                len(body) if binary_length is not None else None, oip.parse_request, body, binary_length,
                 max_pixels=settings.max_pixels, max_images=settings.queue_size,
                 max_json_bytes=settings.max_json_tensor_bytes)
             del body
@@ -207,7 +209,7 @@ async def run_infer(name: str, version: str | None, request: Request, registry: 
                                 f"{settings.max_json_mask_pixels}): ask for binary_data outputs")
             encrypted = encrypted_input(parsed.parameters, hosted)
             slot.holds(parsed.image.nbytes)
-            tensors, size = await asyncio.to_thread(model_inputs, parsed.image, hosted, encrypted)
+            tensors, size = await run_off_loop(parsed.image.nbytes, model_inputs, parsed.image, hosted, encrypted)
             answer_nbytes = parsed.answer_nbytes()
             parsed.image = parsed.image[:0]  # the upload is not needed any more; the answer's size is in `size`
         try:
@@ -221,7 +223,8 @@ async def run_infer(name: str, version: str | None, request: Request, registry: 
             raise overloaded(str(exc), retry_after_s=5) from None
     async with gate.slot() as slot:  # full-size masks (and scores) cost what a decode does
         slot.holds(answer_nbytes)
-        payload, header_length = await asyncio.to_thread(answer, parsed, results, size, hosted)
+        payload, header_length = await run_off_loop(None if json_pixels else answer_nbytes, answer, parsed, results,
+                                                    size, hosted)
     headers = {"X-Seglock-Key-Version": "" if hosted.key_version is None else str(hosted.key_version)}
     if header_length is None:
         return Response(payload, media_type="application/json", headers=headers)
