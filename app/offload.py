@@ -6,7 +6,7 @@ its own) that thread runs on the loop's own core, beside the forward: it buys no
 each hop costs two context switches and two wake-ups. Run in place, /v2's three hops took its
 request path from 0.486 to 0.412 CPU ms (in-process on one core), and a live 2-core server (256 px
 lraspp, concurrency 16) answered 2 % more images a second. So small work (up to `INLINE_MAX_BYTES`
-of pixels: a millisecond or so, less than the interpreter's 5 ms thread switch interval) runs in
+of pixels: a few milliseconds at most, within the interpreter's 5 ms thread switch interval) runs in
 place there; larger work, and everything on a worker with more than one core, goes to a thread.
 """
 
