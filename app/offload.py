@@ -1,13 +1,14 @@
 """Work a request does besides waiting (decoding, model inputs, answers): in a thread, or where it is.
 
 A route hands CPU work to a thread so the event loop stays free for other connections meanwhile. On
-a worker confined to one core (`--workers` as many as the cores: `seglock.app.affinity` pins each to
-its own) that thread runs on the loop's own core, beside the forward: it buys no parallelism, and
-each hop costs two context switches and two wake-ups. Run in place, /v2's three hops took its
-request path from 0.486 to 0.412 CPU ms (in-process on one core), and a live 2-core server (256 px
-lraspp, concurrency 16) answered 2 % more images a second. So small work (up to `INLINE_MAX_BYTES`
-of pixels: a few milliseconds at most, within the interpreter's 5 ms thread switch interval) runs in
-place there; larger work, and everything on a worker with more than one core, goes to a thread.
+a worker confined to one core (`--workers` as many as the cores with `--threads 1`:
+`seglock.app.affinity` pins each to its own) that thread runs on the loop's own core, beside the
+forward: it buys no parallelism, and each hop costs two context switches and two wake-ups. Run in
+place, /v2's three hops took its request path from 0.486 to 0.412 CPU ms (in-process on one core),
+and a live 2-core server (256 px lraspp, concurrency 16) answered 2 % more images a second. So small
+work (up to `INLINE_MAX_BYTES` of pixels: a few milliseconds at most, within the interpreter's 5 ms
+thread switch interval) runs in place there; larger work, and everything on a worker with more than
+one core, goes to a thread.
 """
 
 from __future__ import annotations
