@@ -9,11 +9,11 @@ import torch
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse, Response
 
-from seglock.app import imageio, inference
+from seglock.app import inference
 from seglock.app.deps import AuditorDep, RegistryDep, SegmentGrant, SettingsDep, UploadGateDep
 from seglock.app.engine import EngineStopped, Overloaded
 from seglock.app.errors import bad_request, documented, forbidden, overloaded, too_large, unsupported_media
-from seglock.app.imageio import decode_upload
+from seglock.app.imageio import decode_upload, decoded_nbytes
 from seglock.app.offload import run_off_loop
 from seglock.app.registry import HostedModel, Registry
 from seglock.app.settings import Settings
@@ -104,7 +104,7 @@ async def segment(
             data = await read_image_field(request)
             slot.holds(len(data))
             tensor, size, decoded = await run_off_loop(
-                imageio.decoded_nbytes(data), model_input, data, hosted, settings, encrypted=encrypted,
+                decoded_nbytes(data), model_input, data, hosted, settings, encrypted=encrypted,
                 wants_json=wants_json)
             slot.holds(decoded)
             del data
