@@ -8,6 +8,7 @@ the settings to each worker through the same variables.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -18,6 +19,18 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 def usable_cores() -> int:
     """The CPU cores this process may run on (its affinity set where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def threads_per_worker(threads: int, workers: int, cores: int, environ: Mapping[str, str]) -> int:
+    """The torch threads each of `workers` server processes gets: `threads` where set; for 0 (the
+    default) with several workers, the cores shared among them (`cores // workers`, at least 1), so
+    that N workers on N cores run a thread each rather than N teams of N threads on N cores (each
+    team stalls at every barrier whenever another runs; `auto` pins a one-thread worker to a core of
+    its own). 0, torch's own default of a thread per core, for one worker or where the operator set
+    OMP_NUM_THREADS, which then rules."""
+    if threads or workers < 2 or "OMP_NUM_THREADS" in environ:
+        return threads
+    return max(1, cores // workers)
 
 
 def thread_environment(threads: int) -> dict[str, str]:
@@ -39,7 +52,8 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port to listen on")
     workers: int = Field(1, ge=1, le=64, description="server processes (each loads every model)")
     threads: int = Field(0, ge=0, le=1024,
-                         description="torch (OpenMP) threads per server process; 0 = torch's default, one per core")
+                         description="torch (OpenMP) threads per server process; 0 = the cores shared among the "
+                                     "workers (one worker: one per core), unless OMP_NUM_THREADS is set")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
     amp: Literal["auto", "fp16", "bf16", "off"] = Field("auto", description="mixed precision on CUDA")
     channels_last: bool = Field(True, description="channels-last memory layout on CUDA")

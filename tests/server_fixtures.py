@@ -133,12 +133,15 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(home: Path, *args: str, ready_s: float = 180):
+def live_server(home: Path, *args: str, ready_s: float = 180, threads: str | None = "1"):
     """A real `seglock serve` process on loopback with `home`, yielded once /readyz answers 200:
     {"base", "home", "process", "log"}. Stopped (terminate, then kill) on exit. On the device
-    `SEGLOCK_TEST_DEVICE` names (default cpu; `args` may name another)."""
+    `SEGLOCK_TEST_DEVICE` names (default cpu; `args` may name another). `threads`: its
+    OMP_NUM_THREADS (None: unset, the server chooses)."""
     port = free_port()
-    env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "SEGLOCK_MASTER_KEY": MASTER_KEY, "OMP_NUM_THREADS": threads}
+    if threads is None:
+        del env["OMP_NUM_THREADS"]
     home.parent.mkdir(parents=True, exist_ok=True)
     log_path = home.parent / "server.log"
     with open(log_path, "wb") as log:

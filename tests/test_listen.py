@@ -6,12 +6,14 @@ from __future__ import annotations
 import pickle
 import socket
 import time
+from pathlib import Path
 
 import psutil
 import pytest
 from server_fixtures import live_server
 
 from seglock.app import listen
+from seglock.app.settings import usable_cores
 
 pytestmark = pytest.mark.skipif(not listen.supported(), reason="no SO_REUSEPORT on this platform")
 
@@ -61,7 +63,8 @@ def workers_on(parent: psutil.Process, port: int) -> dict[int, list]:
 
 
 def test_connections_opened_together_are_spread_over_the_workers(tmp_path):
-    with live_server(tmp_path / "home", "--workers", "2", "--no-demo") as server:
+    # no OMP_NUM_THREADS and the default --threads 0: the server shares the cores among the workers
+    with live_server(tmp_path / "home", "--workers", "2", "--no-demo", threads=None) as server:
         port = int(server["base"].rsplit(":", 1)[1])
         parent = psutil.Process(server["process"].pid)
         deadline = time.monotonic() + 120
@@ -79,6 +82,12 @@ def test_connections_opened_together_are_spread_over_the_workers(tmp_path):
         finally:
             for conn in connections:
                 conn.close()
+        share = str(max(1, usable_cores() // 2))
+        for pid in per_worker:  # what torch read in each worker as it loaded
+            environ = dict(item.split(b"=", 1) for item in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+                           if item)
+            assert environ[b"OMP_NUM_THREADS"] == environ[b"MKL_NUM_THREADS"] == share.encode()
+        assert f"2 workers, {share} torch thread(s) each" in server["log"].read_text()
     assert sum(per_worker.values()) == 16 and len(per_worker) == 2
     # each worker logs as the single-process server does: its access lines (16 here) in the server's format
     access = [line for line in server["log"].read_text().splitlines() if " INFO seglock.access: " in line]

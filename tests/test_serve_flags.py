@@ -10,7 +10,7 @@ from pydantic import SecretStr
 
 from seglock.app.cli import build_parser
 from seglock.app.commands.serve import flag_of, settings_from_args
-from seglock.app.settings import Settings
+from seglock.app.settings import Settings, threads_per_worker
 
 # A value other than the default for every field, and the flags that give it.
 SAMPLES = {
@@ -114,3 +114,16 @@ def test_a_bad_choice_is_an_argument_error(capsys):
         build_parser().parse_args(["serve", "--amp", "fp8"])
     assert exited.value.code == 2
     assert re.search(r"--amp: invalid choice: '?fp8'?", capsys.readouterr().err)
+
+
+@pytest.mark.parametrize(("threads", "workers", "cores", "environ", "expected"), [
+    (0, 2, 2, {}, 1),  # a worker per core: one thread each (and `auto` pins it)
+    (0, 2, 8, {}, 4),
+    (0, 3, 8, {}, 2),
+    (0, 4, 2, {}, 1),  # more workers than cores: still at least one
+    (0, 1, 8, {}, 0),  # one worker: torch's default, a thread per core
+    (3, 2, 8, {}, 3),  # set: as set
+    (0, 2, 8, {"OMP_NUM_THREADS": "2"}, 0),  # the operator's OpenMP setting rules
+])
+def test_threads_default_to_the_cores_shared_among_the_workers(threads, workers, cores, environ, expected):
+    assert threads_per_worker(threads, workers, cores, environ) == expected

@@ -94,10 +94,12 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from seglock.app.cli import CLIError
-    from seglock.app.settings import thread_environment
+    from seglock.app.settings import thread_environment, threads_per_worker, usable_cores
 
     settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
-    os.environ.update(thread_environment(settings.threads))  # before torch loads: every thread, every worker
+    workers = settings.workers if args.engine == "uvicorn" else 1
+    threads = threads_per_worker(settings.threads, workers, usable_cores(), os.environ)
+    os.environ.update(thread_environment(threads))  # before torch loads: every thread, every worker
     from seglock.models.device import resolve_device
 
     resolve_device(settings.device)  # the training policy: refuse a missing device before binding a port
@@ -106,6 +108,9 @@ def run(args: argparse.Namespace) -> int:
     from seglock.app.observability import configure_logging
 
     configure_logging(settings.log_level)
+    if threads != settings.threads:
+        logging.getLogger("seglock.app").info("%d workers, %d torch thread(s) each (--threads 0: the %d cores shared)",
+                                              workers, threads, usable_cores())
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
             raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
