@@ -87,14 +87,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
+def open_keystore(settings: Settings) -> Keystore:
+    """The server's keystore, made (with its home) if missing."""
+    home = Path(settings.home)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
+    url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
+    return Keystore.open(home, create=True, url=url, lock_timeout=settings.keystore_lock_timeout_s)
+
+
 def start(app: FastAPI, settings: Settings, metrics: Metrics) -> None:
     """Open (or make) the keystore, set up a new home, load and warm up every model."""
     set_threads(settings.threads)
     memory.tune_malloc()
     home = Path(settings.home)
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)  # keys and tokens live here: private from the start
-    url = settings.keystore_url.get_secret_value() if settings.keystore_url else None
-    keystore = Keystore.open(home, create=True, url=url, lock_timeout=settings.keystore_lock_timeout_s)
+    keystore = open_keystore(settings)
     keystore.refresh()  # a database keystore starts following other hosts' writes now
     use_compile_cache(Path(settings.compile_cache) if settings.compile_cache else home / "cache" / "compile")
     tokens_path = first_start(home, keystore, import_demo=settings.import_demo, models_root=settings.models_root,

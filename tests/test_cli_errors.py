@@ -1,6 +1,10 @@
 """`seglock`'s one error translation: user errors are one line and exit code 2, the rest exit 1."""
 
 import argparse
+import base64
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -69,3 +73,25 @@ def test_an_invalid_serve_flag_is_a_user_error(capsys, tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)  # restored after the test, whatever serve sets
     assert main(["serve", "--home", str(tmp_path), "--port", "70000"]) == 2
     assert capsys.readouterr().err == "seglock: error: port: Input should be less than or equal to 65535\n"
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_wrong_or_malformed_master_key_is_one_line_and_changes_nothing(tmp_path, workers):
+    """Checked before any worker starts: one line and exit 2, not a traceback from each worker."""
+    made_with = base64.b64encode(os.urandom(32)).decode()
+    env = {**os.environ, "SEGLOCK_MASTER_KEY": made_with}
+    subprocess.run([sys.executable, "-m", "seglock.app.cli", "keystore", "init", "--home", str(tmp_path)],
+                   env=env, check=True, capture_output=True)
+    before = (tmp_path / "keystore.json").read_bytes()
+    wrong, malformed = base64.b64encode(os.urandom(32)).decode(), "not-base64"
+    for key, message in ((wrong, "the master key from SEGLOCK_MASTER_KEY does not open this keystore"),
+                         (malformed, "SEGLOCK_MASTER_KEY: a master key must be base64 of 32 bytes")):
+        served = subprocess.run(
+            [sys.executable, "-m", "seglock.app.cli", "serve", "--home", str(tmp_path), "--port", "0",
+             "--device", "cpu", "--workers", workers], env={**env, "SEGLOCK_MASTER_KEY": key},
+            capture_output=True, text=True, timeout=120)
+        assert served.returncode == 2, served.stderr[-2000:]
+        errors = [line for line in served.stderr.splitlines() if " INFO " not in line]
+        assert len(errors) == 1 and errors[0].startswith("seglock: error: ") and message in errors[0], errors
+        assert key not in served.stderr + served.stdout and made_with not in served.stderr + served.stdout
+    assert (tmp_path / "keystore.json").read_bytes() == before

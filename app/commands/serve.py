@@ -111,6 +111,7 @@ def run(args: argparse.Namespace) -> int:
     if threads != settings.threads:
         logging.getLogger("seglock.app").info("%d workers, %d torch thread(s) each (--threads 0: the %d cores shared)",
                                               workers, threads, usable_cores())
+    check_keystore(settings)
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
             raise CLIError("--replicas must be at least 1 and --gpus-per-replica at least 0")
@@ -133,6 +134,16 @@ def run(args: argparse.Namespace) -> int:
 
         uvicorn.run(create_app(settings), **options)
     return 0
+
+
+def check_keystore(settings) -> None:
+    """Open the keystore once here, before any worker starts: what the operator can fix (a wrong or
+    malformed master key, a damaged keystore, a database that refuses) then stops the command with
+    its one-line message (exit 2), not with a traceback from every worker's startup. A new home's
+    keystore is made here, as the first worker would have made it."""
+    from seglock.app.main import open_keystore
+
+    open_keystore(settings).close()
 
 
 def run_workers(settings, options: dict[str, Any]) -> None:
