@@ -29,22 +29,12 @@ import tempfile
 import threading
 from pathlib import Path
 
+from seglock.app.settings import cpu_quota
+
 log = logging.getLogger("seglock.app")
 
 _claimed: tuple[int, int] | None = None  # (fd, core) held by this process
 _lock = threading.Lock()
-
-
-def cpu_quota_set() -> bool:
-    """True if the process's cgroup limits its CPU time (cgroup v2 cpu.max, or v1 cfs_quota_us)."""
-    try:
-        return not Path("/sys/fs/cgroup/cpu.max").read_text().startswith("max")
-    except OSError:
-        pass
-    try:
-        return int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text()) > 0
-    except (OSError, ValueError):
-        return False
 
 
 def claim_core(folder: Path | None = None) -> int | None:
@@ -82,7 +72,7 @@ def forward_core(mode: str, device_type: str, threads: int, workers: int) -> int
     cores = len(os.sched_getaffinity(0))
     if cores < 2:
         return None  # one core: nothing to choose
-    if mode == "auto" and (threads != 1 or workers < cores or cpu_quota_set()):
+    if mode == "auto" and (threads != 1 or workers < cores or cpu_quota() is not None):
         return None
     core = claim_core()
     if core is None:

@@ -7,6 +7,7 @@ the settings to each worker through the same variables.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,9 +17,27 @@ from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+def cpu_quota(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """The CPUs' worth of time per period this process's cgroup may use (cgroup v2 `cpu.max`, or v1
+    `cfs_quota_us` / `cfs_period_us`), or None where no quota is set: a container's CPU limit."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        pass
+    try:
+        quota, period = (int((root / "cpu" / name).read_text()) for name in ("cpu.cfs_quota_us", "cpu.cfs_period_us"))
+        return quota / period if quota > 0 and period > 0 else None
+    except (OSError, ValueError):
+        return None
+
+
 def usable_cores() -> int:
-    """The CPU cores this process may run on (its affinity set where the OS has one)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """The CPU cores this process may use: those of its affinity set where the OS has one, and no more
+    than its cgroup's CPU quota, rounded up (a container limited to 2 CPUs on a 64-core host: 2)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    quota = cpu_quota()
+    return cores if quota is None else max(1, min(cores, math.ceil(quota)))
 
 
 def threads_per_worker(threads: int, workers: int, cores: int, environ: Mapping[str, str]) -> int:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import SecretStr
 
+from seglock.app import settings as settings_module
 from seglock.app.cli import build_parser
 from seglock.app.commands.serve import flag_of, settings_from_args
-from seglock.app.settings import Settings, threads_per_worker
+from seglock.app.settings import Settings, cpu_quota, threads_per_worker, usable_cores
 
 # A value other than the default for every field, and the flags that give it.
 SAMPLES = {
@@ -127,3 +128,26 @@ def test_a_bad_choice_is_an_argument_error(capsys):
 ])
 def test_threads_default_to_the_cores_shared_among_the_workers(threads, workers, cores, environ, expected):
     assert threads_per_worker(threads, workers, cores, environ) == expected
+
+
+@pytest.mark.parametrize(("files", "expected"), [
+    ({"cpu.max": "200000 100000\n"}, 2.0),  # cgroup v2: 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 1.5),
+    ({"cpu.max": "max 100000\n"}, None),  # no limit
+    ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 0.5),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+    ({}, None),  # no cgroup files
+])
+def test_the_cpu_quota_is_read_from_cgroup_v2_or_v1(tmp_path, files, expected):
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert cpu_quota(tmp_path) == expected
+
+
+@pytest.mark.parametrize(("quota", "expected"), [(None, 8), (2.0, 2), (1.5, 2), (0.5, 1), (12.0, 8)])
+def test_usable_cores_are_the_affinity_set_capped_by_the_quota(monkeypatch, quota, expected):
+    monkeypatch.setattr(settings_module.os, "sched_getaffinity", lambda pid: set(range(8)), raising=False)
+    monkeypatch.setattr(settings_module, "cpu_quota", lambda: quota)
+    assert usable_cores() == expected
+    assert threads_per_worker(0, 2, usable_cores(), {}) == max(1, expected // 2)
