@@ -98,7 +98,8 @@ def run(args: argparse.Namespace) -> int:
 
     settings = settings_from_args(args)  # an invalid value: pydantic's ValidationError, one line from `main`
     workers = settings.workers if args.engine == "uvicorn" else 1
-    threads = threads_per_worker(settings.threads, workers, usable_cores(), os.environ)
+    cores = usable_cores()
+    threads = threads_per_worker(settings.threads, workers, cores, os.environ)
     os.environ.update(thread_environment(threads))  # before torch loads: every thread, every worker
     from seglock.models.device import resolve_device
 
@@ -110,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level)
     if threads != settings.threads:
         logging.getLogger("seglock.app").info("%d workers, %d torch thread(s) each (--threads 0: the %d cores shared)",
-                                              workers, threads, usable_cores())
+                                              workers, threads, cores)
     check_keystore(settings)
     if args.engine == "ray":
         if args.replicas < 1 or args.gpus_per_replica < 0:
